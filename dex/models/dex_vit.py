@@ -1,0 +1,358 @@
+"""DEXViT: a Vision Transformer whose MLP in every block is a DEX module (Sec. 3.4, Fig. 3-a).
+
+Registered in timm (``import dex`` first)::
+
+    model = timm.create_model("dex_vit_base_patch16_256", num_experts=8, top_k=2)
+
+The block is ``x + attn(norm1(x))`` then ``x + DEX(norm2(x))``; the director path of a trained model is a
+plain timm ViT (see :func:`dex.models.weights.export_director`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal, Sequence
+
+import torch
+from timm.layers import Attention, DropPath, PatchEmbed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from dex.models.director_experts import MODES, DEXAux, DirectorExperts, Mode, Routing
+from dex.models.pos_embed import sincos_2d
+
+
+layer_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class DEXBlock(nn.Module):
+    """Pre-norm self-attention followed by a pre-norm DEX module.
+
+    ``forward(x [B, N, C], noise_std) -> (x [B, N, C], DEXAux)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        **dex_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = layer_norm(dim)
+        self.dex = DirectorExperts(dim, int(dim * mlp_ratio), **dex_kwargs)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, noise_std: float = 0.0) -> tuple[Tensor, DEXAux]:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        out, aux = self.dex(self.norm2(x), noise_std)
+        return x + self.drop_path2(out), aux
+
+
+def _per_layer(value: int | Sequence[int], depth: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * depth
+    values = list(value)
+    if len(values) != depth:
+        raise ValueError(f"{name} lists one value per block: expected {depth} values, got {len(values)}")
+    return values
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+class DEXViT(nn.Module):
+    """The DEX encoder: patch embedding, fixed 2D sin-cos positions, class token, L DEX blocks, final norm.
+
+    Args:
+        img_size: input size (int or (H, W)); must be divisible by ``patch_size``.
+        num_experts: R, one value for all blocks or one per block.
+        top_k: K, one value for all blocks or one per block.
+        activation: ``image`` (one expert set per image, the paper's) or ``token`` (per-token routing).
+        pooling: the image's routing feature: ``cls`` (class token) or ``mean`` (mean patch token).
+        router_temperature: tau of ``softmax(logits / tau)``: 1 in the paper, 0.5 in the reference code.
+        balance: ``switch`` (Eq. 18) or ``reference`` (R * sum P * stopgrad(P)).
+        alignment: ``cosine`` (Eq. 15) or ``kd`` (the reference's softmax cross-entropy).
+        expert_init: ``independent`` (every expert and the director drawn separately) or ``copy`` (every
+            expert starts as a copy of the director, as the reference code's warm start does).
+        mode: ``pretrain``, ``experts`` or ``director`` (see :class:`DirectorExperts`).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 256,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        global_pool: Literal["token", "avg"] = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        num_experts: int | Sequence[int] = 8,
+        top_k: int | Sequence[int] = 2,
+        activation: Literal["image", "token"] = "image",
+        pooling: Literal["cls", "mean"] = "cls",
+        router_temperature: float = 1.0,
+        balance: Literal["switch", "reference"] = "switch",
+        alignment: Literal["cosine", "kd"] = "cosine",
+        usage_momentum: float = 0.99,
+        expert_init: Literal["independent", "copy"] = "independent",
+        mode: Mode = "pretrain",
+    ) -> None:
+        super().__init__()
+        img_size = _pair(img_size)
+        if any(s % patch_size for s in img_size):
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if expert_init not in ("independent", "copy"):
+            raise ValueError(f"expert_init must be 'independent' or 'copy', got {expert_init!r}")
+        experts = _per_layer(num_experts, depth, "num_experts")
+        top_ks = _per_layer(top_k, depth, "top_k")
+        self._init_args = dict(
+            img_size=list(img_size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, num_experts=experts, top_k=top_ks,
+            activation=activation, pooling=pooling, router_temperature=router_temperature, balance=balance,
+            alignment=alignment, usage_momentum=usage_momentum, expert_init=expert_init, mode=mode,
+        )
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_size = patch_size
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(
+            sincos_2d(embed_dim, self.patch_embed.grid_size).unsqueeze(0), requires_grad=False
+        )
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
+        self.blocks = nn.ModuleList(
+            DEXBlock(
+                embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], num_experts=experts[i], top_k=top_ks[i],
+                activation=activation, pooling=pooling, router_temperature=router_temperature, balance=balance,
+                alignment=alignment, num_prefix_tokens=self.num_prefix_tokens, usage_momentum=usage_momentum,
+                mode=mode,
+            )
+            for i in range(depth)
+        )
+        self.norm = layer_norm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.last_routing: list[Routing | None] = []
+        self._init_weights(expert_init)
+
+    def _init_weights(self, expert_init: str) -> None:
+        """MAE's initialisation: xavier-uniform linears (patch projection as a linear), N(0, 0.02) class token."""
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.apply(init_linear_and_norm)
+        for module in self.dex_modules():
+            module.experts.reset_parameters()
+            if expert_init == "copy":
+                module.experts.copy_from_mlp_(module.director)
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this model as it is now (current mode and K included)."""
+        return {**self._init_args, "mode": self.mode, "top_k": [m.top_k for m in self.dex_modules()]}
+
+    def dex_modules(self) -> list[DirectorExperts]:
+        return [block.dex for block in self.blocks]
+
+    @property
+    def mode(self) -> Mode:
+        return self.blocks[0].dex.mode
+
+    def set_mode(self, mode: Mode, top_k: int | Sequence[int] | None = None) -> None:
+        """Switch every DEX module to ``mode`` (``pretrain``, ``experts``, ``director``), optionally with new K."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        top_ks = [None] * len(self.blocks) if top_k is None else _per_layer(top_k, len(self.blocks), "top_k")
+        for module, k in zip(self.dex_modules(), top_ks, strict=True):
+            module.set_mode(mode, k)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, x: Tensor) -> Tensor:
+        """[B, C_in, H, W] images -> [B, N, C] patch tokens with their positional embedding (no class token)."""
+        return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :]
+
+    def _prepend_class_token(self, tokens: Tensor) -> Tensor:
+        cls = self.cls_token + self.pos_embed[:, : self.num_prefix_tokens]
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def forward_tokens(self, tokens: Tensor, noise_std: float = 0.0) -> tuple[Tensor, list[DEXAux]]:
+        """Prepend the class token, run the blocks and the final norm.
+
+        Args:
+            tokens: [B, M, C] embedded patch tokens (M = N, or the visible subset under MAE masking).
+            noise_std: sigma of the routers' frequency-aware noise (training only).
+
+        Returns:
+            [B, 1 + M, C] features and one :class:`DEXAux` per block; the routing is kept in ``last_routing``.
+        """
+        x = self._prepend_class_token(tokens)
+        aux = []
+        for block in self.blocks:
+            x, block_aux = block(x, noise_std)
+            aux.append(block_aux)
+        self.last_routing = [a.routing for a in aux]
+        return self.norm(x), aux
+
+    def forward_features(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
+        """[B, C_in, H, W] -> [B, 1 + N, C] normalised tokens."""
+        return self.forward_tokens(self.embed(x), noise_std)[0]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
+        return self.forward_head(self.forward_features(x, noise_std))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The outputs of chosen blocks (0-based ``indices``; an int n means the last n blocks), e.g.
+        ``[2, 5, 8, 11]`` for the blocks 3, 6, 9, 12 that UNETR takes from ViT-B.
+
+        Returns patch tokens only: [B, C, H/p, W/p] (NCHW) or [B, N, C] (NLC); with ``intermediates_only=False``
+        also the final normalised features [B, 1 + N, C].
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            indices = range(depth)
+        elif isinstance(indices, int):
+            indices = range(depth - indices, depth)
+        wanted = sorted({i % depth for i in indices})
+        height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        h = self._prepend_class_token(self.embed(x))
+        intermediates = []
+        for i, block in enumerate(self.blocks):
+            h, _ = block(h)
+            if i in wanted:
+                out = (self.norm(h) if norm else h)[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    out = out.transpose(1, 2).reshape(out.shape[0], -1, height, width)
+                intermediates.append(out)
+            if intermediates_only and i == wanted[-1]:
+                return intermediates
+        return self.norm(h), intermediates
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE's per-module init: xavier-uniform linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (3, 256, 256),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "dex_vit_tiny_patch16_256": _cfg(),
+        "dex_vit_small_patch16_256": _cfg(),
+        "dex_vit_base_patch16_256": _cfg(),
+        "dex_vit_large_patch16_256": _cfg(),
+    }
+)
+
+# Width, depth and heads of the standard ViT sizes, shared with the timm names the director exports to.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _create_dex_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> DEXViT:
+    from dex.models.weights import vit_to_dex_state_dict
+
+    return build_model_with_cfg(
+        DEXViT, variant, pretrained, pretrained_filter_fn=vit_to_dex_state_dict, **kwargs
+    )
+
+
+def _size_args(size: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"patch_size": 16, "img_size": 256, **VIT_SIZES[size], **kwargs}
+
+
+@register_model
+def dex_vit_tiny_patch16_256(pretrained: bool = False, **kwargs: Any) -> DEXViT:
+    """DEX-Ti: ViT-Ti/16 (192 wide, 12 blocks, 3 heads) at 256 px, R=8, K=2 in every block."""
+    return _create_dex_vit("dex_vit_tiny_patch16_256", pretrained, **_size_args("tiny", kwargs))
+
+
+@register_model
+def dex_vit_small_patch16_256(pretrained: bool = False, **kwargs: Any) -> DEXViT:
+    """DEX-S: ViT-S/16 (384 wide, 12 blocks, 6 heads) at 256 px, R=8, K=2 in every block."""
+    return _create_dex_vit("dex_vit_small_patch16_256", pretrained, **_size_args("small", kwargs))
+
+
+@register_model
+def dex_vit_base_patch16_256(pretrained: bool = False, **kwargs: Any) -> DEXViT:
+    """DEX-B, the paper's model: ViT-B/16 (768 wide, 12 blocks, 12 heads) at 256 px, R=8, K=2."""
+    return _create_dex_vit("dex_vit_base_patch16_256", pretrained, **_size_args("base", kwargs))
+
+
+@register_model
+def dex_vit_large_patch16_256(pretrained: bool = False, **kwargs: Any) -> DEXViT:
+    """DEX-L: ViT-L/16 (1024 wide, 24 blocks, 16 heads) at 256 px, R=8, K=2 in every block."""
+    return _create_dex_vit("dex_vit_large_patch16_256", pretrained, **_size_args("large", kwargs))

@@ -1,0 +1,259 @@
+"""Weights in and out: safe checkpoint loading, warm start from a plain ViT or MAE checkpoint, the director
+path exported as a standard timm ViT, and ``save_pretrained`` / ``load_pretrained`` folders.
+
+A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg) plus
+``model.safetensors``, so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import safetensors.torch
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from dex.models.dex_vit import VIT_SIZES, DEXViT
+from dex.models.mae import MaskedAutoencoderDEX
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_MLP_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$")
+_DECODER_KEYS = ("mask_token", "decoder_")
+_DROPPED_VIT_KEYS = ("head.", "fc_norm.")  # classifier of a timm / fine-tuned checkpoint
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint without unpickling arbitrary objects.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    A wrapping dict (``model``, ``state_dict``, ``module``) is unwrapped and a DDP ``module.`` prefix removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            obj: Any = safetensors.torch.load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "global" not in str(err).lower():  # not a refused class: the bytes are not a checkpoint
+                raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+            raise ValueError(
+                f"{path}: holds Python objects other than tensors, and is not unpickled for safety; "
+                f"save its state dict alone (or as .safetensors) and load that ({err})"
+            ) from err
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _encoder_and_prefix(model: nn.Module) -> tuple[DEXViT, str]:
+    if isinstance(model, MaskedAutoencoderDEX):
+        return model.encoder, "encoder."
+    if isinstance(model, DEXViT):
+        return model, ""
+    raise TypeError(f"expected a DEXViT or MaskedAutoencoderDEX, got {type(model).__name__}")
+
+
+def vit_to_dex_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map a plain ViT / MAE state dict onto ``model`` (a :class:`DEXViT` or :class:`MaskedAutoencoderDEX`).
+
+    Each block's ``mlp`` becomes the director and every expert (the reference code's initialisation, D10);
+    attention, embeddings and norms are copied; positional embeddings are interpolated (bicubic) when the
+    grid differs; MAE decoder keys are kept for an MAE target and dropped otherwise; a classifier head is
+    dropped. The routers have no counterpart and keep the model's initialisation. A state dict that is
+    already in DEX layout is returned unchanged.
+    """
+    encoder, prefix = _encoder_and_prefix(model)
+    if any(".dex." in k for k in state_dict):
+        return dict(state_dict)
+    own = model.state_dict()
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("encoder.")
+        if key.startswith(_DECODER_KEYS):
+            if prefix:
+                if key == "decoder_pos_embed":
+                    value = _resample(value, model.grid_size)
+                out[key] = value
+            continue
+        if key.startswith(_DROPPED_VIT_KEYS):
+            continue
+        match = _MLP_KEY.match(key)
+        if match:
+            block, layer, kind = match.groups()
+            dex = f"{prefix}blocks.{block}.dex"
+            out[f"{dex}.director.{layer}.{kind}"] = value
+            experts = own.get(f"{dex}.experts.{layer}_{kind}")
+            num_experts = experts.shape[0] if experts is not None else 1
+            out[f"{dex}.experts.{layer}_{kind}"] = value.unsqueeze(0).repeat(num_experts, *([1] * value.dim()))
+            continue
+        if key == "pos_embed":
+            value = _resample(value, tuple(encoder.patch_embed.grid_size))
+        out[prefix + key] = value
+    for key, value in own.items():
+        if ".dex.router." in key and key not in out:
+            out[key] = value
+    return out
+
+
+def _resample(pos_embed: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    return resample_abs_pos_embed(pos_embed, list(grid_size), num_prefix_tokens=1)
+
+
+class LoadReport(NamedTuple):
+    """What :func:`init_from_vit_checkpoint` left at the model's initialisation."""
+
+    initialised: list[str]  # parameters with no counterpart in the checkpoint (routers, head, decoder)
+
+
+def init_from_vit_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise a DEX model (encoder or MAE) from a plain ViT or MAE checkpoint file on disk.
+
+    Raises a ``ValueError`` naming the file and the keys when the checkpoint does not fit the model
+    (a missing encoder tensor, an unknown key, a shape that differs).
+    """
+    converted = vit_to_dex_state_dict(load_state_dict_file(path), model)
+    own = model.state_dict()
+    unexpected = sorted(set(converted) - set(own))
+    wrong_shape = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in converted.items()
+                   if k in own and v.shape != own[k].shape]
+    may_stay = ("head.", "encoder.head.", "mask_token", "decoder_")
+    missing = [k for k in own if k not in converted]
+    not_optional = [k for k in missing if not k.startswith(may_stay)]
+    problems = []
+    if unexpected:
+        problems.append(f"keys the model does not have: {unexpected}")
+    if wrong_shape:
+        problems.append(f"shapes that differ: {wrong_shape}")
+    if not_optional:
+        problems.append(f"encoder tensors missing from the checkpoint: {not_optional}")
+    if problems:
+        raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
+    model.load_state_dict(converted, strict=False)
+    return LoadReport(sorted(set(missing) | {k for k in own if ".dex.router." in k}))
+
+
+def director_state_dict(model: DEXViT) -> dict[str, Tensor]:
+    """The director path of ``model`` as a timm ``VisionTransformer`` state dict (block MLP = director)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if ".dex.router." in key or ".dex.experts." in key:
+            continue
+        out[key.replace(".dex.director.", ".mlp.")] = value
+    return out
+
+
+def timm_vit_config(model: DEXViT) -> tuple[str, dict[str, Any]]:
+    """The registered timm ViT name and the arguments that build the director path of ``model``."""
+    args = model.model_args
+    dims = dict(embed_dim=args["embed_dim"], depth=args["depth"], num_heads=args["num_heads"])
+    size = next((name for name, sized in VIT_SIZES.items() if sized == dims), "base")
+    architecture = f"vit_{size}_patch{args['patch_size']}_224"
+    vit_args = dict(
+        img_size=args["img_size"], patch_size=args["patch_size"], in_chans=args["in_chans"],
+        num_classes=args["num_classes"], global_pool=args["global_pool"], fc_norm=False, class_token=True,
+        mlp_ratio=args["mlp_ratio"], qkv_bias=args["qkv_bias"], **dims,
+    )
+    return architecture, vit_args
+
+
+def _pretrained_cfg(model_args: dict[str, Any]) -> dict[str, Any]:
+    size = model_args["img_size"]
+    size = [size, size] if isinstance(size, int) else list(size)
+    return {
+        "input_size": [model_args.get("in_chans", 3), *size],
+        "num_classes": model_args.get("num_classes", 0),
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+
+
+def _write_folder(directory: str | Path, architecture: str, model_args: dict[str, Any],
+                  tensors: dict[str, Tensor]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architecture": architecture,
+        "num_classes": model_args.get("num_classes", 0),
+        "num_features": model_args["embed_dim"],
+        "global_pool": model_args.get("global_pool", "token"),
+        "model_args": model_args,
+        "pretrained_cfg": _pretrained_cfg(model_args),
+        "library": f"dex-medvision {_version()}",
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
+    safetensors.torch.save_file(tensors, str(weights_tmp))
+    weights_tmp.replace(directory / WEIGHTS_NAME)
+    config_tmp = directory / (CONFIG_NAME + ".tmp")
+    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+    config_tmp.replace(directory / CONFIG_NAME)
+    return directory
+
+
+def _version() -> str:
+    from dex import __version__
+
+    return __version__
+
+
+def save_pretrained(model: DEXViT, directory: str | Path) -> Path:
+    """Write ``model`` (any mode; the routing statistics included) as config.json + model.safetensors."""
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or "dex_vit_base_patch16_256"
+    return _write_folder(directory, architecture, model.model_args, model.state_dict())
+
+
+def export_director(model: DEXViT, directory: str | Path) -> Path:
+    """Write the director path of ``model`` as a standard timm ViT folder.
+
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` and :func:`load_pretrained` give a
+    ``VisionTransformer`` whose features equal ``model``'s in ``director`` mode.
+    """
+    architecture, vit_args = timm_vit_config(model)
+    return _write_folder(directory, architecture, vit_args, director_state_dict(model))
+
+
+def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
+    """Build the model described by ``DIR/config.json`` and load ``DIR/model.safetensors`` strictly.
+
+    Works for :func:`save_pretrained` folders (a :class:`DEXViT`) and :func:`export_director` folders (a timm
+    ``VisionTransformer``). ``overrides`` replace saved model arguments (e.g. ``mode="experts"``).
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; not a folder written by save_pretrained or export_director")
+    try:
+        config = json.loads(config_path.read_text())
+        architecture, model_args = config["architecture"], dict(config["model_args"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a model config ({err})") from err
+    model = timm.create_model(architecture, pretrained=False, **{**model_args, **overrides})
+    state_dict = load_state_dict_file(directory / WEIGHTS_NAME)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: does not match {config_path} ({err})") from err
+    return model

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dex  # noqa: F401  (registers the models in timm)
+from dex.models import DEXViT, ExpertBank
+
+
+def tiny_vit(**kwargs) -> DEXViT:
+    """A 3-block, 32-wide DEX ViT on 32 px images with 8 px patches (16 patches)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_experts=4, top_k=2)
+    return DEXViT(**{**args, **kwargs})
+
+
+def experts_by_loop(bank: ExpertBank, units: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+    """Eq. 5 written out: for each unit u and slot k, ``w_uk * E_r(x_u)`` with expert r run on its own."""
+    out = torch.zeros_like(units)
+    for u in range(units.shape[0]):
+        for k in range(indices.shape[1]):
+            r = int(indices[u, k])
+            hidden = F.gelu(units[u] @ bank.fc1_weight[r].T + bank.fc1_bias[r])
+            out[u] = out[u] + weights[u, k] * (hidden @ bank.fc2_weight[r].T + bank.fc2_bias[r])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
