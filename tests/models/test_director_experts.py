@@ -107,7 +107,7 @@ def test_balance_loss_reference_value_and_gradient():
     scores.retain_grad()
     loss = balance_loss_reference(scores)
     mean = scores.detach().mean(0)
-    assert float(loss) == pytest.approx(float(R * (mean**2).sum()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(R * (mean**2).sum()), rel=1e-6)
     loss.backward()
     # d/ds_br of R * sum_r P_r * stopgrad(P_r) = R * P_r / B: the stop-gradient halves the squared form's gradient
     torch.testing.assert_close(scores.grad, (R * mean / B).expand(B, R))

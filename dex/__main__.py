@@ -1,0 +1,5 @@
+import sys
+
+from dex.cli import main
+
+sys.exit(main())

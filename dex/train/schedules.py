@@ -1,0 +1,18 @@
+"""Per-step schedules of pretraining (Sec. 3.3, 3.4, App. C.2.1): learning rate, GEMA momentum, noise, lambda_bal."""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(start: float, end: float, step: int, total: int) -> float:
+    """Half-cycle cosine from ``start`` (step 0) to ``end`` (step ``total``), constant after."""
+    progress = min(max(step / max(total, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(peak: float, final: float, step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup`` steps, then half-cycle cosine to ``final``."""
+    if step < warmup:
+        return peak * step / warmup
+    return cosine(peak, final, step - warmup, total - warmup)
