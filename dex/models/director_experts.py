@@ -80,7 +80,8 @@ def alignment_loss_kd(
 
 @torch.no_grad()
 def group_ema_(director: Sequence[Tensor], experts: Sequence[Tensor], omega: Tensor, momentum: float | Tensor) -> None:
-    """Group EMA (Eq. 7): ``eta <- m * eta + (1 - m) * sum_r Omega_r * theta_r``, one fused op per tensor.
+    """Group EMA (Eq. 7): ``eta <- m * eta + (1 - m) * sum_r Omega_r * theta_r``, batched over the R experts
+    (one weighted sum and one in-place lerp per tensor, no loop over experts).
 
     Args:
         director: the director's tensors eta, each of shape S.
