@@ -1,0 +1,250 @@
+"""Readers for the formats medical image collections come in, built on pydicom, nibabel, Pillow, tifffile and PyAV.
+
+Volumes come back in one layout, whatever the file's orientation: ``[Z, Y, X]`` float32 in the scanner's real
+units (HU for CT, Bq/ml or SUV for PET, scanner units for MR), Z from superior to inferior (for DICOM: along the
+slice normal, descending), Y anterior to posterior, X patient right to left, i.e. axial slices as a radiologist
+views them. Every failure is a :class:`ReadError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import nibabel as nib
+import numpy as np
+import pydicom
+import tifffile
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
+
+
+class ReadError(ValueError):
+    """A file that cannot be read as what it claims to be; ``str()`` names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass
+class Volume:
+    values: np.ndarray  # [Z, Y, X] float32, real units
+    spacing: tuple[float, float, float]  # mm (z, y, x)
+    meta: dict[str, Any] = field(default_factory=dict)  # non-identifying facts: modality, units, suv_factor, ...
+
+
+@dataclass
+class Picture:
+    pixels: np.ndarray  # [H, W] or [H, W, 3], the stored integer (or float) values
+    max_value: float  # the full-scale value of the stored type: 255 for 8 bit, 65535 for 16 bit, 1.0 for float
+
+
+def _finite(path: Path, values: np.ndarray) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise ReadError(path, "contains NaN or infinite values")
+    return values
+
+
+# --- DICOM -----------------------------------------------------------------------------------------------------
+
+def _read_dataset(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises many kinds for truncated or foreign bytes
+        raise ReadError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+
+
+def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise ReadError(path, "DICOM file has no pixel data")
+    try:
+        stored = ds.pixel_array
+    except Exception as err:
+        raise ReadError(path, f"cannot decode the pixel data ({type(err).__name__}: {err})") from err
+    if ds.get("SamplesPerPixel", 1) != 1:
+        raise ReadError(path, f"expected a grey image, found SamplesPerPixel={ds.SamplesPerPixel}")
+    return stored
+
+
+def _time(value: str) -> datetime.timedelta:
+    value = str(value).split(".")[0].ljust(6, "0")
+    return datetime.timedelta(hours=int(value[:2]), minutes=int(value[2:4]), seconds=int(value[4:6]))
+
+
+def suv_factor(ds: pydicom.Dataset) -> float | None:
+    """Body-weight SUV per Bq/ml of a PET dataset, or None when its tags do not allow it.
+
+    ``SUV = C * weight_g / dose_at_scan`` for images in Bq/ml (Units BQML) decay-corrected to the scan start
+    (DecayCorrection START), with the injected dose decayed from the injection time to the series time.
+    """
+    try:
+        if ds.Modality != "PT" or ds.Units != "BQML" or ds.get("DecayCorrection", "START") != "START":
+            return None
+        info = ds.RadiopharmaceuticalInformationSequence[0]
+        elapsed = (_time(ds.SeriesTime) - _time(info.RadiopharmaceuticalStartTime)).total_seconds()
+        dose = float(info.RadionuclideTotalDose) * 2.0 ** (-elapsed / float(info.RadionuclideHalfLife))
+        weight_g = float(ds.PatientWeight) * 1000.0
+    except (AttributeError, IndexError, KeyError, ValueError, TypeError):
+        return None
+    return weight_g / dose if dose > 0 and weight_g > 0 else None
+
+
+def _normal(ds: pydicom.Dataset) -> np.ndarray:
+    orientation = np.array(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def group_dicom_series(paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """Group DICOM files by SeriesInstanceUID (headers only). Unreadable files raise :class:`ReadError`."""
+    series: dict[str, list[Path]] = defaultdict(list)
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:
+            raise ReadError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+        series[str(ds.get("SeriesInstanceUID", path.parent))].append(path)
+    return dict(series)
+
+
+def read_dicom_series(paths: Sequence[str | Path]) -> Volume:
+    """One series (one file per slice, or one multi-frame file) -> :class:`Volume` with the modality LUT
+    (Rescale Slope/Intercept) applied, slices sorted along the slice normal."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("read_dicom_series needs at least one file")
+    datasets = [_read_dataset(p) for p in paths]
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
+        return _read_multiframe(paths[0], datasets[0])
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) > 1:
+        raise ReadError(paths[0].parent, f"slices of one series differ in size: {sorted(shapes)}")
+    normal = _normal(datasets[0])
+    positions = [float(np.dot(normal, ds.get("ImagePositionPatient", [0, 0, i]))) for i, ds in enumerate(datasets)]
+    order = np.argsort(positions)[::-1]  # descending along the normal: superior first for axial images
+    slices = [_finite(paths[i], apply_modality_lut(_pixels(paths[i], datasets[i]), datasets[i]).astype(np.float32))
+              for i in order]
+    sorted_positions = np.array(positions)[order]
+    gaps = np.abs(np.diff(sorted_positions))
+    first = datasets[order[0]]
+    thickness = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
+    row, col = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
+    return Volume(np.stack(slices), (thickness, row, col), _dicom_meta(first))
+
+
+def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Volume:
+    stored = _pixels(path, ds).astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelValueTransformationSequence" in shared[0]:
+        transform = shared[0].PixelValueTransformationSequence[0]
+        slope, intercept = float(transform.RescaleSlope), float(transform.RescaleIntercept)
+    values = _finite(path, stored * slope + intercept)
+    spacing = (float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
+               *(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])))
+    return Volume(values, spacing, _dicom_meta(ds))
+
+
+def _dicom_meta(ds: pydicom.Dataset) -> dict[str, Any]:
+    """The non-identifying facts downstream code needs, plus the study UID (for a salted hash, never stored raw)."""
+    return {
+        "modality": str(ds.get("Modality", "")),
+        "units": str(ds.get("Units", "HU" if ds.get("Modality") == "CT" else "")),
+        "suv_factor": suv_factor(ds),
+        "burned_in_annotation": str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+    }
+
+
+# --- NIfTI -----------------------------------------------------------------------------------------------------
+
+def read_nifti(path: str | Path) -> list[Volume]:
+    """A 3D NIfTI -> one :class:`Volume`, a 4D one -> one per time point; reoriented from any affine."""
+    path = Path(path)
+    try:
+        image = nib.as_closest_canonical(nib.load(path))  # RAS+
+        data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied
+    except Exception as err:
+        raise ReadError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    if data.ndim not in (3, 4):
+        raise ReadError(path, f"expected a 3D or 4D image, found {data.ndim} dimensions {data.shape}")
+    zooms = image.header.get_zooms()[:3]
+    frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+    out = []
+    for frame in frames:
+        display = np.ascontiguousarray(frame.transpose(2, 1, 0)[::-1, ::-1, ::-1])  # RAS -> [S->I, A->P, R->L]
+        out.append(Volume(_finite(path, display), (float(zooms[2]), float(zooms[1]), float(zooms[0]))))
+    return out
+
+
+# --- 2D images -------------------------------------------------------------------------------------------------
+
+def read_picture(path: str | Path) -> Picture:
+    """PNG / JPEG / BMP / TIFF in 8 or 16 bit, grey, RGB, RGBA (alpha dropped), palette (expanded to RGB),
+    1-bit; float TIFFs keep their values (full scale 1.0)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            pixels = tifffile.imread(path)
+        else:
+            with Image.open(path) as image:
+                image.load()
+                pixels = _pil_pixels(image)
+    except Exception as err:
+        raise ReadError(path, f"not a readable image ({type(err).__name__}: {err})") from err
+    if pixels.ndim == 3 and pixels.shape[2] in (2, 4):  # grey+alpha, RGBA: drop the alpha channel
+        pixels = pixels[..., :-1] if pixels.shape[2] == 4 else pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3) or min(pixels.shape[:2]) < 1:
+        raise ReadError(path, f"expected a grey or RGB image, found an array of shape {pixels.shape}")
+    if pixels.dtype.kind == "f":
+        return Picture(_finite(path, pixels.astype(np.float32)), 1.0)
+    bits = 8 if pixels.dtype.itemsize == 1 else 16
+    if pixels.dtype.itemsize > 2 and pixels.max() > 65535:
+        raise ReadError(path, f"pixel values up to {pixels.max()} do not fit 16 bits")
+    return Picture(pixels.astype(np.uint8 if bits == 8 else np.uint16), float((1 << bits) - 1))
+
+
+def _pil_pixels(image: Image.Image) -> np.ndarray:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode == "CMYK":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A segmentation mask: [H, W] integer label values. Palette images keep their indices (not colours);
+    RGB masks with grey values (R = G = B) are taken as grey."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = np.asarray(image.convert("L") if image.mode == "1" else image)
+    except Exception as err:
+        raise ReadError(path, f"not a readable mask ({type(err).__name__}: {err})") from err
+    if pixels.ndim == 3:
+        if not (pixels[..., :1] == pixels[..., :3]).all():
+            raise ReadError(path, "an RGB mask must be grey (R = G = B) or be stored with a palette")
+        pixels = pixels[..., 0]
+    return pixels.astype(np.int64)
+
+
+# --- video -----------------------------------------------------------------------------------------------------
+
+def read_video_frames(path: str | Path, stride: int = 30) -> Iterator[tuple[int, np.ndarray]]:
+    """Every ``stride``-th frame (0, stride, 2*stride, ...) as (index, [H, W, 3] uint8 RGB)."""
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index % stride == 0:
+                    yield index, frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, IndexError) as err:
+        raise ReadError(path, f"not a readable video ({type(err).__name__}: {err})") from err

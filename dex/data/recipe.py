@@ -1,0 +1,109 @@
+"""Curation recipes: the list of raw sources a MedVerse-style collection is built from (App. C.1.1, Table 2).
+
+A recipe is YAML::
+
+    name: my-medverse
+    sources:
+      - name: autopet-ct            # unique
+        modality: CT                # one of MODALITIES
+        anatomy: Whole body
+        root: /data/autopet/ct      # relative paths are relative to the recipe file; may be left empty
+        format: nifti               # one of FORMATS
+        pattern: "**/*.nii.gz"      # glob below root
+        normalization: ct_hu        # one of NORMALIZATIONS (Table 2)
+        slice_axis: axial           # volumes only
+        frame_stride: 30            # videos only
+        licence: CC BY 4.0
+        reported_count: 558473      # what the paper reports, if any
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODALITIES = ("CT", "PET", "MR", "X-ray", "US", "Fundus", "OCT", "Pathology", "Endoscopy", "Photo")
+FORMATS = ("dicom", "nifti", "image", "npy", "video")
+#: Table 2's normalisations: CT clip [-200, 400] HU then [0, 1]; MR volume 1-99th percentile clip then min-max;
+#: PET raw percentile clip, z-score, min-max; PET SUV clip [0, 20] / 20; everything else x / (2^bits - 1).
+NORMALIZATIONS = ("ct_hu", "mr_percentile", "pet_raw", "pet_suv", "scale_255")
+SLICE_AXES = ("axial", "coronal", "sagittal")
+
+
+@dataclass
+class Source:
+    name: str
+    modality: str
+    root: str
+    format: str
+    normalization: str
+    anatomy: str = ""
+    pattern: str = "**/*"
+    slice_axis: str = "axial"
+    frame_stride: int = 30
+    licence: str = ""
+    reported_count: int | None = None
+
+    def validate(self, where: str) -> None:
+        checks = [
+            ("modality", self.modality, MODALITIES),
+            ("format", self.format, FORMATS),
+            ("normalization", self.normalization, NORMALIZATIONS),
+            ("slice_axis", self.slice_axis, SLICE_AXES),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{where}: source {self.name!r}: {key} {value!r} is not one of {list(allowed)}")
+        if self.frame_stride < 1:
+            raise ValueError(f"{where}: source {self.name!r}: frame_stride must be at least 1")
+
+
+@dataclass
+class Recipe:
+    name: str
+    sources: list[Source] = field(default_factory=list)
+    path: Path | None = None  # the file it was read from: relative roots resolve against its folder
+
+    def root_of(self, source: Source) -> Path | None:
+        """The source's root folder as an absolute path, or None when the recipe leaves it empty."""
+        if not source.root:
+            return None
+        root = Path(source.root).expanduser()
+        if not root.is_absolute() and self.path is not None:
+            root = self.path.parent / root
+        return root
+
+    def save(self, path: str | Path) -> None:
+        data = {"name": self.name, "sources": [dataclasses.asdict(s) for s in self.sources]}
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: cannot read the recipe ({err})") from err
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            raise ValueError(f"{path}: a recipe is a mapping with a 'sources' list")
+        known = {f.name for f in dataclasses.fields(Source)}
+        sources, names = [], set()
+        for i, item in enumerate(data["sources"]):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: sources[{i}] is not a mapping")
+            unknown = sorted(set(item) - known)
+            if unknown:
+                raise ValueError(f"{path}: sources[{i}] has unknown keys {unknown}")
+            try:
+                source = Source(**item)
+            except TypeError as err:
+                raise ValueError(f"{path}: sources[{i}]: {err}") from err
+            source.validate(str(path))
+            if source.name in names:
+                raise ValueError(f"{path}: source name {source.name!r} is used twice")
+            names.add(source.name)
+            sources.append(source)
+        return cls(str(data.get("name", path.stem)), sources, path)

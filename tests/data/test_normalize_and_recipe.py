@@ -1,0 +1,64 @@
+"""Table 2 normalisations against direct formulas; the recipe schema's round trip and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dex.data.normalize import ct_hu, mr_percentile, pet_raw, pet_suv, scale_255
+from dex.data.recipe import Recipe, Source
+
+
+def test_ct_window():
+    hu = np.array([-1000.0, -200.0, 100.0, 400.0, 3000.0])
+    np.testing.assert_allclose(ct_hu(hu), [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_mr_percentiles_of_the_volume():
+    volume = np.random.default_rng(0).gamma(2.0, 100.0, (4, 16, 16))
+    low, high = np.percentile(volume, 1), np.percentile(volume, 99)
+    expected = (np.clip(volume, low, high) - low) / (high - low)
+    np.testing.assert_allclose(mr_percentile(volume), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pet_raw_three_stages():
+    volume = np.random.default_rng(1).exponential(1000.0, (4, 8, 8))
+    low, high = np.percentile(volume, [1, 99])
+    clipped = np.clip(volume, low, high)
+    z = (clipped - clipped.mean()) / clipped.std()
+    np.testing.assert_allclose(pet_raw(volume), (z - z.min()) / (z.max() - z.min()), rtol=1e-5, atol=1e-6)
+    assert pet_raw(np.full((2, 2, 2), 5.0)).max() == 0.0  # a constant volume does not divide by zero
+
+
+def test_suv_and_bit_depth():
+    np.testing.assert_allclose(pet_suv(np.array([-1.0, 5.0, 25.0])), [0.0, 0.25, 1.0])
+    np.testing.assert_allclose(scale_255(np.array([0, 255], np.uint8), 255.0), [0.0, 1.0])
+    np.testing.assert_allclose(scale_255(np.array([0, 32768, 65535], np.uint16), 65535.0), [0.0, 0.5, 1.0], atol=1e-4)
+
+
+def test_recipe_round_trip_and_relative_roots(tmp_path):
+    recipe = Recipe("r", [Source("a", "CT", "data/a", "nifti", "ct_hu", reported_count=3),
+                          Source("b", "US", "", "video", "scale_255", frame_stride=15)])
+    recipe.save(tmp_path / "recipe.yaml")
+    loaded = Recipe.load(tmp_path / "recipe.yaml")
+    assert loaded.sources == recipe.sources
+    assert loaded.root_of(loaded.sources[0]) == tmp_path / "data" / "a"
+    assert loaded.root_of(loaded.sources[1]) is None  # left for the user to fill
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("{name: a, modality: CAT, root: x, format: nifti, normalization: ct_hu}", "modality 'CAT'"),
+    ("{name: a, modality: CT, root: x, format: mhd, normalization: ct_hu}", "format 'mhd'"),
+    ("{name: a, modality: CT, root: x, format: nifti, normalization: zscore}", "normalization 'zscore'"),
+    ("{name: a, modality: CT, root: x, format: nifti, normalization: ct_hu, colour: red}", "unknown keys"),
+    ("{name: a, modality: CT}", "sources\\[0\\]"),
+])
+def test_recipe_errors_name_the_file_and_source(tmp_path, entry, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: r\nsources:\n  - {entry}\n")
+    with pytest.raises(ValueError, match=f"bad.yaml.*{message}"):
+        Recipe.load(path)
+    path.write_text("name: r\nsources:\n  - {name: a, modality: CT, root: x, format: nifti, normalization: ct_hu}\n"
+                    "  - {name: a, modality: MR, root: y, format: nifti, normalization: mr_percentile}\n")
+    with pytest.raises(ValueError, match="used twice"):
+        Recipe.load(path)
