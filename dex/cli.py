@@ -25,6 +25,40 @@ def _make_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from dex.data.curate import QUARANTINED_EXIT, CurateOptions, curate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "curate.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("dex").addHandler(handler)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    options = CurateOptions(min_size=args.min_size, dedup_distance=args.dedup_distance,
+                            shard_samples=args.shard_samples)
+    summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part, options=options)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary.dropped.items())) or "none"
+    print(f"written {summary.written} images; dropped: {dropped}; quarantined files: {summary.quarantined}"
+          + (f"; sources without a root: {', '.join(summary.skipped_sources)}" if summary.skipped_sources else ""))
+    if args.part == "0/1":
+        print(f"Table 2 of this collection: {out / 'stats.md'}; training reads {out / 'index.json'}")
+    if summary.quarantined:
+        print(f"some files were quarantined: see {out / 'quarantine.csv'}" if args.part == "0/1" else
+              "some files were quarantined: run dex data stats on the folder after every part for quarantine.csv")
+        return QUARANTINED_EXIT
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from dex.data.curate import finalize, stats_markdown
+
+    print(stats_markdown(finalize(args.folder)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dex", description="DEX: Director-Experts medical vision foundation model")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                           help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
     pretrain.set_defaults(func=_pretrain)
+
+    curate = commands.add_parser(
+        "curate", help="build a MedVerse-style collection of normalised 2D images in tar shards from a recipe",
+        description="Read every source of the recipe (DICOM, NIfTI, images, NPY, video), normalise as the paper's "
+                    "Table 2, slice volumes, drop empty/constant/small/background slices and near-duplicates, and "
+                    "write WebDataset tar shards, a manifest, and Table 2 of what was written. Bad files are "
+                    f"quarantined and the run goes on; the exit status is 3 when any was.")
+    curate.add_argument("recipe", help="recipe YAML (see recipes/medverse.yaml)")
+    curate.add_argument("--out", required=True, help="output folder")
+    curate.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
+    curate.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    curate.add_argument("--part", default="0/1", metavar="I/N",
+                        help="curate only part I of N (for a cluster array job); merge with dex data stats OUT")
+    curate.add_argument("--min-size", type=int, default=32, help="drop images with a side under this (32)")
+    curate.add_argument("--dedup-distance", type=int, default=2,
+                        help="pHash bits within which images of one source are near-duplicates (2)")
+    curate.add_argument("--shard-samples", type=int, default=1000, help="images per shard (1000)")
+    curate.set_defaults(func=_curate)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True,
                                                                          metavar="DATA_COMMAND")
@@ -49,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--task-images", type=int, default=60, help="images per downstream task (60)")
     phantoms.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     phantoms.set_defaults(func=_make_phantoms)
+    stats = data.add_parser("stats", help="merge a curation's parts and write its manifest, index and Table 2",
+                            description="Read every part's journal in FOLDER and (re)write manifest.csv, "
+                                        "quarantine.csv, index.json and stats.md / stats.json; print Table 2.")
+    stats.add_argument("folder", help="a dex curate output folder")
+    stats.set_defaults(func=_stats)
     return parser
 
 

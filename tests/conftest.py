@@ -28,3 +28,16 @@ def experts_by_loop(bank: ExpertBank, units: torch.Tensor, indices: torch.Tensor
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def phantom_collection(tmp_path_factory):
+    """Phantoms of all 10 modalities at 32 px (``raw/``) curated into shards (``curated/``)."""
+    from dex.data.curate import CurateOptions, curate
+    from dex.data.phantoms import make_phantoms
+
+    root = tmp_path_factory.mktemp("phantom-collection")
+    make_phantoms(root / "raw", per_modality=16, size=32, seed=0, task_images=5, workers=1)
+    curate(root / "raw" / "recipe.yaml", root / "curated", workers=1,
+           options=CurateOptions(min_size=16, shard_samples=40), progress=False)
+    return root

@@ -1,5 +1,1 @@
-"""Data: the embedded procedural image set (more readers and the MedVerse curation come later)."""
-
-from dex.data.synthetic import SyntheticModalityImages
-
-__all__ = ["SyntheticModalityImages"]
+"""Data: phantoms, readers, MedVerse curation into shards, and streaming them into training."""

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import tifffile
 from PIL import Image
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 
 class ReadError(ValueError):
@@ -148,6 +148,45 @@ def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Volume:
     spacing = (float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0),
                *(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])))
     return Volume(values, spacing, _dicom_meta(ds))
+
+
+def read_dicom_pictures(path: str | Path, stride: int = 30) -> tuple[list[tuple[int, Picture]], dict[str, Any]]:
+    """A 2D DICOM image (radiograph, ultrasound, secondary capture): grey or RGB, MONOCHROME1 inverted so that
+    bright means dense, full scale ``2**BitsStored - 1``; a multi-frame object gives every ``stride``-th frame.
+
+    Returns [(frame index, :class:`Picture`)] (frame index -1 for a single frame) and the non-identifying meta.
+    """
+    path = Path(path)
+    ds = _read_dataset(path)
+    if "PixelData" not in ds:
+        raise ReadError(path, "DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array  # YBR colour data comes back as RGB
+        if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
+    except Exception as err:
+        raise ReadError(path, f"cannot decode the pixel data ({type(err).__name__}: {err})") from err
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = 3 if pixels.shape[-1] == 3 and pixels.ndim == (4 if frames > 1 else 3) else 1
+    if frames == 1:
+        pixels = pixels[None]
+    if pixels.ndim != (4 if samples == 3 else 3):
+        raise ReadError(path, f"unexpected pixel array shape {pixels.shape} for {frames} frame(s)")
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":  # the LUT's output depth
+        bits = 8 * pixels.dtype.itemsize
+    else:
+        bits = int(ds.get("BitsStored", 8 * pixels.dtype.itemsize))
+    full_scale = float((1 << bits) - 1)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = full_scale - pixels
+    if pixels.dtype.kind == "i":  # signed storage: shift to start at zero
+        pixels = pixels - pixels.min()
+    out = []
+    for index in range(0, pixels.shape[0], stride if frames > 1 else 1):
+        frame = np.clip(pixels[index], 0, full_scale)
+        out.append((index if frames > 1 else -1, Picture(frame.astype(np.uint16 if full_scale > 255 else np.uint8),
+                                                         full_scale)))
+    return out, _dicom_meta(ds)
 
 
 def _dicom_meta(ds: pydicom.Dataset) -> dict[str, Any]:

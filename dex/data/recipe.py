@@ -15,6 +15,9 @@ A recipe is YAML::
         frame_stride: 30            # videos only
         licence: CC BY 4.0
         reported_count: 558473      # what the paper reports, if any
+
+A source of ``format: image`` may name ``index_csv`` (relative to its root): a CSV with columns ``path,modality``
+(optionally ``anatomy``) listing the files and the modality of each, for folders that mix modalities.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Source:
     frame_stride: int = 30
     licence: str = ""
     reported_count: int | None = None
+    index_csv: str = ""
 
     def validate(self, where: str) -> None:
         checks = [
@@ -57,6 +61,8 @@ class Source:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{where}: source {self.name!r}: {key} {value!r} is not one of {list(allowed)}")
+        if self.index_csv and self.format != "image":
+            raise ValueError(f"{where}: source {self.name!r}: index_csv is only for format: image")
         if self.frame_stride < 1:
             raise ValueError(f"{where}: source {self.name!r}: frame_stride must be at least 1")
 

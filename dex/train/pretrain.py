@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dex.config import save_config
-from dex.data.synthetic import SyntheticModalityImages
+from dex.data.stream import CuratedImages
+from dex.data.transforms import PretrainTransform
 from dex.models import DirectorExperts, MaskedAutoencoderDEX, init_from_vit_checkpoint, save_pretrained, update_directors_
 from dex.train.schedules import cosine, warmup_cosine
 
@@ -44,9 +45,12 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     init_checkpoint: str | None = None  # a plain ViT / MAE checkpoint to warm-start from (reference: D10)
-    # data: the embedded procedural image set
-    data_size: int = 512
+    # data: a curated folder (dex curate)
+    data: str = "runs/medverse"
     num_workers: int = 0
+    modality_temperature: float | None = None  # None: the natural mix; T: modality m drawn as n_m ** (1/T)
+    shuffle_buffer: int = 1000
+    samples_per_epoch: int | None = None  # per rank; None: the whole collection
     # optimisation
     epochs: int = 100
     warmup_epochs: int = 10
@@ -68,11 +72,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        for name in ("epochs", "batch_size", "data_size", "log_every"):
+        for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.data_size < self.batch_size:
-            raise ValueError(f"data_size {self.data_size} is smaller than one batch ({self.batch_size})")
 
 
 def seed_everything(seed: int) -> None:
@@ -137,12 +139,14 @@ def pretrain(config: PretrainConfig) -> Path:
     device = resolve_device(config.device)
     model = build_mae(config).to(device).train()
     img_size = model.encoder.patch_embed.img_size[0]
-    dataset = SyntheticModalityImages(config.data_size, img_size, seed=config.seed)
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    steps_per_epoch = len(loader)
+    dataset = CuratedImages(config.data, PretrainTransform(img_size), seed=config.seed,
+                            shuffle_buffer=config.shuffle_buffer, modality_temperature=config.modality_temperature,
+                            loader_workers=config.num_workers, samples_per_epoch=config.samples_per_epoch)
+    loader = DataLoader(dataset, batch_size=config.batch_size, drop_last=True, num_workers=config.num_workers,
+                        generator=torch.Generator().manual_seed(config.seed))
+    steps_per_epoch = len(dataset) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{config.data}: {len(dataset)} samples make no batch of {config.batch_size}")
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = config.warmup_epochs * steps_per_epoch
     peak_lr = config.base_lr * config.batch_size / 512
@@ -153,7 +157,9 @@ def pretrain(config: PretrainConfig) -> Path:
     started = time.perf_counter()
     with open(out_dir / "log.jsonl", "w") as log, tqdm(total=total_steps, desc="pretrain", unit="step") as bar:
         for epoch in range(config.epochs):
-            for images in loader:
+            dataset.set_epoch(epoch)
+            for batch in loader:
+                images = batch["image"]
                 lr = warmup_cosine(peak_lr, config.min_lr, step, warmup_steps, total_steps)
                 momentum = cosine(config.momentum, config.momentum_final, step, total_steps)
                 noise_std = cosine(config.noise_std, config.noise_std_final, step, total_steps)

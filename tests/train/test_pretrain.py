@@ -14,12 +14,18 @@ from dex.config import load_config, parse_overrides
 from dex.train.pretrain import PretrainConfig, build_mae, param_groups, pretrain
 from dex.train.schedules import cosine, warmup_cosine
 
-TINY = [
+TINY_ARGS = [
     "model=dex_vit_tiny_patch16_256", "model_args.img_size=32", "model_args.patch_size=8",
     "model_args.embed_dim=32", "model_args.depth=2", "model_args.num_heads=2", "model_args.num_experts=4",
-    "decoder_embed_dim=16", "decoder_depth=1", "decoder_num_heads=2", "data_size=16", "batch_size=8",
-    "epochs=2", "warmup_epochs=1", "log_every=1", "device=cpu",
+    "decoder_embed_dim=16", "decoder_depth=1", "decoder_num_heads=2", "batch_size=8", "epochs=2",
+    "warmup_epochs=1", "log_every=1", "device=cpu", "shuffle_buffer=16",
 ]
+
+
+@pytest.fixture
+def tiny(phantom_collection):
+    """A tiny run on 16 curated images: two steps per epoch."""
+    return [*TINY_ARGS, f"data={phantom_collection / 'curated'}", "samples_per_epoch=16"]
 
 
 def test_cosine_schedule_endpoints():
@@ -52,12 +58,12 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(PretrainConfig, path)
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["epochs"])
-    with pytest.raises(ValueError, match="smaller than one batch"):
-        PretrainConfig(data_size=4, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        PretrainConfig(batch_size=0)
 
 
-def test_param_groups_skip_director_and_decay_no_bias_norm_or_embedding():
-    model = build_mae(load_config(PretrainConfig, None, TINY))
+def test_param_groups_skip_director_and_decay_no_bias_norm_or_embedding(tiny):
+    model = build_mae(load_config(PretrainConfig, None, tiny))
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -69,9 +75,9 @@ def test_param_groups_skip_director_and_decay_no_bias_norm_or_embedding():
     assert not any("director" in n for n in decay_names | no_decay_names)
 
 
-def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys):
+def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys, tiny):
     out = tmp_path / "run"
-    assert main(["pretrain", "configs/pretrain_demo.yaml", "--set", *TINY, f"out_dir={out}"]) == 0
+    assert main(["pretrain", "configs/pretrain_demo.yaml", "--set", *tiny, f"out_dir={out}"]) == 0
     assert "loss:" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -88,10 +94,10 @@ def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys):
     assert float(encoder.blocks[0].dex.router.usage.sum()) > 0  # the usage statistics were kept
 
 
-def test_same_seed_reproduces_bit_for_bit(tmp_path):
+def test_same_seed_reproduces_bit_for_bit(tmp_path, tiny):
     runs = []
     for name in ("a", "b"):
-        config = load_config(PretrainConfig, None, [*TINY, f"out_dir={tmp_path / name}"])
+        config = load_config(PretrainConfig, None, [*tiny, f"out_dir={tmp_path / name}"])
         runs.append(pretrain(config))
     assert (runs[0] / "encoder" / "model.safetensors").read_bytes() == (
         runs[1] / "encoder" / "model.safetensors").read_bytes()

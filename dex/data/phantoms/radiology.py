@@ -36,9 +36,10 @@ class Torso:
     lesion_suv: np.ndarray  # [Z, Y, X] uptake of the lesions (0 elsewhere)
 
 
-def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.0, -1.0), y_size: int | None = None,
+def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1), y_size: int | None = None,
           lesions: int = 0) -> Torso:
-    """A random torso on a [depth, y_size or size, size] grid covering z from ``z_range[0]`` to ``z_range[1]``."""
+    """A random torso on a [depth, y_size or size, size] grid covering z from ``z_range[0]`` to ``z_range[1]``; the
+    body spans z in [-1, 1] (neck to pelvis), so the default range has empty slices at both ends, as scans do."""
     y_size = y_size or size
     z = np.linspace(z_range[0], z_range[1], depth)
     zz, yy, xx = np.meshgrid(z, np.linspace(-1, 1, y_size), np.linspace(-1, 1, size), indexing="ij")
@@ -48,6 +49,7 @@ def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.0, -1.0), 
     neck = rise * rise * (3 - 2 * rise)  # smoothstep: rounded shoulders narrowing to the neck
     body_x, body_y = ax * (1 - 0.7 * neck), ay * (1 - 0.45 * neck)
     radius = np.sqrt((xx / body_x) ** 2 + (yy / body_y) ** 2)
+    radius[(zz > 1.0) | (zz < -1.0)] = np.inf  # the body ends; a scan may reach beyond it
     labels = np.zeros(zz.shape, np.uint8)
     labels[radius <= 1.0] = T["soft"]
     labels[(radius <= 1.0) & (radius > 1.0 - rng.uniform(0.06, 0.15))] = T["fat"]
@@ -156,8 +158,15 @@ def chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     photons = rng.uniform(3000, 8000)
     detected = np.maximum(rng.poisson(photons * np.exp(-line_integral)), 1)
     density = np.log(photons / detected)
-    image = np.clip(density / rng.uniform(5.5, 7.0), 0, 1) ** 0.8
+    image = np.clip(density / rng.uniform(5.5, 7.0), 0, 1) ** rng.uniform(0.7, 1.0)
     fields = np.zeros(line_integral.shape, np.uint8)
     fields[(body.labels == T["lung"]).any(axis=1)] = 1
     fields[(body.labels == T["heart"]).any(axis=1)] = 2
+    # patient positioning: shift, tilt and magnification differ from one radiograph to the next
+    angle, scale = np.deg2rad(rng.uniform(-6, 6)), rng.uniform(0.88, 1.08)
+    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+    centre = (np.array(image.shape) - 1) / 2
+    offset = centre - matrix @ (centre + rng.uniform(-0.08, 0.08, 2) * np.array(image.shape))
+    image = ndimage.affine_transform(image, matrix, offset, order=1, mode="constant", cval=0.0)
+    fields = ndimage.affine_transform(fields, matrix, offset, order=0, mode="constant", cval=0)
     return image.astype(np.float32), fields

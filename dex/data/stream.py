@@ -1,0 +1,159 @@
+"""Streaming the curated shards into training, on one or many processes.
+
+Every (rank, loader worker) pair reads a disjoint part of the collection: whole shards when there are at least as
+many shards as readers, otherwise every reader walks all shards and keeps every n-th sample. Each rank yields the
+same number of samples per epoch (so DDP ranks stay in step), drawn in a seeded order that changes every epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dex.data.recipe import MODALITIES
+from dex.data.shards import iter_shard
+from dex.data.transforms import PretrainTransform
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes -> [C, H, W] float32 in [0, 1] (8- or 16-bit, grey or RGB)."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image)
+    scale = 255.0 if array.dtype == np.uint8 else 65535.0
+    tensor = torch.from_numpy(array.astype(np.float32) / scale)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def modality_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
+    """Acceptance probability per modality so that modality m is drawn with probability proportional to
+    ``n_m ** (1 / temperature)``: 1 keeps the natural mix, large values approach equal shares."""
+    target = {m: n ** (1.0 / temperature) for m, n in counts.items() if n}
+    total_target, total = sum(target.values()), sum(counts.values())
+    ratio = {m: (target[m] / total_target) / (counts[m] / total) for m in target}
+    top = max(ratio.values())
+    return {m: r / top for m, r in ratio.items()}
+
+
+class CuratedImages(IterableDataset):
+    """Samples of a curated folder (``dex curate``'s ``index.json`` and ``shards/``) as dicts: ``image`` (the
+    transformed tensor), ``modality`` (index in MODALITIES) and ``key``.
+
+    Readers are the (rank, loader worker) pairs. With at least 8 shards per reader, each epoch deals whole shards
+    to readers, largest-first onto the least-loaded reader, which leaves every reader within one shard of the mean;
+    with fewer shards, every reader walks all shards and keeps every n-th sample. Each reader yields a fixed
+    quota (the mean share, less one shard in the first case), so every rank yields the same number of samples
+    per epoch and no sample comes twice.
+
+    Args:
+        root: the curation folder.
+        transform: applied to each [C, H, W] image in [0, 1]; the paper's augmentation at 256 px by default.
+        seed: fixes the shard order, the shuffle and the augmentation of every epoch.
+        shuffle_buffer: samples held for shuffling within a reader's stream.
+        modality_temperature: None for the natural mix, or T for sampling modality m as ``n_m ** (1/T)``
+            (by rejection; the epoch is then the expected number of accepted samples and may repeat a few).
+        loader_workers: the ``num_workers`` of the DataLoader that will read this dataset.
+        samples_per_epoch: per rank; the largest count every reader can serve by default.
+        rank, world_size: default to torch.distributed's.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 seed: int = 0, shuffle_buffer: int = 1000, modality_temperature: float | None = None,
+                 loader_workers: int = 0, samples_per_epoch: int | None = None, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.root = Path(root)
+        index_path = self.root / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: missing; finish the curation first (dex curate, or dex data "
+                                    "stats after a partitioned run)")
+        index = json.loads(index_path.read_text())
+        if not index["samples"]:
+            raise ValueError(f"{index_path}: the curated collection is empty")
+        self.shards = [self.root / "shards" / s["name"] for s in index["shards"]]
+        self.shard_sizes = np.array([s["samples"] for s in index["shards"]])
+        self.exclude = set(index["exclude"])
+        self.counts = index["modalities"]
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        self.workers = max(1, loader_workers)
+        readers = self.world_size * self.workers
+        self.by_shard = len(self.shards) >= 8 * readers
+        self.accept = modality_weights(self.counts, modality_temperature) if modality_temperature else None
+        served = sum(self.accept[m] * n for m, n in self.counts.items()) if self.accept else index["samples"]
+        share = int(served // readers - (self.shard_sizes.max() if self.by_shard else 0))
+        if share < 1:
+            raise ValueError(f"{self.root}: {index['samples']} samples cannot feed {readers} readers "
+                             f"({self.world_size} ranks x {self.workers} loader workers)")
+        self.samples_per_epoch = samples_per_epoch or share * self.workers
+        self.transform = transform if transform is not None else PretrainTransform()
+        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self, reader: int, readers: int, order: np.ndarray) -> list[int]:
+        if not self.by_shard:
+            return list(order)
+        loads, owner = np.zeros(readers), {}
+        for shard in sorted(order, key=lambda s: -self.shard_sizes[s]):  # stable: ties keep the shuffled order
+            owner[shard] = int(np.argmin(loads))
+            loads[owner[shard]] += self.shard_sizes[shard]
+        return [s for s in order if owner[s] == reader]
+
+    def _records(self, reader: int, readers: int, round_: int) -> Iterator[tuple[bytes, dict]]:
+        order = np.random.default_rng([self.seed, self.epoch, round_]).permutation(len(self.shards))
+        rng = np.random.default_rng([self.seed, self.epoch, round_, reader])
+        position = 0
+        for shard in self._my_shards(reader, readers, order):
+            for key, parts in iter_shard(self.shards[shard]):
+                if key in self.exclude:
+                    continue
+                position += 1
+                if not self.by_shard and (position - 1) % readers != reader:
+                    continue
+                meta = json.loads(parts["json"])
+                if self.accept and rng.random() >= self.accept.get(meta["modality"], 0.0):
+                    continue
+                yield parts["png"], meta
+
+    def _shuffled(self, records: Iterator, rng: np.random.Generator) -> Iterator:
+        buffer = []
+        for record in records:
+            buffer.append(record)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if workers != self.workers:
+            raise ValueError(f"CuratedImages was built for {self.workers} loader worker(s) (loader_workers) but "
+                             f"is read by {workers}")
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        quota = self.samples_per_epoch // workers + (1 if worker < self.samples_per_epoch % workers else 0)
+        rng = np.random.default_rng([self.seed, self.epoch, 10**6 + reader])
+        produced, round_ = 0, 0
+        while produced < quota:
+            before = produced
+            for png, meta in self._shuffled(self._records(reader, readers, round_), rng):
+                yield {"image": self.transform(decode_png(png)), "modality": MODALITIES.index(meta["modality"]),
+                       "key": meta["key"]}
+                produced += 1
+                if produced == quota:
+                    return
+            if produced == before:
+                raise RuntimeError(f"{self.root}: reader {reader} of {readers} received no samples")
+            round_ += 1  # only when rebalancing modalities or asked for more than one pass: go round again

