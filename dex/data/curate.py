@@ -172,6 +172,8 @@ class _UnitWork:
             return
         height, width = image.shape[:2]
         channels = image.shape[2] if image.ndim == 3 else 1
+        if channels == 3:
+            bits = 8  # PNG encoders take 16-bit grey but not 16-bit colour; colour images are 8-bit in practice
         key = _sample_key(self.unit, series, index)
         meta = {
             "key": key, "source": self.unit.source, "modality": self.unit.modality, "anatomy": self.unit.anatomy,

@@ -202,6 +202,7 @@ def test_real_dicom_pictures_and_volumes(tmp_path):
     shutil.copy(get_testdata_file("RG1_UNCR.dcm"), tmp_path / "cr")  # radiograph, MONOCHROME1, 15 bit
     shutil.copy(get_testdata_file("US1_UNCR.dcm"), tmp_path / "us")  # RGB ultrasound
     shutil.copy(get_testdata_file("color3d_jpeg_baseline.dcm"), tmp_path / "us")  # 120-frame JPEG cine
+    shutil.copy(get_testdata_file("OBXXXX1A.dcm"), tmp_path / "us")  # palette colour with a 16-bit LUT
     shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "mr")  # 10-frame MR volume
     recipe = _recipe(
         tmp_path,
@@ -212,7 +213,7 @@ def test_real_dicom_pictures_and_volumes(tmp_path):
     summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
     assert summary.quarantined == 0
     counts = Counter(r["source"] for r in manifest(tmp_path / "out"))
-    assert counts["cr"] == 1 and counts["us"] == 1 + 4 and 1 <= counts["mr"] <= 10  # 120 frames / 30
+    assert counts["cr"] == 1 and counts["us"] == 2 + 4 and 1 <= counts["mr"] <= 10  # 120 frames / 30
     cr = next(r for r in manifest(tmp_path / "out") if r["source"] == "cr")
     image = decode_png(shard_samples(tmp_path / "out")[cr["key"]]["png"])[0].numpy()
     assert image[0, 0] < image[image.shape[0] // 2, image.shape[1] // 2]  # MONOCHROME1 inverted: body bright
@@ -368,3 +369,48 @@ def test_shards_read_with_webdataset(phantom_collection):
     assert first["__key__"] == meta["key"] and first["png"][:4] == b"\x89PNG"
     assert meta["modality"] in MODALITIES
     assert os.path.getsize(shards[0]) > 0
+
+
+def test_npy_pictures_volumes_and_bad_arrays(tmp_path):
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    np.save(folder / "grey8.npy", picture)
+    np.save(folder / "float01.npy", rng.random((40, 40, 3)).astype(np.float32))
+    np.save(folder / "object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(folder / "nan.npy", np.full((40, 40), np.nan))
+    np.save(folder / "four_d.npy", np.zeros((2, 2, 2, 2)))
+    volume = rng.gamma(2.0, 100.0, (6, 40, 40))
+    (tmp_path / "vols").mkdir()
+    np.save(tmp_path / "vols/mr.npy", volume)
+    recipe = _recipe(tmp_path, Source("pics", "Photo", "arrays", "npy", "scale_255", pattern="*.npy"),
+                     Source("mr", "MR", "vols", "npy", "mr_percentile", pattern="*.npy"))
+    summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    reasons = {r["path"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out/quarantine.csv"))}
+    assert set(reasons) == {"object.npy", "nan.npy", "four_d.npy"} and summary.quarantined == 3
+    samples, rows = shard_samples(tmp_path / "out"), manifest(tmp_path / "out")
+    grey = next(r for r in rows if r["path"] == "grey8.npy")
+    np.testing.assert_allclose(decode_png(samples[grey["key"]]["png"])[0].numpy(), picture / 255.0, atol=1e-6)
+    low, high = np.percentile(volume, [1, 99])
+    for row in (r for r in rows if r["source"] == "mr"):
+        expected = (np.clip(volume[int(row["index"])], low, high) - low) / (high - low)
+        np.testing.assert_allclose(decode_png(samples[row["key"]]["png"])[0].numpy(), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("axis,shape", [("coronal", (8, 40)), ("sagittal", (8, 48))])
+def test_volumes_slice_along_the_chosen_axis(tmp_path, axis, shape):
+    from dex.data.phantoms.writers import write_nifti
+
+    (tmp_path / "v").mkdir()
+    volume = np.random.default_rng(1).normal(40.0, 30.0, (8, 48, 40)).astype(np.float32)  # [Z, Y, X] in HU
+    write_nifti(tmp_path / "v/ct.nii.gz", volume, (5.0, 1.0, 1.0))
+    recipe = _recipe(tmp_path, Source("ct", "CT", "v", "nifti", "ct_hu", pattern="*.nii.gz", slice_axis=axis))
+    curate(recipe, tmp_path / "out", options=CurateOptions(min_size=8, dedup_distance=0), progress=False)
+    rows = manifest(tmp_path / "out")
+    assert {(int(r["height"]), int(r["width"])) for r in rows} == {shape}
+    assert len(rows) == (48 if axis == "coronal" else 40)
+    row = rows[0]
+    image = decode_png(shard_samples(tmp_path / "out")[row["key"]]["png"])[0].numpy()
+    expected = np.take(ct_hu(volume), int(row["index"]), axis=1 if axis == "coronal" else 2)
+    np.testing.assert_allclose(image, expected, atol=1 / 65535)

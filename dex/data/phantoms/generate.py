@@ -167,6 +167,9 @@ RAW_SOURCES: tuple[RawSource, ...] = (
 
 # --- downstream tasks ----------------------------------------------------------------------------------------
 
+TASK_DEPTH = 16  # a task image needs one slice: its volume is thin, whatever the image size
+
+
 def _volume_slice(rng, labels: np.ndarray) -> int:
     """A random axial slice index that shows at least one organ."""
     candidates = np.flatnonzero(organ_labels(labels).reshape(labels.shape[0], -1).max(1) > 0)
@@ -183,7 +186,7 @@ PET_CLASSES = ("background", "liver", "kidney", "heart", "lesion")
 
 def task_ct(seed: int, index: int, size: int) -> dict[str, tuple[np.ndarray, np.ndarray | str]]:
     rng = item_rng(seed, "task-ct", index)
-    body = radiology.torso(rng, volume_depth(size), size)
+    body = radiology.torso(rng, TASK_DEPTH, size)
     hu = radiology.ct_hu(rng, body)
     z = _volume_slice(rng, body.labels)
     image = (np.clip(hu[z], -200, 400) + 200) / 600
@@ -192,7 +195,7 @@ def task_ct(seed: int, index: int, size: int) -> dict[str, tuple[np.ndarray, np.
 
 def task_mr(seed: int, index: int, size: int):
     rng = item_rng(seed, "task-mr", index)
-    body = radiology.torso(rng, volume_depth(size), size)
+    body = radiology.torso(rng, TASK_DEPTH, size)
     mr = _percentile_minmax(radiology.mr_t1(rng, body))
     z = _volume_slice(rng, body.labels)
     return {"mr-organs": (to_uint(mr[z], 16), organ_labels(body.labels[z]))}
@@ -200,7 +203,7 @@ def task_mr(seed: int, index: int, size: int):
 
 def task_pet(seed: int, index: int, size: int):
     rng = item_rng(seed, "task-pet", index)
-    body = radiology.torso(rng, volume_depth(size), size, lesions=int(rng.integers(1, 4)))
+    body = radiology.torso(rng, TASK_DEPTH, size, lesions=int(rng.integers(1, 4)))
     scan = radiology.pet(rng, body)
     lut = np.zeros(len(radiology.TISSUES), np.uint8)
     for value, name in enumerate(PET_CLASSES[1:], start=1):

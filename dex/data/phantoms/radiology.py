@@ -42,15 +42,15 @@ def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1),
     body spans z in [-1, 1] (neck to pelvis), so the default range has empty slices at both ends, as scans do."""
     y_size = y_size or size
     z = np.linspace(z_range[0], z_range[1], depth)
-    zz, yy, xx = np.meshgrid(z, np.linspace(-1, 1, y_size), np.linspace(-1, 1, size), indexing="ij")
+    zz, yy, xx = np.meshgrid(z, np.linspace(-1, 1, y_size), np.linspace(-1, 1, size), indexing="ij", sparse=True)
     j = lambda scale=0.08: 1.0 + rng.uniform(-scale, scale)  # noqa: E731  per-subject size jitter
     ax, ay = 0.82 * j(), 0.55 * j()
     rise = np.clip((zz - 0.8) / 0.16, 0.0, 1.0)
     neck = rise * rise * (3 - 2 * rise)  # smoothstep: rounded shoulders narrowing to the neck
     body_x, body_y = ax * (1 - 0.7 * neck), ay * (1 - 0.45 * neck)
     radius = np.sqrt((xx / body_x) ** 2 + (yy / body_y) ** 2)
-    radius[(zz > 1.0) | (zz < -1.0)] = np.inf  # the body ends; a scan may reach beyond it
-    labels = np.zeros(zz.shape, np.uint8)
+    radius[(z > 1.0) | (z < -1.0)] = np.inf  # the body ends; a scan may reach beyond it
+    labels = np.zeros(radius.shape, np.uint8)
     labels[radius <= 1.0] = T["soft"]
     labels[(radius <= 1.0) & (radius > 1.0 - rng.uniform(0.06, 0.15))] = T["fat"]
     organs = [
@@ -63,17 +63,20 @@ def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1),
         ("lung", (0.45, -0.02, -0.36 * j(0.05)), (0.5 * j(), 0.38 * j(), 0.26 * j())),
     ]
     inside = labels > 0
+    axes = (z, np.linspace(-1, 1, y_size), np.linspace(-1, 1, size))
     for name, center, radii in organs:
-        shape = ellipsoid(zz, yy, xx, center, radii) & inside & (zz < 0.97)
+        box = _box(axes, center, radii)  # evaluate each organ inside its bounding box only
+        grids = (zz[box[0]], yy[:, box[1]], xx[:, :, box[2]])
+        shape = ellipsoid(*grids, center, radii) & inside[box] & (grids[0] < 0.97)
         if name == "lung":
-            shape &= labels != T["heart"]
-        labels[shape] = T[name]
+            shape &= labels[box] != T["heart"]
+        labels[box][shape] = T[name]
     spine = (np.hypot(yy - 0.36 * ay / 0.55, xx) < 0.09) & (np.mod(zz * 6.5, 1.0) > 0.15) & inside
     labels[spine] = T["bone"]
     for zk in np.linspace(0.2, 0.9, 6):  # ribs: bands along the thoracic wall, tilted downwards anteriorly
         band = (radius > 0.84) & (radius < 0.92) & (np.abs(zz - zk - 0.45 * yy) < 0.025) & (yy > -0.45)
         labels[band & inside] = T["bone"]
-    lesion_suv = np.zeros(zz.shape, np.float32)
+    lesion_suv = np.zeros(labels.shape, np.float32)
     candidates = np.argwhere(np.isin(labels, [T["lung"], T["liver"], T["soft"]]))
     for _ in range(lesions):
         if not len(candidates):
@@ -85,6 +88,15 @@ def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1),
         lesion_suv[blob] = rng.uniform(5.0, 15.0)
     spacing = (TORSO_MM * abs(z_range[0] - z_range[1]) / 2 / max(depth - 1, 1), FIELD_MM / y_size, FIELD_MM / size)
     return Torso(labels, spacing, lesion_suv)
+
+
+def _box(axes, center, radii) -> tuple[slice, ...]:
+    """Index ranges of a grid (one coordinate array per axis) that hold an axis-aligned ellipsoid."""
+    out = []
+    for coords, c, r in zip(axes, center, radii):
+        inside = np.flatnonzero(np.abs(coords - c) <= r)
+        out.append(slice(inside.min(), inside.max() + 1) if len(inside) else slice(0, 0))
+    return tuple(out)
 
 
 def organ_labels(labels: np.ndarray) -> np.ndarray:

@@ -45,8 +45,17 @@ def ellipsoid(zz, yy, xx, center, radii) -> np.ndarray:
 
 
 def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise rescaled to zero mean and unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    """Gaussian-filtered white noise rescaled to zero mean and unit standard deviation.
+
+    Wide fields (sigma of 8 pixels or more) are drawn on a grid ``sigma / 4`` times coarser and interpolated up:
+    the same smoothness at a fraction of the cost.
+    """
+    factor = max(1, int(sigma // 4))
+    coarse = tuple(max(2, -(-n // factor)) for n in shape)
+    noise = ndimage.gaussian_filter(rng.standard_normal(coarse), sigma / factor, mode="wrap")
+    if factor > 1:
+        noise = ndimage.zoom(noise, [n / c for n, c in zip(shape, coarse)], order=1, mode="nearest")[
+            tuple(slice(0, n) for n in shape)]
     return (noise - noise.mean()) / (noise.std() + 1e-12)
 
 
