@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Literal, Sequence
 
 import torch
-from timm.layers import Attention, DropPath, PatchEmbed
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -26,9 +26,10 @@ layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class DEXBlock(nn.Module):
-    """Pre-norm self-attention followed by a pre-norm DEX module.
+    """Pre-norm self-attention followed by a pre-norm DEX module, or by a plain MLP when ``num_experts`` is 0 (the
+    block is then a timm ViT block, as the plain-MAE baseline needs).
 
-    ``forward(x [B, N, C], noise_std) -> (x [B, N, C], DEXAux)``.
+    ``forward(x [B, N, C], noise_std, eps) -> (x [B, N, C], DEXAux)``.
     """
 
     def __init__(
@@ -38,6 +39,8 @@ class DEXBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path: float = 0.0,
+        num_experts: int = 8,
+        top_k: int = 2,
         **dex_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -45,12 +48,18 @@ class DEXBlock(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = layer_norm(dim)
-        self.dex = DirectorExperts(dim, int(dim * mlp_ratio), **dex_kwargs)
+        hidden = int(dim * mlp_ratio)
+        if num_experts == 0:
+            self.mlp, self.dex = Mlp(dim, hidden, act_layer=nn.GELU), None
+        else:
+            self.dex = DirectorExperts(dim, hidden, num_experts, top_k, **dex_kwargs)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, noise_std: float = 0.0) -> tuple[Tensor, DEXAux]:
+    def forward(self, x: Tensor, noise_std: float = 0.0, eps: Tensor | None = None) -> tuple[Tensor, DEXAux]:
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        out, aux = self.dex(self.norm2(x), noise_std)
+        if self.dex is None:
+            return x + self.drop_path2(self.mlp(self.norm2(x))), DEXAux(None, None, None)
+        out, aux = self.dex(self.norm2(x), noise_std, eps)
         return x + self.drop_path2(out), aux
 
 
@@ -75,13 +84,13 @@ class DEXViT(nn.Module):
 
     Args:
         img_size: input size (int or (H, W)); must be divisible by ``patch_size``.
-        num_experts: R, one value for all blocks or one per block.
-        top_k: K, one value for all blocks or one per block.
+        num_experts: R, one value for all blocks or one per block; 0 makes a block a plain ViT block.
+        top_k: K, one value for all blocks or one per block (ignored where R is 0).
         activation: ``image`` (one expert set per image, the paper's) or ``token`` (per-token routing).
         pooling: the image's routing feature: ``cls`` (class token) or ``mean`` (mean patch token).
         router_temperature: tau of ``softmax(logits / tau)``: 1 in the paper, 0.5 in the reference code.
         balance: ``switch`` (Eq. 18) or ``reference`` (R * sum P * stopgrad(P)).
-        alignment: ``cosine`` (Eq. 15) or ``kd`` (the reference's softmax cross-entropy).
+        alignment: ``cosine`` (Eq. 15), ``kd`` (the reference's softmax cross-entropy) or ``none`` (no director).
         expert_init: ``independent`` (every expert and the director drawn separately) or ``copy`` (every
             expert starts as a copy of the director, as the reference code's warm start does).
         mode: ``pretrain``, ``experts`` or ``director`` (see :class:`DirectorExperts`).
@@ -106,7 +115,7 @@ class DEXViT(nn.Module):
         pooling: Literal["cls", "mean"] = "cls",
         router_temperature: float = 1.0,
         balance: Literal["switch", "reference"] = "switch",
-        alignment: Literal["cosine", "kd"] = "cosine",
+        alignment: Literal["cosine", "kd", "none"] = "cosine",
         usage_momentum: float = 0.99,
         expert_init: Literal["independent", "copy"] = "independent",
         mode: Mode = "pretrain",
@@ -122,7 +131,9 @@ class DEXViT(nn.Module):
         if expert_init not in ("independent", "copy"):
             raise ValueError(f"expert_init must be 'independent' or 'copy', got {expert_init!r}")
         experts = _per_layer(num_experts, depth, "num_experts")
-        top_ks = _per_layer(top_k, depth, "top_k")
+        top_ks = [k if r else 0 for r, k in zip(experts, _per_layer(top_k, depth, "top_k"))]
+        if any(r < 0 for r in experts):
+            raise ValueError(f"num_experts (R) must be at least 1, or 0 for a plain MLP block, got {experts}")
         self._init_args = dict(
             img_size=list(img_size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -170,22 +181,25 @@ class DEXViT(nn.Module):
     @property
     def model_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this model as it is now (current mode and K included)."""
-        return {**self._init_args, "mode": self.mode, "top_k": [m.top_k for m in self.dex_modules()]}
+        return {**self._init_args, "mode": self.mode,
+                "top_k": [b.dex.top_k if b.dex is not None else 0 for b in self.blocks]}
 
     def dex_modules(self) -> list[DirectorExperts]:
-        return [block.dex for block in self.blocks]
+        return [block.dex for block in self.blocks if block.dex is not None]
 
     @property
     def mode(self) -> Mode:
-        return self.blocks[0].dex.mode
+        modules = self.dex_modules()
+        return modules[0].mode if modules else self._init_args["mode"]
 
     def set_mode(self, mode: Mode, top_k: int | Sequence[int] | None = None) -> None:
         """Switch every DEX module to ``mode`` (``pretrain``, ``experts``, ``director``), optionally with new K."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         top_ks = [None] * len(self.blocks) if top_k is None else _per_layer(top_k, len(self.blocks), "top_k")
-        for module, k in zip(self.dex_modules(), top_ks, strict=True):
-            module.set_mode(mode, k)
+        for block, k in zip(self.blocks, top_ks, strict=True):
+            if block.dex is not None:
+                block.dex.set_mode(mode, k)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -199,20 +213,23 @@ class DEXViT(nn.Module):
         cls = self.cls_token + self.pos_embed[:, : self.num_prefix_tokens]
         return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
-    def forward_tokens(self, tokens: Tensor, noise_std: float = 0.0) -> tuple[Tensor, list[DEXAux]]:
+    def forward_tokens(self, tokens: Tensor, noise_std: float = 0.0,
+                       router_eps: Sequence[Tensor | None] | None = None) -> tuple[Tensor, list[DEXAux]]:
         """Prepend the class token, run the blocks and the final norm.
 
         Args:
             tokens: [B, M, C] embedded patch tokens (M = N, or the visible subset under MAE masking).
             noise_std: sigma of the routers' frequency-aware noise (training only).
+            router_eps: per block, the standard normal draws of its router noise ([B, R] image-wise,
+                [B * (1 + M), R] token-wise), or None to draw them inside.
 
         Returns:
             [B, 1 + M, C] features and one :class:`DEXAux` per block; the routing is kept in ``last_routing``.
         """
         x = self._prepend_class_token(tokens)
         aux = []
-        for block in self.blocks:
-            x, block_aux = block(x, noise_std)
+        for i, block in enumerate(self.blocks):
+            x, block_aux = block(x, noise_std, None if router_eps is None else router_eps[i])
             aux.append(block_aux)
         self.last_routing = [a.routing for a in aux]
         return self.norm(x), aux

@@ -11,6 +11,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
@@ -46,21 +47,34 @@ def _dense(routing: Routing, num_experts: int) -> Tensor:
     ).scatter(1, routing.indices, routing.weights)
 
 
-def balance_loss(scores: Tensor, indices: Tensor) -> Tensor:
+def _batch_mean(values: Tensor, global_batch: bool) -> Tensor:
+    """Mean over the units; with ``global_batch`` under torch.distributed, over the units of every rank.
+
+    The all-reduce is differentiable: its backward sums the ranks' gradients, which DDP's averaging then divides
+    by the world size again, so the gradient is that of one process holding the whole global batch.
+    """
+    mean = values.mean(0)
+    if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        mean = dist_nn.all_reduce(mean) / dist.get_world_size()
+    return mean
+
+
+def balance_loss(scores: Tensor, indices: Tensor, global_batch: bool = False) -> Tensor:
     """Eq. 18: ``R * sum_r mean_u(s_ur) * mean_u(I_ur)`` with I the hard top-K indicator.
 
     Args:
         scores: [U, R] soft activation scores.
         indices: [U, K] chosen experts.
+        global_batch: average over every rank's units (the batch B of Eq. 18 is the global batch).
     """
     num_experts = scores.shape[-1]
     chosen = torch.zeros_like(scores).scatter(1, indices, 1.0)
-    return num_experts * (scores.mean(0) * chosen.mean(0)).sum()
+    return num_experts * (_batch_mean(scores, global_batch) * _batch_mean(chosen, global_batch)).sum()
 
 
-def balance_loss_reference(scores: Tensor) -> Tensor:
+def balance_loss_reference(scores: Tensor, global_batch: bool = False) -> Tensor:
     """The reference code's balance loss: ``R * sum_r P_r * stopgrad(P_r)``, P the mean soft score (D2)."""
-    mean_scores = scores.mean(0)
+    mean_scores = _batch_mean(scores, global_batch)
     return scores.shape[-1] * (mean_scores * mean_scores.detach()).sum()
 
 
@@ -173,12 +187,13 @@ class ExpertRouter(nn.Module):
             return x[:, 0]
         return x[:, self.num_prefix_tokens :].mean(1)
 
-    def forward(self, x: Tensor, noise_std: float = 0.0) -> tuple[Routing, Tensor]:
+    def forward(self, x: Tensor, noise_std: float = 0.0, eps: Tensor | None = None) -> tuple[Routing, Tensor]:
         """Route a batch of token sequences.
 
         Args:
             x: [B, N, C] normalised tokens.
             noise_std: sigma of Eq. 21; applied only in training.
+            eps: [U, R] standard normal draws for the noise; drawn here when None.
 
         Returns:
             The routing (U = B image-wise, B*N token-wise) and the balance loss.
@@ -186,14 +201,15 @@ class ExpertRouter(nn.Module):
         logits = self.proj(self.routing_features(x)).float()
         if self.training and noise_std > 0:
             delta = 1.0 - self.usage / (self.usage.sum() + EPS)
-            logits = logits + noise_std * (torch.randn_like(logits) + delta)
+            eps = torch.randn_like(logits) if eps is None else eps.to(logits)
+            logits = logits + noise_std * (eps + delta)
         scores = F.softmax(logits / self.temperature, dim=-1)
         top_scores, indices = scores.topk(self.top_k, dim=-1)
         weights = top_scores / top_scores.sum(-1, keepdim=True)
         if self.balance == "switch":
-            loss = balance_loss(scores, indices)
+            loss = balance_loss(scores, indices, global_batch=self.training)
         else:
-            loss = balance_loss_reference(scores)
+            loss = balance_loss_reference(scores, global_batch=self.training)
         return Routing(indices, weights, scores), loss
 
     @torch.no_grad()
@@ -315,6 +331,9 @@ class DirectorExperts(nn.Module):
     - ``experts``: fine-tuning through the K chosen experts (DEX-E); K may be changed.
     - ``director``: the director alone, so the block is a plain ViT block (DEX-D).
 
+    With ``alignment="none"`` there is no director target and no group EMA: experts without a director, the
+    "+Experts" ablation of Table 6.
+
     The director is a timm ``Mlp`` of the experts' shape. It is trainable only in ``director`` mode; in
     ``pretrain`` mode it changes only through :meth:`update_director_`.
     """
@@ -329,14 +348,14 @@ class DirectorExperts(nn.Module):
         pooling: Literal["cls", "mean"] = "cls",
         router_temperature: float = 1.0,
         balance: Literal["switch", "reference"] = "switch",
-        alignment: Literal["cosine", "kd"] = "cosine",
+        alignment: Literal["cosine", "kd", "none"] = "cosine",
         num_prefix_tokens: int = 1,
         usage_momentum: float = 0.99,
         mode: Mode = "pretrain",
     ) -> None:
         super().__init__()
-        if alignment not in ("cosine", "kd"):
-            raise ValueError(f"alignment must be 'cosine' or 'kd', got {alignment!r}")
+        if alignment not in ("cosine", "kd", "none"):
+            raise ValueError(f"alignment must be 'cosine', 'kd' or 'none', got {alignment!r}")
         self.alignment = alignment
         self.router = ExpertRouter(
             dim, num_experts, top_k, activation, pooling, router_temperature, balance, num_prefix_tokens,
@@ -371,22 +390,21 @@ class DirectorExperts(nn.Module):
         self.experts.requires_grad_(mode != "director")
         self.director.requires_grad_(mode == "director")
 
-    def forward(self, x: Tensor, noise_std: float = 0.0) -> tuple[Tensor, DEXAux]:
-        """[B, N, C] normalised tokens -> ([B, N, C], per-layer aux)."""
+    def forward(self, x: Tensor, noise_std: float = 0.0, eps: Tensor | None = None) -> tuple[Tensor, DEXAux]:
+        """[B, N, C] normalised tokens -> ([B, N, C], per-layer aux); ``eps`` as for :class:`ExpertRouter`."""
         if self.mode == "director":
             return self.director(x), DEXAux(None, None, None)
-        routing, balance = self.router(x, noise_std)
+        routing, balance = self.router(x, noise_std, eps)
         batch, tokens, dim = x.shape
         units = x if self.router.activation == "image" else x.reshape(batch * tokens, 1, dim)
         out = self.experts(units, routing.indices, routing.weights).view(batch, tokens, dim)
         alignment = None
         if self.mode == "pretrain":
-            with torch.no_grad():
-                target = self.director(x)
-            if self.alignment == "cosine":
-                alignment = alignment_loss(out, target)
-            else:
-                alignment = alignment_loss_kd(out, target)
+            if self.alignment != "none":
+                with torch.no_grad():
+                    target = self.director(x)
+                loss = alignment_loss if self.alignment == "cosine" else alignment_loss_kd
+                alignment = loss(out, target)
             if self.training:
                 self.router.accumulate_usage_(routing)
         detached = Routing(routing.indices, routing.weights.detach(), routing.scores.detach())
@@ -406,9 +424,10 @@ class DirectorExperts(nn.Module):
         total = usage_sum.sum()
         has_usage = total > 0
         omega = usage_sum / (total + EPS)  # Eq. 6 and Eq. 19 (the same normalisation)
-        # m = 1 (no change) when no image was routed since the last update; no host sync either way.
-        momentum = torch.where(has_usage, torch.as_tensor(momentum, dtype=omega.dtype, device=omega.device), 1.0)
-        group_ema_(_mlp_tensors(self.director), self.experts.tensors(), omega, momentum)
+        if self.alignment != "none":  # without alignment the director plays no part
+            # m = 1 (no change) when no image was routed since the last update; no host sync either way.
+            momentum = torch.where(has_usage, torch.as_tensor(momentum, dtype=omega.dtype, device=omega.device), 1.0)
+            group_ema_(_mlp_tensors(self.director), self.experts.tensors(), omega, momentum)
         self.router.update_usage_(omega, has_usage)
         self.router.usage_sum.zero_()
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from timm.models.vision_transformer import Block
@@ -42,15 +43,17 @@ def unpatchify(patches: Tensor, patch_size: int, grid_size: tuple[int, int]) -> 
     return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, -1, h * p, w * p)
 
 
-def random_masking(tokens: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-    """MAE's per-image random masking by argsort of uniform noise.
+def random_masking(tokens: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's per-image random masking by argsort of uniform noise ([B, N], drawn here when None).
 
     Returns the kept tokens [B, N_keep, C], the mask [B, N] (1 = masked) and the indices that restore the
     original order [B, N].
     """
     batch, length, dim = tokens.shape
     keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(torch.rand(batch, length, device=tokens.device), dim=1)
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
+    ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
     kept = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
@@ -106,12 +109,33 @@ class MaskedAutoencoderDEX(nn.Module):
         return {"mask_token", "decoder_pos_embed"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def forward_encoder(
-        self, imgs: Tensor, mask_ratio: float, noise_std: float = 0.0
+        self, imgs: Tensor, mask_ratio: float, noise_std: float = 0.0, mask_noise: Tensor | None = None,
+        router_eps: Sequence[Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, list[DEXAux]]:
         """Encode the visible patches: latent [B, 1 + N_keep, C], mask [B, N], ids_restore [B, N], aux."""
-        tokens, mask, ids_restore = random_masking(self.encoder.embed(imgs), mask_ratio)
-        latent, aux = self.encoder.forward_tokens(tokens, noise_std)
+        tokens, mask, ids_restore = random_masking(self.encoder.embed(imgs), mask_ratio, mask_noise)
+        latent, aux = self.encoder.forward_tokens(tokens, noise_std, router_eps)
         return latent, mask, ids_restore, aux
+
+    def draw_noise(self, generator: torch.Generator, global_batch: int, rows: slice,
+                   mask_ratio: float | None = None) -> dict[str, Any]:
+        """The random inputs of one step, drawn for the whole global batch from ``generator`` and cut to ``rows``
+        (this rank's images): ``mask_noise`` [b, N] and ``router_eps`` (per block, [b, R] image-wise or
+        [b * T, R] token-wise with T = 1 + kept patches; None for plain blocks). Passing them to :meth:`forward`
+        makes a step independent of how the global batch is split over ranks."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        patches = self.grid_size[0] * self.grid_size[1]
+        tokens = self.encoder.num_prefix_tokens + int(patches * (1 - ratio))
+        mask_noise = torch.rand(global_batch, patches, generator=generator)[rows]
+        router_eps = []
+        for block in self.encoder.blocks:
+            if block.dex is None:
+                router_eps.append(None)
+                continue
+            per_image = tokens if block.dex.router.activation == "token" else 1
+            eps = torch.randn(global_batch * per_image, block.dex.num_experts, generator=generator)
+            router_eps.append(eps[rows.start * per_image: rows.stop * per_image])
+        return {"mask_noise": mask_noise, "router_eps": router_eps}
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """[B, 1 + N_keep, C] -> [B, N, p*p*C_in] predicted patches."""
@@ -144,6 +168,8 @@ class MaskedAutoencoderDEX(nn.Module):
         noise_std: float = 0.0,
         lambda_co: float = 0.1,
         lambda_bal: float = 0.001,
+        mask_noise: Tensor | None = None,
+        router_eps: Sequence[Tensor | None] | None = None,
     ) -> MAEOutput:
         """One MAE-DEX step on [B, C_in, H, W] images.
 
@@ -151,9 +177,10 @@ class MaskedAutoencoderDEX(nn.Module):
             mask_ratio: defaults to the model's (0.75).
             noise_std: sigma of the routers' frequency-aware noise (a schedule drives it; training only).
             lambda_co, lambda_bal: the coefficients of Eq. 8 (0.1 and 0.001 in the paper).
+            mask_noise, router_eps: the step's random inputs (see :meth:`draw_noise`); drawn inside when None.
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore, aux = self.forward_encoder(imgs, ratio, noise_std)
+        latent, mask, ids_restore, aux = self.forward_encoder(imgs, ratio, noise_std, mask_noise, router_eps)
         pred = self.forward_decoder(latent, ids_restore)
         reconstruction = self.reconstruction_loss(imgs, pred, mask)
         aux_losses = layer_losses(aux, device=imgs.device)

@@ -96,7 +96,7 @@ def vit_to_dex_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> di
         if key.startswith(_DROPPED_VIT_KEYS):
             continue
         match = _MLP_KEY.match(key)
-        if match:
+        if match and prefix + key not in own:  # a DEX block (a plain block keeps its mlp)
             block, layer, kind = match.groups()
             dex = f"{prefix}blocks.{block}.dex"
             out[f"{dex}.director.{layer}.{kind}"] = value

@@ -154,7 +154,7 @@ def test_registered_in_timm(size, dims):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_experts=2, top_k=3), "top_k"),
-    (dict(num_experts=0, top_k=1), "num_experts"),
+    (dict(num_experts=-1, top_k=1), "num_experts"),
     (dict(img_size=30), "divisible"),
     (dict(num_experts=[4, 4]), "one value per block"),
     (dict(mode="teacher"), "mode"),
@@ -163,3 +163,20 @@ def test_registered_in_timm(size, dims):
 def test_malformed_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_vit(**kwargs)
+
+
+def test_zero_experts_is_a_plain_vit():
+    """R = 0 in every block: the plain ViT of the MAE baseline, weight for weight a timm ViT."""
+    model = tiny_vit(num_experts=0).eval()
+    assert not model.dex_modules() and model.model_args["top_k"] == [0, 0, 0]
+    vit = timm_twin(model).eval()
+    vit.load_state_dict(director_state_dict(model))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.forward_features(x), vit.forward_features(x), rtol=0, atol=1e-5)
+
+
+def test_mixed_plain_and_dex_blocks():
+    model = tiny_vit(num_experts=[0, 4, 0], top_k=2).train()
+    model.forward_features(torch.randn(2, 3, 32, 32), noise_std=1.0)
+    assert model.last_routing[0] is None and model.last_routing[1].indices.shape == (2, 2)
+    assert [m.num_experts for m in model.dex_modules()] == [4]

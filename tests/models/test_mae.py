@@ -114,3 +114,34 @@ def test_director_mode_is_a_plain_mae():
 def test_bad_mask_ratio():
     with pytest.raises(ValueError, match="mask_ratio"):
         MaskedAutoencoderDEX(tiny_vit(), mask_ratio=1.0)
+
+
+def test_experts_without_director():
+    """alignment='none': no director target, no group EMA, but the usage statistics still move (Table 6 +Experts)."""
+    mae = tiny_mae(alignment="none").train()
+    out = mae(torch.randn(4, 3, 32, 32), noise_std=1.0)
+    assert float(out.alignment) == 0.0 and float(out.balance) > 0
+    director = mae.encoder.blocks[0].dex.director.fc1.weight.clone()
+    usage = mae.encoder.blocks[0].dex.router.usage.clone()
+    update_directors_(mae, 0.5)
+    assert torch.equal(mae.encoder.blocks[0].dex.director.fc1.weight, director)
+    assert not torch.equal(mae.encoder.blocks[0].dex.router.usage, usage)
+
+
+@pytest.mark.parametrize("activation", ["image", "token"])
+def test_explicit_noise_makes_a_step_independent_of_the_batch_split(activation):
+    """The same global noise, cut per rank, gives each image the same masking and routing as one process would."""
+    mae = tiny_mae(activation=activation).train()
+    images = torch.randn(6, 3, 32, 32)
+    noise = mae.draw_noise(torch.Generator().manual_seed(3), 6, slice(0, 6))
+    whole = mae(images, noise_std=1.0, **noise)
+    routing_whole = [r.indices for r in mae.encoder.last_routing]
+    halves, routing = [], []
+    for rows in (slice(0, 4), slice(4, 6)):
+        part = mae.draw_noise(torch.Generator().manual_seed(3), 6, rows)
+        halves.append(mae(images[rows], noise_std=1.0, **part))
+        routing.append([r.indices for r in mae.encoder.last_routing])
+    torch.testing.assert_close(torch.cat([h.pred for h in halves]), whole.pred, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([h.mask for h in halves]), whole.mask)
+    for layer, indices in enumerate(routing_whole):
+        assert torch.equal(torch.cat([routing[0][layer], routing[1][layer]]), indices)
