@@ -8,11 +8,16 @@ import sys
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import logging
+
     from dex.config import load_config
     from dex.train.pretrain import PretrainConfig, pretrain, summary
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = load_config(PretrainConfig, args.config, args.set)
-    print(summary(pretrain(config)))
+    result = pretrain(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(result.run_dir))
     return 0
 
 
@@ -59,6 +64,15 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dex.train.export import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"DEX encoder: {out} (dex.load_pretrained); director path as a timm ViT: {out / 'director'} "
+          f"(timm.create_model('local-dir:{out / 'director'}', pretrained=True))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dex", description="DEX: Director-Experts medical vision foundation model")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,7 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("config", help="YAML config file")
     pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                           help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
+    pretrain.add_argument("--resume", metavar="auto|CHECKPOINT",
+                          help="continue from the newest complete checkpoint of the run (auto) or from a file")
     pretrain.set_defaults(func=_pretrain)
+
+    export = commands.add_parser("export", help="write a run's encoder, and its director path as a timm ViT",
+                                 description="Write the encoder of a pretraining run (its final encoder, else its "
+                                             "newest checkpoint) to OUT (config.json + model.safetensors, read by "
+                                             "dex.load_pretrained) and its director path as a plain timm ViT to "
+                                             "OUT/director.")
+    export.add_argument("run_dir", help="a dex pretrain run folder")
+    export.add_argument("out", help="output folder")
+    export.set_defaults(func=_export)
 
     curate = commands.add_parser(
         "curate", help="build a MedVerse-style collection of normalised 2D images in tar shards from a recipe",

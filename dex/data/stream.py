@@ -7,6 +7,8 @@ same number of samples per epoch (so DDP ranks stay in step), drawn in a seeded 
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from dex.data.recipe import MODALITIES
 from dex.data.shards import iter_shard
@@ -30,6 +32,19 @@ def decode_png(data: bytes) -> torch.Tensor:
     scale = 255.0 if array.dtype == np.uint8 else 65535.0
     tensor = torch.from_numpy(array.astype(np.float32) / scale)
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed from anything printable: the same parts give the same seed on every machine."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
+
+
+def seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
+    """Apply a transform that draws from torch's global generator with that generator seeded for this image
+    only (restored afterwards): each sample's augmentation depends on its seed, not on what ran before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 def modality_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
@@ -60,14 +75,16 @@ class CuratedImages(IterableDataset):
         modality_temperature: None for the natural mix, or T for sampling modality m as ``n_m ** (1/T)``
             (by rejection; the epoch is then the expected number of accepted samples and may repeat a few).
         loader_workers: the ``num_workers`` of the DataLoader that will read this dataset.
+        batch_size: the DataLoader's; every worker's quota is a whole number of batches, so the loader's
+            round-robin over workers, and with it :meth:`resume_at`, is exact.
         samples_per_epoch: per rank; the largest count every reader can serve by default.
         rank, world_size: default to torch.distributed's.
     """
 
     def __init__(self, root: str | Path, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  seed: int = 0, shuffle_buffer: int = 1000, modality_temperature: float | None = None,
-                 loader_workers: int = 0, samples_per_epoch: int | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 loader_workers: int = 0, batch_size: int = 1, samples_per_epoch: int | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
@@ -92,15 +109,22 @@ class CuratedImages(IterableDataset):
         if share < 1:
             raise ValueError(f"{self.root}: {index['samples']} samples cannot feed {readers} readers "
                              f"({self.world_size} ranks x {self.workers} loader workers)")
-        self.samples_per_epoch = samples_per_epoch or share * self.workers
+        per_worker = (samples_per_epoch or share * self.workers) // (self.workers * batch_size) * batch_size
+        if per_worker < 1:
+            raise ValueError(f"{self.root}: too few samples for a batch of {batch_size} on each of {readers} readers")
+        self.samples_per_epoch, self.batch_size = per_worker * self.workers, batch_size
         self.transform = transform if transform is not None else PretrainTransform()
-        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+        self.seed, self.shuffle_buffer, self.epoch, self.start_batch = seed, shuffle_buffer, 0, 0
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start_batch = epoch, 0
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Start ``epoch`` after the first ``batches_done`` batches the DataLoader has already delivered."""
+        self.epoch, self.start_batch = epoch, batches_done
 
     def _my_shards(self, reader: int, readers: int, order: np.ndarray) -> list[int]:
         if not self.by_shard:
@@ -143,17 +167,88 @@ class CuratedImages(IterableDataset):
             raise ValueError(f"CuratedImages was built for {self.workers} loader worker(s) (loader_workers) but "
                              f"is read by {workers}")
         reader, readers = self.rank * workers + worker, self.world_size * workers
-        quota = self.samples_per_epoch // workers + (1 if worker < self.samples_per_epoch % workers else 0)
+        quota = self.samples_per_epoch // workers
+        # the loader takes batch j from worker j % workers: this worker has delivered these samples already
+        skip = max(0, -(-(self.start_batch - worker) // workers)) * self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch, 10**6 + reader])
         produced, round_ = 0, 0
         while produced < quota:
             before = produced
             for png, meta in self._shuffled(self._records(reader, readers, round_), rng):
-                yield {"image": self.transform(decode_png(png)), "modality": MODALITIES.index(meta["modality"]),
-                       "key": meta["key"]}
+                if produced >= skip:
+                    image = seeded(self.transform, decode_png(png), sample_seed(self.seed, self.epoch, meta["key"]))
+                    yield {"image": image, "modality": MODALITIES.index(meta["modality"]), "key": meta["key"]}
                 produced += 1
                 if produced == quota:
                     return
             if produced == before:
                 raise RuntimeError(f"{self.root}: reader {reader} of {readers} received no samples")
             round_ += 1  # only when rebalancing modalities or asked for more than one pass: go round again
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class FolderImages(Dataset):
+    """Every image under a folder, for small experiments without curation: pixels scaled by their bit depth
+    (``x / 255``, 16-bit ``x / 65535``), the modality from ``modalities.csv`` (``path,modality``) when present,
+    else from a first-level folder named after a modality, else unknown (-1).
+
+    Items are dicts like :class:`CuratedImages`'; each image's augmentation is seeded by (seed, epoch, index).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 seed: int = 0) -> None:
+        from dex.data.readers import read_picture
+
+        self.root, self.seed, self.epoch = Path(root), seed, 0
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"{self.root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        table = self.root / "modalities.csv"
+        named = dict(csv.reader(open(table))) if table.is_file() else {}
+        by_name = {m.lower(): m for m in MODALITIES}
+        self.modalities = []
+        for path in self.files:
+            rel = path.relative_to(self.root).as_posix()
+            modality = named.get(rel) or by_name.get(rel.split("/")[0].lower() if "/" in rel else "")
+            self.modalities.append(MODALITIES.index(modality) if modality in MODALITIES else -1)
+        self.transform = transform if transform is not None else PretrainTransform()
+        self._read = read_picture
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        picture = self._read(self.files[index])
+        pixels = torch.from_numpy(picture.pixels.astype(np.float32) / picture.max_value)
+        image = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+        return {"image": seeded(self.transform, image, sample_seed(self.seed, self.epoch, index)),
+                "modality": self.modalities[index], "key": self.files[index].relative_to(self.root).as_posix()}
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Global batches of a seeded per-epoch permutation; rank r takes rows [r*b, (r+1)*b) of each, so the ranks
+    together see exactly what one process with the global batch sees. Starts at ``start_batch``."""
+
+    def __init__(self, size: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start_batch: int = 0) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"the global batch {global_batch} does not split over {world_size} ranks")
+        if size < global_batch:
+            raise ValueError(f"{size} samples make no global batch of {global_batch}")
+        self.size, self.global_batch, self.rank, self.world_size = size, global_batch, rank, world_size
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.size // self.global_batch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        local = self.global_batch // self.world_size
+        for batch in range(self.start_batch, self.size // self.global_batch):
+            rows = order[batch * self.global_batch + self.rank * local: batch * self.global_batch + (self.rank + 1) * local]
+            yield [int(i) for i in rows]

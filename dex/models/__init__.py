@@ -12,6 +12,7 @@ from dex.models.director_experts import (
     alignment_loss_kd,
     balance_loss,
     balance_loss_reference,
+    discard_usage_,
     group_ema_,
     layer_losses,
     layer_weights,
@@ -32,7 +33,7 @@ from dex.models.weights import (
 __all__ = [
     "DEXAux", "DEXBlock", "DEXViT", "DirectorExperts", "ExpertBank", "ExpertRouter", "LayerLosses",
     "MAEOutput", "MaskedAutoencoderDEX", "Routing", "alignment_loss", "alignment_loss_kd", "balance_loss",
-    "balance_loss_reference", "director_state_dict", "export_director", "group_ema_", "init_from_vit_checkpoint",
+    "balance_loss_reference", "director_state_dict", "discard_usage_", "export_director", "group_ema_", "init_from_vit_checkpoint",
     "layer_losses", "layer_weights", "load_pretrained", "load_state_dict_file", "patchify", "random_masking",
     "save_pretrained", "sincos_2d", "unpatchify", "update_directors_", "vit_to_dex_state_dict",
 ]

@@ -11,7 +11,6 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
@@ -47,6 +46,22 @@ def _dense(routing: Routing, num_experts: int) -> Tensor:
     ).scatter(1, routing.indices, routing.weights)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _batch_mean(values: Tensor, global_batch: bool) -> Tensor:
     """Mean over the units; with ``global_batch`` under torch.distributed, over the units of every rank.
 
@@ -55,7 +70,7 @@ def _batch_mean(values: Tensor, global_batch: bool) -> Tensor:
     """
     mean = values.mean(0)
     if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        mean = dist_nn.all_reduce(mean) / dist.get_world_size()
+        mean = _AllReduceSum.apply(mean) / dist.get_world_size()
     return mean
 
 
@@ -302,6 +317,7 @@ def _grouped_mm_supported(x: Tensor, weight_t: Tensor) -> bool:
     aligned = all(s == 1 or s * t.element_size() % 16 == 0 for t in (x, weight_t) for s in t.stride())
     return (
         hasattr(F, "grouped_mm")
+        and not torch.compiler.is_compiling()  # its compile-time shape rule accepts only bf16 (torch 2.14)
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous()
@@ -432,20 +448,35 @@ class DirectorExperts(nn.Module):
         self.router.usage_sum.zero_()
 
 
+def _pretraining_modules(model: nn.Module) -> list[DirectorExperts]:
+    return [m for m in model.modules() if isinstance(m, DirectorExperts) and m.mode == "pretrain"]
+
+
 @torch.no_grad()
-def update_directors_(model: nn.Module, momentum: float | Tensor) -> None:
+def update_directors_(model: nn.Module, momentum: float | Tensor) -> list[Tensor]:
     """Run :meth:`DirectorExperts.update_director_` on every DEX module of ``model``, after the optimizer step.
 
     Under ``torch.distributed`` the accumulated activation weights are summed over all ranks first (one
     all-reduce for all layers), so every rank applies the same update and holds the same director.
+
+    Returns each module's share of the step's activation weight per expert (Omega of Eq. 6), in module order.
     """
-    modules = [m for m in model.modules() if isinstance(m, DirectorExperts) and m.mode == "pretrain"]
+    modules = _pretraining_modules(model)
     if not modules:
-        return
+        return []
     sums = [m.router.usage_sum for m in modules]
     if dist.is_available() and dist.is_initialized():
         flat = torch.cat(sums)
         dist.all_reduce(flat)
         sums = list(flat.split([s.numel() for s in sums]))
+    loads = [s / s.sum().clamp_min(EPS) for s in sums]
     for module, usage_sum in zip(modules, sums, strict=True):
         module.update_director_(momentum, usage_sum)
+    return loads
+
+
+@torch.no_grad()
+def discard_usage_(model: nn.Module) -> None:
+    """Forget the activation weights accumulated since the last update (a step that was skipped)."""
+    for module in _pretraining_modules(model):
+        module.router.usage_sum.zero_()

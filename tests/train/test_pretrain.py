@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_same_seed_reproduces_bit_for_bit(tmp_path, tiny):
     runs = []
     for name in ("a", "b"):
         config = load_config(PretrainConfig, None, [*tiny, f"out_dir={tmp_path / name}"])
-        runs.append(pretrain(config))
+        runs.append(pretrain(config).run_dir)
     assert (runs[0] / "encoder" / "model.safetensors").read_bytes() == (
         runs[1] / "encoder" / "model.safetensors").read_bytes()
     losses = [[json.loads(line)["loss"] for line in (r / "log.jsonl").read_text().splitlines()] for r in runs]
@@ -110,3 +111,17 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     assert "unknown config keys ['epoch']" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("pretrain_*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_build(path):
+    config = load_config(PretrainConfig, path)
+    with torch.device("meta"):
+        model = build_mae(config)
+    blocks = model.encoder.blocks
+    if "mae" in path.stem:
+        assert all(b.dex is None for b in blocks)
+    else:
+        assert all(b.dex is not None for b in blocks)
+        assert ("tokenwise" in path.stem) == (blocks[0].dex.router.activation == "token")
+        assert ("experts" in path.stem) == (blocks[0].dex.alignment == "none")

@@ -1,0 +1,33 @@
+"""``dex export RUN_DIR OUT``: a run's encoder as a folder ``dex.load_pretrained`` reads, and its director path as a
+plain timm ViT in ``OUT/director``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dex.config import load_config
+from dex.models import DEXViT, export_director, load_pretrained, save_pretrained
+from dex.train.checkpoint import CheckpointManager
+from dex.train.pretrain import PretrainConfig, build_mae
+
+
+def run_encoder(run_dir: str | Path) -> DEXViT:
+    """The encoder of a run: its final ``encoder/`` when it finished, else its newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / "encoder" / "config.json").is_file():
+        return load_pretrained(run_dir / "encoder")
+    checkpoint = CheckpointManager(run_dir / "checkpoints").load_latest()
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: neither a finished encoder/ nor a checkpoint to export")
+    model = build_mae(PretrainConfig(**{**load_config(PretrainConfig, run_dir / "config.yaml").__dict__,
+                                        "init_checkpoint": None}))
+    model.load_state_dict(checkpoint["model"])
+    return model.encoder
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    encoder = run_encoder(run_dir)
+    out = Path(out)
+    save_pretrained(encoder, out)
+    export_director(encoder, out / "director")
+    return out

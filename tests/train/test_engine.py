@@ -1,0 +1,232 @@
+"""The pretraining engine: checkpoints, resume after SIGKILL, skipped steps, DDP = one process, export, monitoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+
+import dex
+from dex.config import load_config
+from dex.models import MaskedAutoencoderDEX
+from dex.train.checkpoint import CheckpointManager
+from dex.train.monitor import RunMonitor, normalised_entropy
+from dex.train.pretrain import PretrainConfig, pretrain
+from tests.train.test_pretrain import TINY_ARGS
+
+
+def weights(path: Path) -> bytes:
+    return (path / "encoder" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def curated(phantom_collection):
+    return [*TINY_ARGS, f"data={phantom_collection / 'curated'}", "samples_per_epoch=32", "epochs=3",
+            "checkpoint_every=1", "tensorboard=false"]
+
+
+@pytest.fixture
+def image_folder(phantom_collection, tmp_path):
+    """Up to 32 raw phantom images in modality folders (an uncurated image folder)."""
+    folder = tmp_path / "images"
+    for modality, source in (("OCT", "oct-png"), ("US", "us-png")):
+        (folder / modality).mkdir(parents=True)
+        for path in sorted((phantom_collection / "raw" / "sources" / source).glob("*.png"))[:16]:
+            shutil.copy(path, folder / modality / path.name)
+    return folder
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+def test_checkpoints_keep_last_n_plus_milestones_and_skip_corrupt_ones(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in range(1, 6):
+        manager.save({"value": torch.tensor([step])}, step, milestone=step == 2)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step-00000002.pt", "step-00000004.pt",
+                                                             "step-00000005.pt"]
+    assert int(manager.load_latest()["value"]) == 5
+    newest = tmp_path / "step-00000005.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # cut short by a crash or a full disk
+    assert int(manager.load_latest()["value"]) == 4
+    assert any("SHA-256" in r.getMessage() for r in caplog.records)
+    (tmp_path / "index.json").write_text("{broken")  # even without the index, files that load are used
+    assert int(manager.load_latest()["value"]) == 4
+
+
+def test_checkpoints_hold_no_pickled_objects(tmp_path, curated):
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1"])
+    pretrain(config)
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
+        assert {"model", "optimizer", "train", "rng", "config", "version"} <= state.keys()
+        assert state["train"]["step"] >= 1 and len(state["rng"]) == 1
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, workers):
+    args = [*curated, f"num_workers={workers}"]
+    clean = tmp_path / "clean"
+    pretrain(load_config(PretrainConfig, "configs/pretrain_demo.yaml", [*args, f"out_dir={clean}"]))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dex", "pretrain", "configs/pretrain_demo.yaml", "--set", *args,
+               f"out_dir={killed}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = killed / "checkpoints" / "index.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if len(json.loads(index.read_text())["checkpoints"]) >= 2 and time.sleep(0.05) is None:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "encoder").exists()  # killed part-way
+    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert weights(killed) == weights(clean)
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) == list(range(1, 13))  # every step logged once
+
+
+def test_resume_from_a_given_checkpoint_file_and_bad_paths(tmp_path, curated):
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'a'}"])
+    pretrain(config)
+    middle = sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))[0]
+    again = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'b'}"])
+    pretrain(again, resume=str(middle))
+    assert weights(tmp_path / "b") == weights(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        pretrain(again, resume=str(tmp_path / "nowhere.pt"))
+
+
+# --- skipped steps -----------------------------------------------------------------------------------------------
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, curated, monkeypatch):
+    original = MaskedAutoencoderDEX.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step's loss is NaN
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(MaskedAutoencoderDEX, "forward", poisoned)
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "keep_checkpoints=10"])
+    pretrain(config)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
+    before = torch.load(tmp_path / "checkpoints" / "step-00000002.pt", weights_only=True)
+    after = torch.load(tmp_path / "checkpoints" / "step-00000003.pt", weights_only=True)
+    for key, value in before["model"].items():  # nothing moved: weights, directors, usage statistics
+        assert torch.equal(after["model"][key], value), key
+    assert torch.equal(after["optimizer"]["state"][0]["exp_avg"], before["optimizer"]["state"][0]["exp_avg"])
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------------
+
+def _ddp_rank(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={out}"]))
+    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, image_folder):
+    args = [*TINY_ARGS, f"data={image_folder}", "batch_size=8", "epochs=2", "checkpoint_every=0",
+            "tensorboard=false"]
+    port = 29600 + os.getpid() % 1000
+    mp.spawn(_ddp_rank, args=(2, port, args, str(tmp_path / "ddp")), nprocs=2, join=True)
+    single = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'one'}"])).model.state_dict()
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    directors = [k for k in single if ".director." in k]
+    assert directors and any(".router.usage" in k for k in single)
+    for key, value in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks hold the same weights and directors
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    logged = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    images = sum(1 for _ in image_folder.rglob("*.png"))
+    assert len(logged) == 2 * (images // 8) and all(r["skipped"] == 0 for r in logged)  # 2 epochs of 8 per step
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, image_folder):
+    args = [*TINY_ARGS, f"data={image_folder}", "batch_size=8", "epochs=1", "checkpoint_every=0",
+            "tensorboard=false"]
+    full = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'a'}"])).model.state_dict()
+    accumulated = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'b'}",
+                                                              "accum_steps=2"])).model.state_dict()
+    for key, value in full.items():
+        if "router.usage" in key:
+            continue  # the balance loss is a per-micro-batch statistic, the rest matches
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-2, atol=1e-3, msg=key)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+def test_export_round_trip(tmp_path, curated):
+    run = tmp_path / "run"
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={run}", "epochs=1"])
+    trained = pretrain(config).model.encoder.eval()
+    assert dex.cli.main(["export", str(run), str(tmp_path / "out")]) == 0
+    encoder = dex.load_pretrained(tmp_path / "out").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(encoder.forward_features(x), trained.forward_features(x))
+    vit = timm.create_model(f"local-dir:{tmp_path / 'out' / 'director'}", pretrained=True).eval()
+    trained.set_mode("director")
+    assert (vit.forward_features(x) - trained.forward_features(x)).abs().max() < 1e-5
+    shutil.rmtree(run / "encoder")  # an unfinished run exports from its newest checkpoint
+    assert dex.cli.main(["export", str(run), str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+# --- monitoring --------------------------------------------------------------------------------------------------
+
+def test_routing_collapse_is_warned_after_a_sustained_low_entropy(tmp_path, caplog):
+    assert normalised_entropy([1, 1, 1, 1]) == pytest.approx(1.0)
+    assert normalised_entropy([1, 0, 0, 0]) == 0.0
+    monitor = RunMonitor(tmp_path, True, tensorboard=False, collapse_threshold=0.5, collapse_patience=3)
+    for step, entropy in enumerate([0.9, 0.2, 0.1, 0.3, 0.2, 0.9], start=1):
+        monitor.log({"step": step, "loss": 1.0, "usage_entropy": [0.9, entropy]})
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [("warnings" in r) for r in rows] == [False, False, False, True, False, False]
+    assert "layer 1: routing collapsed" in rows[3]["warnings"][0]
+    assert any("routing collapsed" in r.getMessage() for r in caplog.records)
+    RunMonitor(tmp_path, True, start_step=2, tensorboard=False)  # a resume at step 2 drops the later rows
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_tensorboard_scalars(tmp_path, curated):
+    pytest.importorskip("tensorboard")
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "tensorboard=true"])
+    pretrain(config)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/alignment", "train/balance", "train/lr", "train/momentum", "train/noise_std",
+            "train/grad_norm", "train/skipped", "train/images_per_s", "routing/entropy_layer00"} <= tags
+
+
+def test_torch_compile_matches_eager(tmp_path, curated):
+    args = [*curated, "epochs=1", "samples_per_epoch=16", "checkpoint_every=0"]
+    losses = []
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / name}", f"compile={compiled}"]))
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
