@@ -47,3 +47,16 @@ class PretrainTransform:
         if image.shape[0] == 1:
             image = image.expand(3, -1, -1)
         return TF.normalize(image.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class EvalTransform:
+    """[C, H, W] in [0, 1] -> [3, size, size] z-scored: the whole image resized (no crop, no randomness)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+
+    def __call__(self, image: Tensor) -> Tensor:
+        image = TF.resize(image, [self.size, self.size], antialias=True)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return TF.normalize(image.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)

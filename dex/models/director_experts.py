@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 Mode = Literal["pretrain", "experts", "director"]
 MODES: tuple[str, ...] = ("pretrain", "experts", "director")
@@ -117,12 +118,20 @@ def group_ema_(director: Sequence[Tensor], experts: Sequence[Tensor], omega: Ten
         experts: the matching stacked expert tensors theta, each [R, *S].
         omega: [R] expert contribution weights (Eq. 6), summing to one.
         momentum: m in [0, 1]; m = 1 leaves the director unchanged.
+
+    Sharded tensors (FSDP) are updated shard by shard: the experts are sharded along the dimension that matches
+    the director's (see ``dex.train.distributed.shard_model``), so each rank's update is local.
     """
     for eta, theta in zip(director, experts, strict=True):
+        eta, theta = _local(eta), _local(theta)
         weight = 1.0 - momentum
         if isinstance(weight, Tensor):
             weight = weight.to(eta.dtype)
         eta.lerp_(torch.tensordot(omega.to(theta.dtype), theta, dims=1), weight)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def layer_weights(depth: int) -> Tensor:

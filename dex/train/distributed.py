@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,28 @@ def init_distributed(device: str = "auto") -> DistContext:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return DistContext(rank, world, local, target)
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP (``fully_shard``, in place): every encoder and decoder block is a unit, then the whole model.
+
+    Parameters are sharded along their first dimension, except the stacked expert tensors ([R, out, in] and
+    [R, out]), which are sharded along their second: then a rank holds the same rows of every expert and of the
+    director, and the group EMA needs no communication.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from dex.models import ExpertBank
+
+    stacked = {id(p) for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()}
+
+    def placement(param: nn.Parameter) -> Shard:
+        return Shard(1) if id(param) in stacked else Shard(0)
+
+    for block in [*model.encoder.blocks, *model.decoder_blocks]:
+        fully_shard(block, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
 
 
 def all_ranks_true(flag: bool, ctx: DistContext) -> bool:

@@ -26,6 +26,7 @@ import timm
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -43,7 +44,7 @@ from dex.models import (
     update_directors_,
 )
 from dex.train.checkpoint import CheckpointManager
-from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shutdown
+from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor, normalised_entropy
 from dex.train.schedules import cosine, warmup_cosine
 
@@ -84,6 +85,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 1.0
     compile: bool = False
+    distributed: str = "ddp"  # under torchrun: ddp (a full model per process) or fsdp (parameters sharded)
     # DEX objective (Eq. 8) and its schedules (cosine over the whole run)
     lambda_co: float = 0.1
     lambda_bal: float = 0.001
@@ -106,6 +108,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
 
 
 @dataclass
@@ -235,12 +239,31 @@ def _gather_rng(ctx: DistContext) -> list[dict[str, Any]]:
     return states
 
 
+def _sharded(config: PretrainConfig, ctx: DistContext) -> bool:
+    return ctx.distributed and config.distributed == "fsdp"
+
+
+def _full_states(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts with full tensors (gathered on the main rank when sharded)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def _checkpoint(manager: CheckpointManager, model: MaskedAutoencoderDEX, optimizer, state: TrainState,
                 config: PretrainConfig, ctx: DistContext, milestone: bool = False) -> None:
     rng = _gather_rng(ctx)
+    model_state, optimizer_state = _full_states(model, optimizer, _sharded(config, ctx))
     if ctx.is_main:
         manager.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "train": dataclasses.asdict(state),
+            "model": model_state, "optimizer": optimizer_state, "train": dataclasses.asdict(state),
             "rng": rng, "config": dataclasses.asdict(config), "version": __version__,
         }, state.step, milestone)
     barrier(ctx)
@@ -252,8 +275,19 @@ def _restore(checkpoint: dict[str, Any], model, optimizer, config: PretrainConfi
     if changed:
         log.warning("resuming %s with changed settings %s: the run will differ from an uninterrupted one",
                     checkpoint["path"], changed)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if _sharded(config, ctx):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, checkpoint["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
+    else:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
     rng = checkpoint["rng"]
     _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx)
     return TrainState(**checkpoint["train"])
@@ -294,6 +328,9 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
                          f"{config.accum_steps} accumulation steps")
     seed_everything(config.seed)
     model = build_mae(config).to(ctx.device).train()
+    sharded = _sharded(config, ctx)
+    if sharded:
+        shard_model(model)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=0.0, betas=config.betas)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_checkpoints)
     state = TrainState()
@@ -313,7 +350,7 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     warmup = config.warmup_epochs * data.steps_per_epoch
     peak_lr = config.base_lr * config.batch_size / 512
     wrapped: nn.Module = model
-    if ctx.distributed:  # buffers stay in step through update_directors_, so DDP need not broadcast them
+    if ctx.distributed and not sharded:  # buffers stay in step through update_directors_: no broadcast
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
@@ -339,13 +376,18 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
                 start = micro * global_micro + ctx.rank * micro_batch
                 noise = model.draw_noise(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
                                          config.batch_size, slice(start, start + micro_batch))
-                sync = nullcontext() if micro == config.accum_steps - 1 or not ctx.distributed else wrapped.no_sync()
+                last = micro == config.accum_steps - 1
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
                 with sync, torch.autocast(**autocast):
                     out = forward(images, noise_std=values["noise_std"], lambda_co=config.lambda_co,
                                   lambda_bal=values["lambda_bal"], **noise)
                     (out.loss / config.accum_steps).backward()
                 losses += torch.stack([out.loss, out.reconstruction, out.alignment, out.balance]).detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
             finite = all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx)
             if finite:
                 optimizer.step()
@@ -371,7 +413,13 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
         _checkpoint(manager, model, optimizer, state, config, ctx, milestone)
     bar.close()
     monitor.close()
-    if ctx.is_main:
+    if sharded:  # gather the shards into a plain model on the main rank
+        full, _ = _full_states(model, optimizer, sharded)
+        if ctx.is_main:
+            plain = build_mae(config)
+            plain.load_state_dict(full)
+            save_pretrained(plain.encoder, out_dir / "encoder")
+    elif ctx.is_main:
         save_pretrained(model.encoder, out_dir / "encoder")
     barrier(ctx)
     return PretrainResult(out_dir, model)

@@ -140,26 +140,32 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, curated, monkeypatch):
 
 # --- DDP ---------------------------------------------------------------------------------------------------------
 
-def _ddp_rank(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+def _rank(rank: int, world: int, port: int, args: list[str], out: str, resume: str | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    result = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={out}"]))
-    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    config = load_config(PretrainConfig, None, [*args, f"out_dir={out}"])
+    result = pretrain(config, resume=resume)
+    if config.distributed == "ddp":
+        torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, image_folder):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, image_folder, mode):
     args = [*TINY_ARGS, f"data={image_folder}", "batch_size=8", "epochs=2", "checkpoint_every=0",
-            "tensorboard=false"]
-    port = 29600 + os.getpid() % 1000
-    mp.spawn(_ddp_rank, args=(2, port, args, str(tmp_path / "ddp")), nprocs=2, join=True)
+            "tensorboard=false", f"distributed={mode}"]
+    port = 29600 + os.getpid() % 500 + (0 if mode == "ddp" else 500)
+    mp.spawn(_rank, args=(2, port, args, str(tmp_path / mode)), nprocs=2, join=True)
     single = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'one'}"])).model.state_dict()
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    directors = [k for k in single if ".director." in k]
-    assert directors and any(".router.usage" in k for k in single)
-    for key, value in single.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks hold the same weights and directors
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    logged = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert any(".director." in k for k in single) and any(".router.usage" in k for k in single)
+    if mode == "ddp":  # each rank holds the whole model: the ranks agree, and agree with one process
+        ranks = [torch.load(tmp_path / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        for key, value in single.items():
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    sharded = dex.load_pretrained(tmp_path / mode / "encoder").state_dict()  # gathered from the shards
+    for key, value in sharded.items():
+        torch.testing.assert_close(value, single[f"encoder.{key}"], rtol=1e-4, atol=1e-5, msg=key)
+    logged = [json.loads(line) for line in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
     images = sum(1 for _ in image_folder.rglob("*.png"))
     assert len(logged) == 2 * (images // 8) and all(r["skipped"] == 0 for r in logged)  # 2 epochs of 8 per step
 
@@ -230,3 +236,14 @@ def test_torch_compile_matches_eager(tmp_path, curated):
         pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / name}", f"compile={compiled}"]))
         losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_fsdp_resumes_from_its_gathered_checkpoints(tmp_path, image_folder):
+    args = [*TINY_ARGS, f"data={image_folder}", "batch_size=8", "epochs=2", "checkpoint_every=1",
+            "keep_checkpoints=10", "tensorboard=false", "distributed=fsdp"]
+    port = 28600 + os.getpid() % 500
+    mp.spawn(_rank, args=(2, port, args, str(tmp_path / "whole")), nprocs=2, join=True)
+    middle = tmp_path / "whole" / "checkpoints" / "step-00000002.pt"
+    assert torch.load(middle, weights_only=True)["model"]  # full tensors, gathered from the shards
+    mp.spawn(_rank, args=(2, port + 1, args, str(tmp_path / "resumed"), str(middle)), nprocs=2, join=True)
+    assert weights(tmp_path / "resumed") == weights(tmp_path / "whole")

@@ -1,0 +1,1 @@
+"""Analyses of trained models: routing specialisation (more in later issues)."""
