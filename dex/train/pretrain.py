@@ -405,7 +405,9 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
             window["images"] += config.batch_size
             bar.update()
             if state.step % config.log_every == 0 or state.step == total:
-                _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, loads, window, ctx)
+                row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, loads, window, ctx)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
+                                skipped=state.skipped)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 _checkpoint(manager, model, optimizer, state, config, ctx)
         state.epoch, state.batches_done = state.epoch + 1, 0
@@ -436,7 +438,7 @@ def _load_file(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_norm, loads, window, ctx) -> None:
+def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_norm, loads, window, ctx) -> dict:
     if ctx.distributed:  # the logged losses are the global batch's
         dist.all_reduce(losses)
         losses /= ctx.world_size
@@ -450,6 +452,7 @@ def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_nor
     }
     window.update(start=time.perf_counter(), images=0)
     monitor.log(row)
+    return row
 
 
 def summary(run_dir: Path) -> str:
