@@ -16,6 +16,8 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from dex.models.kernels import segment_linear
+
 Mode = Literal["pretrain", "experts", "director"]
 MODES: tuple[str, ...] = ("pretrain", "experts", "director")
 EPS = 1e-6  # the epsilon of Eq. 19 and of delta_r in Eq. 21
@@ -256,6 +258,7 @@ class ExpertBank(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.dispatch = "grouped"  # or "loop": the reference code's per-expert gather / scatter
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -290,48 +293,42 @@ class ExpertBank(nn.Module):
             weights: [U, K] their activation weights.
 
         Returns:
-            [U, T, C]. The U*K (unit, expert) pairs are sorted by expert, so that each expert's share is one
-            contiguous segment and each linear layer is a single grouped matrix product over the segments.
+            [U, T, C]. With ``dispatch == "grouped"`` (the default) the U*K (unit, expert) pairs are sorted by
+            expert so that each expert's share is one contiguous segment, and each linear layer is one grouped
+            matrix product (:func:`dex.models.kernels.segment_linear`): shapes stay static and nothing waits for the
+            device. ``dispatch = "loop"`` runs the reference code's per-expert gather and scatter instead.
         """
+        if self.dispatch == "loop":
+            return self._forward_loop(x, indices, weights)
         num_units, tokens, dim = x.shape
         top_k = indices.shape[1]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         flat_experts = indices.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         sorted_experts = flat_experts[order]
-        rows_per_expert = torch.bincount(flat_experts, minlength=self.num_experts) * tokens
-        x_sorted = x[order // top_k].reshape(-1, dim)  # [U*K*T, C]
-        hidden = _segment_linear(x_sorted, self.fc1_weight, rows_per_expert)
-        hidden = hidden.view(-1, tokens, hidden.shape[-1]) + self.fc1_bias[sorted_experts].unsqueeze(1)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts)) * tokens
+        x_sorted = x[order // top_k].reshape(-1, dim).to(dtype)  # [U*K*T, C]
+        hidden = segment_linear(x_sorted, self.fc1_weight.to(dtype), counts)
+        hidden = hidden.view(-1, tokens, hidden.shape[-1]) + self.fc1_bias[sorted_experts].unsqueeze(1).to(dtype)
         hidden = F.gelu(hidden).reshape(-1, hidden.shape[-1])
-        out = _segment_linear(hidden, self.fc2_weight, rows_per_expert)
-        out = out.view(-1, tokens, dim) + self.fc2_bias[sorted_experts].unsqueeze(1)
+        out = segment_linear(hidden, self.fc2_weight.to(dtype), counts)
+        out = out.view(-1, tokens, dim) + self.fc2_bias[sorted_experts].unsqueeze(1).to(dtype)
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(num_units, top_k, tokens, dim)
         return torch.einsum("uktc,uk->utc", unsorted, weights.to(unsorted.dtype))
 
-
-def _segment_linear(x: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
-    """Row segment r of ``x`` [M, in] times ``weight[r].T`` ([R, out, in]) -> [M, out], segments in expert order.
-
-    Uses PyTorch's grouped GEMM where it supports the inputs (CPU here), else one matmul per segment.
-    """
-    weight_t = weight.to(x.dtype).transpose(1, 2)
-    if _grouped_mm_supported(x, weight_t):
-        offsets = torch.cumsum(rows_per_expert, 0).to(torch.int32)
-        return F.grouped_mm(x, weight_t, offs=offsets)
-    chunks = torch.split(x, rows_per_expert.tolist())
-    return torch.cat([chunk @ weight_t[r] for r, chunk in enumerate(chunks)])
-
-
-def _grouped_mm_supported(x: Tensor, weight_t: Tensor) -> bool:
-    aligned = all(s == 1 or s * t.element_size() % 16 == 0 for t in (x, weight_t) for s in t.stride())
-    return (
-        hasattr(F, "grouped_mm")
-        and not torch.compiler.is_compiling()  # its compile-time shape rule accepts only bf16 (torch 2.14)
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.is_contiguous()
-        and aligned
-    )
+    def _forward_loop(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """The straightforward path, as the reference code does it: for each expert, find its units
+        (``nonzero``, a host synchronisation), gather them, run the expert, scatter-add the weighted result."""
+        out = torch.zeros_like(x)
+        for r in range(self.num_experts):
+            unit, slot = (indices == r).nonzero(as_tuple=True)
+            if unit.numel() == 0:
+                continue
+            hidden = F.gelu(x[unit] @ self.fc1_weight[r].T + self.fc1_bias[r])
+            result = hidden @ self.fc2_weight[r].T + self.fc2_bias[r]
+            out = out.index_add(0, unit, result * weights[unit, slot].to(result.dtype)[:, None, None])
+        return out
 
 
 def _mlp_tensors(mlp: Mlp) -> tuple[Tensor, Tensor, Tensor, Tensor]:
