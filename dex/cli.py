@@ -73,6 +73,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    import logging
+
+    from dex.eval.benchmark import Suite, report, run_suite
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None)
+    if args.report_only:
+        report(suite)
+    else:
+        run_suite(suite)
+    report_dir = suite.out_dir / "report"
+    print((report_dir / "table1_modalities.md").read_text(), end="")
+    print(f"tables and figures: {report_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dex", description="DEX: Director-Experts medical vision foundation model")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a dex pretrain run folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)
+
+    benchmark = commands.add_parser(
+        "benchmark", help="fine-tune and test encoders on a suite of tasks; write the paper's tables",
+        description="Run every (encoder, task, seed) of SUITE (resuming: stored runs are skipped), then write the "
+                    "per-task and per-modality tables with the gain over the baseline, a radar chart, and the "
+                    "ablation tables and figures (docs/benchmark.md).")
+    benchmark.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
+    benchmark.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
+    benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
+    benchmark.set_defaults(func=_benchmark)
 
     curate = commands.add_parser(
         "curate", help="build a MedVerse-style collection of normalised 2D images in tar shards from a recipe",

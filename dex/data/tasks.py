@@ -1,4 +1,4 @@
-"""Downstream task folders.
+"""Downstream task folders: writing them, and loading them with checks that fail fast and name the file.
 
 The layout is the one of the real tasks under ``shared/data``: ``images/<id>.<ext>``, ``masks/<id>.png``
 (segmentation, one label value per pixel), ``labels.csv`` with ``id,label`` (classification, class names),
@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 TASK_TYPES = ("segmentation", "classification")
@@ -33,6 +34,7 @@ class TaskSpec:
     source: str = ""
     licence: str = ""
     metrics: list[str] = field(default_factory=list)
+    mask_threshold: int | None = None  # binary masks stored as 0 / 255 (or lossy JPEG): foreground above this
 
     def save(self, folder: Path) -> None:
         (folder / "task.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
@@ -68,3 +70,157 @@ def finish_task(folder: Path, spec: TaskSpec, ids: list[str], labels: dict[str, 
         f"- Source: {spec.source}. Licence: {spec.licence}.",
     ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class Task:
+    """A loaded task: its description, and for each split the ids with their image (and mask or label)."""
+
+    root: Path
+    spec: TaskSpec
+    splits: dict[str, list[str]]
+    images: dict[str, Path]
+    masks: dict[str, Path]  # segmentation
+    labels: dict[str, int]  # classification: class index
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err})") from err
+
+
+def _by_stem(folder: Path) -> dict[str, Path]:
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            if path.stem in out:
+                raise ValueError(f"{path}: two files share the id {path.stem!r} ({out[path.stem].name})")
+            out[path.stem] = path
+    return out
+
+
+def _infer_spec(folder: Path, overrides: dict) -> TaskSpec:
+    """A description for a folder without task.yaml: segmentation when there is masks/ (binary masks only),
+    classification when there is labels.csv (classes: the sorted label names)."""
+    from PIL import Image
+
+    images = _by_stem(folder / "images")
+    first = next(iter(images.values()))
+    with Image.open(first) as image:
+        size, channels = [image.height, image.width], 1 if image.mode in ("L", "I;16", "I", "1") else 3
+        bits = 16 if image.mode in ("I;16", "I") else 8
+    common = dict(name=folder.name, modality=overrides.get("modality", "unknown"), image_size=size,
+                  channels=channels, bit_depth=bits, source=str(folder))
+    if (folder / "masks").is_dir():
+        with Image.open(next(iter(_by_stem(folder / "masks").values()))) as mask:
+            top = int(np.asarray(mask.convert("L") if mask.mode == "1" else mask).max())
+        return TaskSpec(type="segmentation", classes=["background", "foreground"], metrics=["dice"],
+                        mask_threshold=top // 2 if top > 1 else None, **common)
+    if (folder / "labels.csv").is_file():
+        classes = sorted({row["label"] for row in _rows(folder / "labels.csv")})
+        return TaskSpec(type="classification", classes=classes,
+                        metrics=["f1_macro", "accuracy", "balanced_accuracy", "auroc"], **common)
+    raise ValueError(f"{folder}: no task.yaml, and neither masks/ nor labels.csv to infer the task from")
+
+
+def load_task(folder: str | Path, overrides: dict | None = None, seed: int = 0) -> Task:
+    """Read and check a task folder. ``overrides`` replaces fields of its description (e.g. ``modality`` for a
+    folder without task.yaml). Without splits.csv the ids are split 60/20/20 in a seeded order; a split file
+    without a val split gives 20 % of train (seeded) to val."""
+    folder = Path(folder)
+    overrides = dict(overrides or {})
+    if not (folder / "images").is_dir():
+        raise ValueError(f"{folder}: no images/ folder")
+    spec_path = folder / "task.yaml"
+    if spec_path.is_file():
+        try:
+            spec = TaskSpec(**{**yaml.safe_load(spec_path.read_text()), **overrides})
+        except (yaml.YAMLError, TypeError) as err:
+            raise ValueError(f"{spec_path}: not a task description ({err})") from err
+    else:
+        spec = _infer_spec(folder, overrides)
+        spec = TaskSpec(**{**dataclasses.asdict(spec), **overrides})
+    if spec.type not in TASK_TYPES:
+        raise ValueError(f"{spec_path}: type must be one of {TASK_TYPES}, got {spec.type!r}")
+    images = _by_stem(folder / "images")
+    masks, labels = {}, {}
+    if spec.type == "segmentation":
+        if not (folder / "masks").is_dir():
+            raise ValueError(f"{folder}: a segmentation task needs masks/")
+        masks = _by_stem(folder / "masks")
+        missing = sorted(set(images) - set(masks))
+        if missing:
+            raise ValueError(f"{folder / 'images' / images[missing[0]].name}: no mask in {folder / 'masks'} "
+                             f"({len(missing)} image(s) without one)")
+    else:
+        path = folder / "labels.csv"
+        if not path.is_file():
+            raise ValueError(f"{folder}: a classification task needs labels.csv")
+        for line, row in enumerate(_rows(path), start=2):
+            if row.get("label") not in spec.classes:
+                raise ValueError(f"{path}:{line}: label {row.get('label')!r} is not one of {spec.classes}")
+            if row["id"] not in images:
+                raise ValueError(f"{path}:{line}: no image for id {row['id']!r} in {folder / 'images'}")
+            labels[row["id"]] = spec.classes.index(row["label"])
+        images = {i: p for i, p in images.items() if i in labels}
+    ids = sorted(images)
+    splits = _splits(folder, ids, seed)
+    task = Task(folder, spec, splits, images, masks, labels)
+    if spec.type == "segmentation":
+        for item in ids:
+            _check_mask(task, item)
+    return task
+
+
+def _splits(folder: Path, ids: list[str], seed: int) -> dict[str, list[str]]:
+    path = folder / "splits.csv"
+    if path.is_file():
+        splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+        for line, row in enumerate(_rows(path), start=2):
+            if row.get("split") not in SPLITS:
+                raise ValueError(f"{path}:{line}: split {row.get('split')!r} is not one of {SPLITS}")
+            if row["id"] in ids:
+                splits[row["split"]].append(row["id"])
+        if not splits["val"] and splits["train"]:
+            order = np.random.default_rng(seed).permutation(len(splits["train"]))
+            count = max(1, len(order) // 5)
+            moved = {splits["train"][i] for i in order[:count]}
+            splits["val"] = sorted(moved)
+            splits["train"] = [i for i in splits["train"] if i not in moved]
+        return splits
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    return {name: sorted(order[i] for i in range(len(order)) if split_of(i, len(order)) == name) for name in SPLITS}
+
+
+def _check_mask(task: Task, item: str) -> None:
+    from PIL import Image
+
+    from dex.data.readers import read_label_map
+
+    mask_path, image_path = task.masks[item], task.images[item]
+    with Image.open(image_path) as image:
+        size = (image.height, image.width)
+    labels = read_label_map(mask_path)
+    if labels.shape != size:
+        raise ValueError(f"{mask_path}: mask is {labels.shape[0]} x {labels.shape[1]}, its image {image_path.name} is "
+                         f"{size[0]} x {size[1]}")
+    if task.spec.mask_threshold is None and labels.max() >= len(task.spec.classes):
+        raise ValueError(f"{mask_path}: label value {int(labels.max())} is outside the {len(task.spec.classes)} "
+                         f"classes {task.spec.classes}")
+
+
+def mask_labels(task: Task, item: str) -> np.ndarray:
+    """The [H, W] class indices of an item's mask (thresholded for binary 0/255 masks)."""
+    from dex.data.readers import read_label_map
+
+    labels = read_label_map(task.masks[item])
+    if task.spec.mask_threshold is not None:
+        return (labels > task.spec.mask_threshold).astype(np.int64)
+    return labels

@@ -1,0 +1,1 @@
+"""Downstream evaluation: encoders to adapt, fine-tuning with the paper's protocol, the benchmark suite."""

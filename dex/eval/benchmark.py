@@ -1,0 +1,342 @@
+"""``dex benchmark SUITE.yaml``: every (encoder, task, seed) fine-tuned and tested, then the paper's tables and
+figures from the stored results.
+
+A suite is YAML::
+
+    out_dir: runs/benchmark
+    seeds: [0, 1, 2]
+    baseline: scratch                       # the "gain over" column of Tables 1 and 5
+    finetune: {epochs: 30, lr: 5.0e-4}      # FinetuneConfig fields
+    encoders:                               # name: source, or name: {EncoderSpec fields}
+      scratch: {source: scratch, img_size: 64}
+      dex: runs/cpu/dex-tiny
+    tasks:                                  # task folders; other keys override their description
+      - {path: runs/phantoms/tasks/ct-organs}
+      - {path: ../shared/data/us-breast-busi, modality: US}
+    ablations:                              # optional, each on its own tasks
+      top_k: {encoder: dex, values: [1, 2, 4, 8], tasks: [ct-organs]}                 # Fig. 5-a
+      data_fraction: {encoders: [dex, scratch], values: [0.2, 0.6, 1.0], tasks: [...]}  # Fig. 5-b
+      trainable_blocks: {encoders: [dex, scratch], values: [1, 6, 12], tasks: [...]}    # Fig. 5-c
+      experts_vs_director: {encoders: [dex, dex-scratch], tasks: [...]}               # Table 4
+      components: {encoders: [scratch, mae, experts, dex], tasks: [...]}               # Table 6
+
+Paths are relative to the working directory. An ablation may set its own ``seeds``.
+
+Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (written atomically) and skipped when it
+exists, so an interrupted suite resumes. Reports are computed from the stored runs only: recomputing them gives the
+same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dex.data.recipe import MODALITIES
+from dex.data.tasks import load_task
+from dex.eval.encoders import EncoderSpec
+from dex.eval.finetune import FinetuneConfig, finetune
+
+log = logging.getLogger("dex.eval")
+ABLATIONS = ("top_k", "data_fraction", "trainable_blocks", "experts_vs_director", "components")
+
+
+@dataclasses.dataclass
+class Suite:
+    path: Path
+    out_dir: Path
+    seeds: list[int]
+    baseline: str | None
+    finetune: FinetuneConfig
+    encoders: dict[str, EncoderSpec]
+    tasks: list[dict[str, Any]]  # {"path": ..., overrides ...}
+    ablations: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: str | Path, only: list[str] | None = None) -> Suite:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: cannot read the suite ({err})") from err
+        unknown = sorted(set(data) - {"out_dir", "seeds", "baseline", "finetune", "encoders", "tasks", "ablations"})
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}")
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        bad = sorted(set(data.get("finetune", {})) - known)
+        if bad:
+            raise ValueError(f"{path}: unknown finetune keys {bad}")
+        encoders = {name: EncoderSpec.parse(name, value) for name, value in (data.get("encoders") or {}).items()}
+        if only:
+            missing = sorted(set(only) - set(encoders))
+            if missing:
+                raise ValueError(f"{path}: --encoders names encoders the suite does not define: {missing}")
+            encoders = {name: encoders[name] for name in only}
+        tasks = [t if isinstance(t, dict) else {"path": t} for t in data.get("tasks") or []]
+        ablations = data.get("ablations") or {}
+        unknown = sorted(set(ablations) - set(ABLATIONS))
+        if unknown:
+            raise ValueError(f"{path}: unknown ablations {unknown}; known: {list(ABLATIONS)}")
+        return cls(path, Path(data.get("out_dir", path.with_suffix(""))), list(data.get("seeds", [0])),
+                   data.get("baseline"), FinetuneConfig(**data.get("finetune", {})), encoders, tasks, ablations)
+
+
+def _record_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
+    return out / "runs" / encoder / task / variant / f"seed{seed}.json"
+
+
+def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec, FinetuneConfig]]:
+    """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings)."""
+    runs = []
+    for name, spec in suite.encoders.items():
+        for task in tasks:
+            for seed in suite.seeds:
+                runs.append((name, task, "default", seed, spec, suite.finetune))
+    unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
+    if unknown:
+        raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
+    for kind, ablation in suite.ablations.items():
+        names = ablation.get("encoders") or [ablation["encoder"]]
+        for name in (n for n in names if n in suite.encoders):
+            spec = suite.encoders[name]
+            for task in ablation.get("tasks") or list(tasks):
+                for seed in ablation.get("seeds", suite.seeds):
+                    if kind == "top_k":
+                        for k in ablation["values"]:
+                            runs.append((name, task, f"top_k={k}", seed, dataclasses.replace(spec, mode="experts",
+                                                                                          top_k=k), suite.finetune))
+                    elif kind in ("data_fraction", "trainable_blocks"):
+                        for value in ablation["values"]:
+                            config = dataclasses.replace(suite.finetune, **{kind: value})
+                            runs.append((name, task, f"{kind}={value}", seed, spec, config))
+                    elif kind == "experts_vs_director":
+                        for mode in ("experts", "director"):
+                            runs.append((name, task, f"mode={mode}", seed, dataclasses.replace(spec, mode=mode),
+                                         suite.finetune))
+                    else:  # components: the default runs of the named encoders
+                        runs.append((name, task, "default", seed, spec, suite.finetune))
+    unique = {}
+    for run in runs:
+        unique.setdefault(run[:4], run)
+    return list(unique.values())
+
+
+def run_suite(suite: Suite) -> Path:
+    """Run what is not stored yet, then write the reports; returns the output folder."""
+    tasks = {}
+    for entry in suite.tasks:
+        overrides = {k: v for k, v in entry.items() if k != "path"}
+        task = load_task(entry["path"], overrides)
+        tasks[task.name] = task
+    runs = plan(suite, tasks)
+    todo = [r for r in runs if not _record_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists()]
+    log.info("%d runs, %d stored, %d to do", len(runs), len(runs) - len(todo), len(todo))
+    for number, (encoder, task, variant, seed, spec, config) in enumerate(todo, start=1):
+        record = finetune(spec, tasks[task], seed, config)
+        record["variant"] = variant
+        path = _record_path(suite.out_dir, encoder, task, variant, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+        log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", number, len(todo), encoder, task, variant,
+                 seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
+    report(suite)
+    return suite.out_dir
+
+
+# --- reports -----------------------------------------------------------------------------------------------------
+
+def stored_runs(out: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted((out / "runs").glob("*/*/*/seed*.json")):
+        record = json.loads(path.read_text())
+        records.append({"encoder": path.parts[-4], "task": record["task"], "modality": record["modality"],
+                        "type": record["type"], "variant": record["variant"], "seed": record["seed"],
+                        "score": 100 * record["test"][record["score_name"]], "score_name": record["score_name"],
+                        "test": record["test"]})
+    return records
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _scores(records, variant="default") -> dict[tuple[str, str], list[float]]:
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r["variant"] == variant:
+            out.setdefault((r["encoder"], r["task"]), []).append(r["score"])
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _write(out: Path, name: str, header: list[str], rows: list[list[str]], title: str) -> None:
+    (out / f"{name}.md").write_text(f"# {title}\n\n" + _table(header, rows))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    (out / f"{name}.csv").write_text(buffer.getvalue())
+
+
+def _cell(value: float | None, base: float | None = None, std: float | None = None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    text = f"{value:.1f}"
+    if std is not None:
+        text += f" ± {std:.1f}"
+    if base is not None:
+        text += f" ({value - base:+.1f})"
+    return text
+
+
+def report(suite: Suite) -> None:
+    """Write every table and figure from the stored runs (and only from them)."""
+    out = suite.out_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    records = stored_runs(suite.out_dir)
+    if not records:
+        raise ValueError(f"{suite.out_dir}: no stored runs to report on")
+    encoders = sorted({r["encoder"] for r in records if r["variant"] == "default"})
+    if suite.baseline in encoders:
+        encoders = [suite.baseline] + [e for e in encoders if e != suite.baseline]
+    tasks = sorted({r["task"] for r in records if r["variant"] == "default"},
+                   key=lambda t: (_modality_rank(records, t), t))
+    modality = {r["task"]: r["modality"] for r in records}
+    scores = _scores(records)
+    means = {key: _mean_std(values) for key, values in scores.items()}
+
+    def base(task):
+        return means.get((suite.baseline, task), (None,))[0] if suite.baseline else None
+
+    # Table 5: per task, mean ± std over seeds, gain over the baseline
+    rows = []
+    for task in tasks:
+        row = [f"{modality[task]}: {task}"]
+        for encoder in encoders:
+            mean, std = means.get((encoder, task), (None, None))
+            row.append(_cell(mean, None if encoder == suite.baseline else base(task), std))
+        rows.append(row)
+    seeds = sorted({r["seed"] for r in records})
+    _write(out, "table5_tasks", ["task"] + encoders, rows,
+           f"Per-task test scores (x100; F1 macro for classification, DSC for segmentation), mean ± std over seeds "
+           f"{seeds}" + (f", gain over {suite.baseline} in brackets" if suite.baseline else ""))
+    # Table 1: per modality and overall
+    rows = []
+    for mod in [m for m in MODALITIES if m in modality.values()] + sorted(set(modality.values()) - set(MODALITIES)):
+        members = [t for t in tasks if modality[t] == mod]
+        rows.append([f"{mod} ({len(members)} task{'s' if len(members) > 1 else ''})"] +
+                    [_average_cell(means, encoder, members, suite.baseline) for encoder in encoders])
+    rows.append([f"Avg. ({len(tasks)} tasks)"] + [_average_cell(means, encoder, tasks, suite.baseline)
+                                                 for encoder in encoders])
+    _write(out, "table1_modalities", ["modality"] + encoders, rows,
+           "Average test score per modality and overall (x100), gain over the baseline in brackets")
+    _radar(out, encoders, tasks, means)
+    _ablations(out, records, suite)
+    _runs_csv(out, records)
+
+
+def _modality_rank(records, task) -> int:
+    mod = next(r["modality"] for r in records if r["task"] == task)
+    return MODALITIES.index(mod) if mod in MODALITIES else len(MODALITIES)
+
+
+def _average_cell(means, encoder, tasks, baseline) -> str:
+    values = [means[(encoder, t)][0] for t in tasks if (encoder, t) in means]
+    if len(values) != len(tasks):
+        return "-"
+    average = float(np.mean(values))
+    if baseline is None or encoder == baseline:
+        return _cell(average)
+    base = [means[(baseline, t)][0] for t in tasks if (baseline, t) in means]
+    return _cell(average, float(np.mean(base)) if len(base) == len(tasks) else None)
+
+
+def _runs_csv(out: Path, records) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    metrics = sorted({k for r in records for k in r["test"]})
+    writer.writerow(["encoder", "task", "modality", "variant", "seed", "score", *metrics])
+    for r in sorted(records, key=lambda r: (r["encoder"], r["task"], r["variant"], r["seed"])):
+        writer.writerow([r["encoder"], r["task"], r["modality"], r["variant"], r["seed"], f"{r['score']:.4f}",
+                         *[f"{r['test'][m]:.6f}" if m in r["test"] else "" for m in metrics]])
+    (out / "runs.csv").write_text(buffer.getvalue())
+
+
+def _radar(out: Path, encoders, tasks, means) -> None:
+    """Fig. 4: one axis per task, one polygon per encoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(tasks) < 3:
+        return
+    angles = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False).tolist()
+    fig = plt.figure(figsize=(8, 8))
+    ax = fig.add_subplot(polar=True)
+    for encoder in encoders:
+        values = [means.get((encoder, t), (0.0,))[0] for t in tasks]
+        ax.plot(angles + angles[:1], values + values[:1], label=encoder)
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(tasks, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1))
+    fig.savefig(out / "radar.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def _ablations(out: Path, records, suite: Suite) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_variant: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        by_variant.setdefault((r["encoder"], r["task"], r["variant"]), []).append(r["score"])
+    mean = {k: float(np.mean(v)) for k, v in by_variant.items()}
+    for kind in ("top_k", "data_fraction", "trainable_blocks"):
+        if kind not in suite.ablations:
+            continue
+        values = suite.ablations[kind]["values"]
+        series = sorted({(e, t) for e, t, v in mean if v.startswith(f"{kind}=")})
+        rows = [[f"{e} on {t}"] + [_cell(mean.get((e, t, f"{kind}={v}"))) for v in values] for e, t in series]
+        _write(out, f"fig5_{kind}", [kind] + [str(v) for v in values], rows,
+               f"Fig. 5 sweep over {kind}: test score (x100), mean over seeds")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for e, t in series:
+            ax.plot(values, [mean.get((e, t, f"{kind}={v}"), np.nan) for v in values], marker="o", label=f"{e}: {t}")
+        ax.set(xlabel=kind, ylabel="test score (x100)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"fig5_{kind}.png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+    if "experts_vs_director" in suite.ablations:
+        names = suite.ablations["experts_vs_director"]["encoders"]
+        tasks = sorted({t for e, t, v in mean if v.startswith("mode=")})
+        rows = [[t] + [_cell(mean.get((e, t, f"mode={m}"))) for e in names for m in ("experts", "director")]
+                for t in tasks]
+        _write(out, "table4_experts_director", ["task"] + [f"{e} {m}" for e in names for m in ("DEX-E", "DEX-D")],
+               rows, "Table 4: adaptation through the experts (DEX-E) or the director (DEX-D), test score (x100)")
+    if "components" in suite.ablations:
+        names = suite.ablations["components"]["encoders"]
+        tasks = suite.ablations["components"].get("tasks") or sorted({t for _, t, _ in mean})
+        rows = [[t] + [_cell(mean.get((e, t, "default"))) for e in names] for t in tasks]
+        _write(out, "table6_components", ["task"] + names, rows,
+               "Table 6: components, test score (x100), mean over seeds")

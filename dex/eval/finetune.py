@@ -1,0 +1,176 @@
+"""Fine-tuning an encoder on a task with the paper's protocol (App. C.2.2): a classification head on the class token
+(cross-entropy) or a 2D UNETR (Dice + cross-entropy), AdamW at 1e-4 with a linear warm-up then cosine, every
+parameter trained unless the adaptation says otherwise. The model of the best validation epoch is tested.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from dex.data.readers import read_picture
+from dex.data.tasks import Task, mask_labels
+from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dex.eval.encoders import EncoderSpec, freeze_all_but_last, load_encoder
+from dex.eval.metrics import DiceAccumulator, classification_metrics
+from dex.models.unetr import UNETR2D
+from dex.train.schedules import warmup_cosine
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    data_fraction: float = 1.0  # share of the training split used (Fig. 5-b)
+    trainable_blocks: int | None = None  # train only the last n encoder blocks (Fig. 5-c); None: all
+    feature_size: int = 16  # UNETR
+    flip: bool = True  # random horizontal flips in training
+    device: str = "auto"
+    num_workers: int = 0
+
+
+class TaskImages(Dataset):
+    """A split of a task: images resized to ``size`` and z-scored; masks resized with nearest neighbours."""
+
+    def __init__(self, task: Task, ids: list[str], size: int, flip: bool = False, seed: int = 0) -> None:
+        self.task, self.ids, self.size, self.flip, self.seed, self.epoch = task, ids, size, flip, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, item: str) -> torch.Tensor:
+        picture = read_picture(self.task.images[item])
+        pixels = torch.from_numpy(picture.pixels.astype(np.float32) / picture.max_value)
+        image = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+        image = TF.resize(image, [self.size, self.size], antialias=True).clamp(0, 1)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.ids[index]
+        image = self.image(item)
+        if self.task.spec.type == "segmentation":
+            target = torch.from_numpy(mask_labels(self.task, item))
+            target = TF.resize(target[None], [self.size, self.size], interpolation=TF.InterpolationMode.NEAREST)[0]
+        else:
+            target = torch.tensor(self.task.labels[item])
+        if self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
+            image = image.flip(-1)
+            if target.ndim:
+                target = target.flip(-1)
+        return {"image": image, "target": target, "index": index}
+
+
+def build_model(encoder: nn.Module, task: Task, config: FinetuneConfig) -> nn.Module:
+    classes = len(task.spec.classes)
+    if task.spec.type == "segmentation":
+        return UNETR2D(encoder, classes, config.feature_size)
+    encoder.reset_classifier(classes)
+    return encoder
+
+
+def _subset(ids: list[str], fraction: float, seed: int) -> list[str]:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
+    count = max(1, round(len(ids) * fraction))
+    order = np.random.default_rng([seed, 7]).permutation(len(ids))[:count]
+    return [ids[i] for i in sorted(order)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Classification metrics, or DSC over foreground classes computed at each mask's original resolution."""
+    model.eval()
+    task = data.task
+    loader = DataLoader(data, batch_size=batch_size)
+    if task.spec.type == "classification":
+        logits, targets = [], []
+        for batch in loader:
+            logits.append(model(batch["image"].to(device)).cpu())
+            targets.append(batch["target"])
+        return classification_metrics(torch.cat(logits), torch.cat(targets))
+    dice = DiceAccumulator(len(task.spec.classes))
+    for batch in loader:
+        logits = model(batch["image"].to(device)).cpu()
+        for row, index in zip(logits, batch["index"].tolist()):
+            dice.add(row, torch.from_numpy(mask_labels(task, data.ids[index])))
+    return {"dice": dice.value()}
+
+
+def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune ``encoder_spec`` on ``task`` with ``seed``; returns the run's record (validation and test
+    metrics of the best validation epoch, the settings, the time taken)."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    encoder = load_encoder(encoder_spec)
+    if config.trainable_blocks is not None:
+        freeze_all_but_last(encoder, config.trainable_blocks)
+    model = build_model(encoder, task, config).to(device)
+    size = encoder.patch_embed.img_size[0]
+    train = TaskImages(task, _subset(task.splits["train"], config.data_fraction, seed), size, config.flip, seed)
+    val, test = TaskImages(task, task.splits["val"], size), TaskImages(task, task.splits["test"], size)
+    if not len(train) or not len(val) or not len(test):
+        raise ValueError(f"{task.root}: every split needs images (train {len(train)}, val {len(val)}, "
+                         f"test {len(test)})")
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    segmentation = task.spec.type == "segmentation"
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True) if segmentation else nn.CrossEntropyLoss()
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=len(train) > config.batch_size,
+                        num_workers=config.num_workers, generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = len(loader)
+    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    score_name = "dice" if segmentation else "f1_macro"
+    best = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
+    history, step = [], 0
+    for epoch in range(config.epochs):
+        model.train()
+        train.epoch = epoch
+        losses = []
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(config.lr, config.min_lr, step, warmup, total)
+            images, target = batch["image"].to(device), batch["target"].to(device)
+            logits = model(images)
+            loss = criterion(logits, target[:, None]) if segmentation else criterion(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        scores = evaluate(model, val, device, config.batch_size)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in scores.items()}})
+        if scores[score_name] > best["score"]:
+            best = {"score": scores[score_name], "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
+                    "val": scores}
+    model.load_state_dict(best["state"])
+    return {
+        "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
+        "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
+        "test": evaluate(model, test, device, config.batch_size), "encoder_spec": asdict(encoder_spec),
+        "config": asdict(config), "train_images": len(train),
+        "trainable_parameters": sum(p.numel() for p in params), "history": history,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,82 @@
+"""The benchmark suite: every run stored once, resumed, and the tables recomputed identically from stored runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import dex.eval.benchmark as benchmark
+from dex.cli import main
+
+SMALL = {"embed_dim": 32, "depth": 4, "num_heads": 2, "num_experts": 4}  # num_experts: for the DEX encoder only
+
+
+@pytest.fixture(scope="module")
+def suite(phantom_collection, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("suite")
+    tasks = phantom_collection / "raw" / "tasks"
+    data = {
+        "out_dir": str(tmp_path / "bench"), "seeds": [0, 1], "baseline": "scratch",
+        "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr": 5.0e-4},
+        "encoders": {"scratch": {"source": "scratch", "img_size": 32, "model_args": SMALL},
+                     "dex-scratch": {"source": "scratch", "img_size": 32, "scratch_experts": True,
+                                     "model_args": SMALL}},
+        "tasks": [str(tasks / "xray-lungs"), str(tasks / "photo-lesion-type"), str(tasks / "oct-layers")],
+        "ablations": {
+            "top_k": {"encoder": "dex-scratch", "values": [1, 4], "tasks": ["xray-lungs"], "seeds": [0]},
+            "data_fraction": {"encoders": ["scratch"], "values": [0.5, 1.0], "tasks": ["xray-lungs"], "seeds": [0]},
+            "experts_vs_director": {"encoders": ["dex-scratch"], "tasks": ["photo-lesion-type"], "seeds": [0]},
+            "components": {"encoders": ["scratch", "dex-scratch"], "tasks": ["xray-lungs"]},
+        },
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["benchmark", str(path)]) == 0
+    return path
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_suite_runs_resumes_and_reports_from_stored_runs(suite, monkeypatch, capsys):
+    out = suite.parent / "bench"
+    stored = sorted(out.glob("runs/*/*/*/seed*.json"))
+    # 2 encoders x 3 tasks x 2 seeds, + top_k 2, data_fraction 2 (1.0 is its own variant), modes 2
+    assert len(stored) == 12 + 2 + 2 + 2
+    report = out / "report"
+    assert {"table1_modalities.md", "table5_tasks.csv", "radar.png", "fig5_top_k.png", "fig5_data_fraction.md",
+            "table4_experts_director.md", "table6_components.md", "runs.csv"} <= set(files(report))
+    before = files(report)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(benchmark, "finetune", refuse)
+    assert main(["benchmark", str(suite)]) == 0  # everything is stored: only the reports are rewritten
+    assert "Avg. (3 tasks)" in capsys.readouterr().out
+    assert files(report) == before
+    for path in report.iterdir():
+        path.unlink()
+    assert main(["benchmark", str(suite), "--report-only"]) == 0
+    assert files(report) == before  # the reports are a function of the stored runs
+
+
+def test_tables_hold_the_means_of_the_stored_runs(suite):
+    out = suite.parent / "bench"
+    scores = [100 * json.loads(p.read_text())["test"]["dice"] for p in out.glob("runs/scratch/xray-lungs/default/*.json")]
+    row = next(line for line in (out / "report" / "table5_tasks.md").read_text().splitlines() if "xray-lungs" in line)
+    mean, std = np.mean(scores), np.std(scores, ddof=1)
+    assert f"{mean:.1f} ± {std:.1f}" in row.split("|")[2]
+
+
+def test_suite_errors(suite, tmp_path, capsys):
+    assert main(["benchmark", str(suite), "--encoders", "scratch,mae"]) == 2
+    assert "does not define: ['mae']" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: []\nfinetune: {epoch: 3}\n")
+    with pytest.raises(ValueError, match="unknown finetune keys \\['epoch'\\]"):
+        benchmark.Suite.load(bad)
