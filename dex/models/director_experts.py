@@ -302,7 +302,9 @@ class ExpertBank(nn.Module):
             return self._forward_loop(x, indices, weights)
         num_units, tokens, dim = x.shape
         top_k = indices.shape[1]
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         flat_experts = indices.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         sorted_experts = flat_experts[order]
