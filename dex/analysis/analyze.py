@@ -1,0 +1,151 @@
+"""``dex analyze ENCODER DATA --out DIR``: routing (Fig. 9), attention (Fig. 6), pattern layout (Fig. 7), computation
+(Fig. 8) and modality-collapse diagnostics (App. A) for an encoder on labelled images. Writes ``analysis.json`` (every
+number), ``analysis.md`` (tables) and the figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dex.analysis import plots
+from dex.analysis.attention import last_layer_attention
+from dex.analysis.cost import activation_cost
+from dex.analysis.patterns import pattern_layout, patch_features
+from dex.analysis.probes import collapse_diagnostics, layer_features
+from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
+from dex.data.recipe import MODALITIES
+from dex.data.stream import CuratedImages, FolderImages
+from dex.data.transforms import EvalTransform
+from dex.eval.encoders import EncoderSpec, load_encoder
+
+
+def labelled_images(data: str | Path, size: int, per_modality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``per_modality`` images of each modality ([N, 3, size, size], z-scored) and their modality indices."""
+    data = Path(data)
+    dataset = (CuratedImages(data, EvalTransform(size), seed=0, shuffle_buffer=4096) if (data / "index.json").is_file()
+               else FolderImages(data, EvalTransform(size)))
+    images, labels, counts = [], [], {}
+    iterator = iter(dataset) if isinstance(dataset, CuratedImages) else (dataset[i] for i in range(len(dataset)))
+    for sample in iterator:
+        modality = sample["modality"]
+        if modality < 0 or counts.get(modality, 0) >= per_modality:
+            continue
+        counts[modality] = counts.get(modality, 0) + 1
+        images.append(sample["image"])
+        labels.append(modality)
+    if not images:
+        raise ValueError(f"{data}: no images with a known modality")
+    return torch.stack(images), torch.tensor(labels)
+
+
+def shared_experts(table: torch.Tensor, threshold: float = 0.1) -> int:
+    """Experts that take at least ``threshold`` of the activation of two modalities or more."""
+    present = table[table.sum(1) > 0]
+    shares = present / present.sum(1, keepdim=True)
+    return int(((shares >= threshold).sum(0) >= 2).sum())
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, size: int = 64):
+    for start in range(0, len(images), size):
+        yield {"image": images[start:start + size], "modality": labels[start:start + size]}
+
+
+def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dict[str, str] | None = None,
+            per_modality: int = 40, clusters: int = 4, cost_model: str = "dex_vit_base_patch16_256",
+            seed: int = 0) -> dict[str, Any]:
+    """Run every analysis of ``encoder_source`` (any source of :class:`EncoderSpec`) on up to ``per_modality``
+    images of each modality in ``data``; ``compare`` maps names to the sources of baselines for the collapse
+    diagnostics (``scratch`` is a random plain ViT of the analysed architecture). Returns what analysis.json holds."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    encoder = load_encoder(EncoderSpec("analysed", encoder_source)).eval()
+    size = encoder.patch_embed.img_size[0]
+    images, labels = labelled_images(data, size, per_modality)
+    present = sorted(set(labels.tolist()))
+    result: dict[str, Any] = {"encoder": str(encoder_source), "data": str(data), "images": len(images),
+                              "modalities": {MODALITIES[m]: int((labels == m).sum()) for m in present}}
+    # routing (DEX encoders)
+    if getattr(encoder, "dex_modules", lambda: [])():
+        tables = routing_tables(encoder, _batches(images, labels))
+        plots.routing_heatmaps(tables, out / "routing.png")
+        result["routing"] = [
+            {"layer": i + 1, "nmi": nmi, "usage_entropy": entropy, "shared_experts": shared_experts(t)}
+            for i, (t, nmi, entropy) in enumerate(zip(tables, layer_nmi(tables), usage_entropy(tables)))]
+        result["routing_tables"] = tables.tolist()
+    # attention: the first image of each modality
+    grid = encoder.patch_embed.grid_size
+    query = (grid[0] // 2, grid[1] // 2)
+    firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
+    attention = last_layer_attention(encoder, images[firsts], query)
+    plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
+                         size // grid[1], out / "attention.png")
+    # pattern layout per modality
+    patch = size // grid[1]
+    rows = []
+    for m in present:
+        members = images[labels == m]
+        _, representatives = pattern_layout(patch_features(encoder, members), clusters, 3, seed)
+        crops = [[plots.display(members[i])[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
+                                            (p % grid[1]) * patch:(p % grid[1] + 1) * patch]
+                  for i, p in cluster] for cluster in representatives]
+        rows.append((MODALITIES[m], crops))
+    plots.pattern_grid(rows, out / "patterns.png")
+    # computation
+    result["cost"] = activation_cost(cost_model)
+    plots.cost_curves(result["cost"], out / "cost.png")
+    # modality-collapse diagnostics, side by side with the baselines
+    same_shape = dict(model=encoder.pretrained_cfg.get("architecture", "dex_vit_base_patch16_256"), img_size=size,
+                      model_args={k: v for k, v in getattr(encoder, "model_args", {}).items() if k != "img_size"})
+    encoders = {"analysed": encoder, **{name: load_encoder(EncoderSpec(name, source, **same_shape)).eval()
+                                        for name, source in (compare or {}).items()}}
+    result["collapse"] = {}
+    for name, model in encoders.items():
+        model_size = model.patch_embed.img_size[0]
+        inputs = images if model_size == size else torch.nn.functional.interpolate(images, size=model_size,
+                                                                                   mode="bilinear")
+        per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
+                                                         for batch in _batches(inputs, labels)))]
+        result["collapse"][name] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
+    plots.collapse_curves(result["collapse"], out / "collapse.png")
+    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "analysis.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Analysis of {result['encoder']}", "",
+             f"{result['images']} images from {result['data']}: " +
+             ", ".join(f"{m} {n}" for m, n in result["modalities"].items()) + ".", ""]
+    if "routing" in result:
+        lines += ["## Routing (Fig. 9)", "", "![routing](routing.png)", "",
+                  "| layer | NMI(modality; experts) | usage entropy / log R | experts shared by 2+ modalities |",
+                  "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['layer']} | {r['nmi']:.3f} | {r['usage_entropy']:.3f} | {r['shared_experts']} |"
+                  for r in result["routing"]]
+        lines.append("")
+    lines += ["## Attention of the centre patch, last block (Fig. 6)", "", "![attention](attention.png)", "",
+              "## Pattern layout (Fig. 7)", "", "![patterns](patterns.png)", "",
+              "## Computation: image-wise vs token-wise activation (Fig. 8)", "", "![cost](cost.png)", ""]
+    cost = result["cost"]
+    timed = "vit_s" in cost["by_size"][0]
+    lines += ["| image size | batch | plain ViT GFLOP | image-wise extra | token-wise extra |"
+              + (" plain ViT ms | image-wise ms | token-wise ms |" if timed else ""),
+              "| ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if timed else "")]
+    for r in cost["by_size"] + cost["by_batch"]:
+        lines.append(f"| {r['img_size']} | {r['batch']} | {r['vit'] / 1e9:.4g} | {r['image_extra'] / 1e9:.4g} | "
+                     f"{r['token_extra'] / 1e9:.4g} |"
+                     + (f" {r['vit_s'] * 1e3:.2f} | {r['image_s'] * 1e3:.2f} | {r['token_s'] * 1e3:.2f} |"
+                        if timed else ""))
+    params = cost["parameters"]
+    lines += ["", f"Parameters: plain ViT {params['vit'] / 1e6:.1f} M, DEX {params['dex'] / 1e6:.1f} M "
+                  f"(the same for both activations).", "",
+              "## Modality collapse (App. A)", "", "![collapse](collapse.png)", "",
+              "| encoder | layer | probe accuracy | between-modality share |", "| --- | ---: | ---: | ---: |"]
+    for name, rows in result["collapse"].items():
+        lines += [f"| {name} | {r['layer']} | {r['probe_accuracy']:.3f} | {r['between_share']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""Figures of the analyses and reports (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dex.data.recipe import MODALITIES  # noqa: E402
+from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+SAVE = dict(dpi=100, metadata={"Software": None})
+
+
+def display(image: torch.Tensor) -> np.ndarray:
+    """A z-scored [3, H, W] tensor back to an [H, W, 3] picture in [0, 1]."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def training_curves(rows: list[dict], path: Path) -> None:
+    """Loss terms and per-layer expert usage entropy over a run's ``log.jsonl`` rows."""
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in ("loss", "reconstruction"):
+        axes[0].plot(steps, [r[key] for r in rows], label=key)
+    axes[0].set(title="MAE-DEX loss (Eq. 8)", xlabel="step", yscale="log")
+    axes[0].legend()
+    axes[1].plot(steps, [r["alignment"] for r in rows], label="alignment (1/L sum alpha_l L_co)")
+    axes[1].plot(steps, [r["balance"] / 2 for r in rows], label="balance / K (1 = balanced)")
+    axes[1].set(title="auxiliary losses", xlabel="step")
+    axes[1].legend()
+    entropy = np.array([r["usage_entropy"] for r in rows if r["usage_entropy"]])
+    for layer in range(entropy.shape[1] if entropy.size else 0):
+        axes[2].plot(steps[-len(entropy):], entropy[:, layer], color=plt.cm.viridis(layer / max(entropy.shape[1] - 1, 1)),
+                     label=f"layer {layer + 1}" if layer in (0, entropy.shape[1] - 1) else None)
+    axes[2].set(title="expert usage entropy / log R", xlabel="step", ylim=(0, 1.05))
+    if entropy.size:
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:
+    """Fig. 9: for every DEX layer, each modality's share of activation per expert."""
+    layers = tables.shape[0]
+    columns = min(layers, 4)
+    rows = -(-layers // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    present = [i for i in range(tables.shape[1]) if tables[:, i].sum() > 0]
+    for layer, ax in enumerate(axes.flat):
+        if layer >= layers:
+            ax.axis("off")
+            continue
+        table = tables[layer][present]
+        shares = table / table.sum(1, keepdim=True).clamp_min(1e-9)
+        ax.imshow(shares.numpy(), cmap="magma", vmin=0, vmax=1)
+        ax.set(title=f"layer {layer + 1}", xlabel="expert", yticks=range(len(present)),
+               yticklabels=[MODALITIES[i] for i in present])
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def attention_grid(examples: list[tuple[str, torch.Tensor, torch.Tensor]], query: tuple[int, int], patch: int,
+                   path: Path) -> None:
+    """Fig. 6: per modality, the image and the last block's attention of the query patch (star) over it."""
+    fig, axes = plt.subplots(len(examples), 2, figsize=(5, 2.5 * len(examples)), squeeze=False)
+    for (name, image, attention), (left, right) in zip(examples, axes):
+        picture = display(image)
+        for ax in (left, right):
+            ax.imshow(picture)
+            ax.plot((query[1] + 0.5) * patch, (query[0] + 0.5) * patch, marker="*", color="yellow", markersize=12)
+            ax.axis("off")
+        right.imshow(attention.numpy(), cmap="jet", alpha=0.5)
+        left.set_title(name, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def pattern_grid(rows: list[tuple[str, list[list[np.ndarray]]]], path: Path) -> None:
+    """Fig. 7: per modality, a few patches of each feature cluster (clusters side by side)."""
+    columns = max(sum(len(c) for c in clusters) for _, clusters in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.0), squeeze=False)
+    for (name, clusters), line in zip(rows, axes):
+        cells = [(c, patch) for c, patches in enumerate(clusters) for patch in patches]
+        for ax in line:
+            ax.axis("off")
+        for ax, (cluster, patch) in zip(line, cells):
+            ax.imshow(patch)
+            ax.set_title(f"c{cluster}", fontsize=6)
+        line[0].text(-0.3, 0.5, name, transform=line[0].transAxes, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def cost_curves(cost: dict, path: Path) -> None:
+    """Fig. 8: extra forward GFLOPs over the plain ViT, image-wise vs token-wise, by image size and by batch."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "by_size", "img_size"), (axes[1], "by_batch", "batch")):
+        xs = [r[label] for r in cost[key]]
+        for mode, marker in (("image", "o"), ("token", "x")):
+            ax.plot(xs, [r[f"{mode}_extra"] / 1e9 for r in cost[key]], marker=marker, label=f"{mode}-wise")
+        ax.plot(xs, [(r["token_extra"] - r["image_extra"]) / 1e9 for r in cost[key]], marker=".", linestyle=":",
+                label="token-wise minus image-wise (the per-token router)")
+        ax.plot(xs, [r["vit"] / 1e9 for r in cost[key]], linestyle="--", color="grey", label="plain ViT (total)")
+        ax.set(xlabel=label, ylabel="GFLOP", xscale="log", yscale="log",
+               title=f"extra over the plain ViT, K = {cost['top_k']} of R = {cost['num_experts']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def collapse_curves(results: dict[str, list[dict]], path: Path) -> None:
+    """Per layer, the modality probe's accuracy and the between-modality share of variance, per encoder."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rows in results.items():
+        layers = [r["layer"] for r in rows]
+        axes[0].plot(layers, [r["probe_accuracy"] for r in rows], marker="o", label=name)
+        axes[1].plot(layers, [r["between_share"] for r in rows], marker="o", label=name)
+    axes[0].set(xlabel="layer", ylabel="accuracy", title="linear probe: modality from features", ylim=(0, 1.05))
+    axes[1].set(xlabel="layer", ylabel="share", title="variance between modalities / total", ylim=(0, 1.05))
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
