@@ -11,13 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 import dex  # noqa: F401  (registers the models)
 
 
-def forward_flops(model_name: str, img_size: int, batch: int, **model_args) -> int:
-    """Forward FLOPs of an encoder's ``forward_features`` on [batch, 3, img_size, img_size]."""
+def forward_flops(model_name: str, img_size: int, batch: int, **model_args) -> tuple[int, int]:
+    """Forward FLOPs of an encoder's ``forward_features`` on [batch, 3, img_size, img_size]: the total, and the part
+    spent in the expert routers (modules named ``router``; 0 for a plain ViT)."""
     with torch.device("meta"):
         model = timm.create_model(model_name, img_size=img_size, **model_args).eval()
         with FlopCounterMode(display=False) as counter:
             model.forward_features(torch.empty(batch, 3, img_size, img_size))
-    return counter.get_total_flops()
+    routing = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                  if name.rsplit(".", 1)[-1] == "router")
+    return counter.get_total_flops(), routing
 
 
 @torch.no_grad()
@@ -48,7 +51,8 @@ def activation_cost(model_name: str = "dex_vit_base_patch16_256", sizes=(128, 25
                     num_experts: int = 8, top_k: int = 2, fixed_size: int = 256, fixed_batch: int = 1,
                     measure: bool | None = None) -> dict:
     """Extra forward FLOPs of DEX (experts mode, K of R) over the plain ViT, image-wise and token-wise, as the image
-    size grows (batch ``fixed_batch``) and as the batch grows (size ``fixed_size``); and the parameter overhead.
+    size grows (batch ``fixed_batch``) and as the batch grows (size ``fixed_size``), with the part of each spent in
+    the routers (``image_routing``, ``token_routing``); and the parameter overhead.
     With ``measure`` (default: when CUDA is available) each row also holds the measured forward seconds
     (``vit_s``, ``image_s``, ``token_s``)."""
     dex_args = dict(num_experts=num_experts, top_k=top_k, mode="experts")
@@ -58,8 +62,10 @@ def activation_cost(model_name: str = "dex_vit_base_patch16_256", sizes=(128, 25
 
     def row(size: int, batch: int) -> dict:
         flops = {name: forward_flops(model_name, size, batch, **args) for name, args in variants.items()}
-        out = {"img_size": size, "batch": batch, "vit": flops["vit"], "image_extra": flops["image"] - flops["vit"],
-               "token_extra": flops["token"] - flops["vit"]}
+        out = {"img_size": size, "batch": batch, "vit": flops["vit"][0]}
+        for mode in ("image", "token"):
+            out[f"{mode}_extra"] = flops[mode][0] - flops["vit"][0]
+            out[f"{mode}_routing"] = flops[mode][1]
         if measure:
             out.update({f"{name}_s": forward_time(model_name, size, batch, **args) for name, args in variants.items()})
         return out

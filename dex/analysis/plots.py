@@ -103,19 +103,25 @@ def pattern_grid(rows: list[tuple[str, list[list[np.ndarray]]]], path: Path) -> 
 
 
 def cost_curves(cost: dict, path: Path) -> None:
-    """Fig. 8: extra forward GFLOPs over the plain ViT, image-wise vs token-wise, by image size and by batch."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    """Fig. 8: extra forward GFLOPs over the plain ViT, image-wise vs token-wise, by image size and by batch, and the
+    part of each spent in routing."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, key, label in ((axes[0], "by_size", "img_size"), (axes[1], "by_batch", "batch")):
         xs = [r[label] for r in cost[key]]
         for mode, marker in (("image", "o"), ("token", "x")):
             ax.plot(xs, [r[f"{mode}_extra"] / 1e9 for r in cost[key]], marker=marker, label=f"{mode}-wise")
-        ax.plot(xs, [(r["token_extra"] - r["image_extra"]) / 1e9 for r in cost[key]], marker=".", linestyle=":",
-                label="token-wise minus image-wise (the per-token router)")
+        for mode, color in (("image", "C0"), ("token", "C1")):
+            ax.plot(xs, [r[f"{mode}_routing"] / 1e9 for r in cost[key]], marker=".", linestyle=":", color=color,
+                    label=f"{mode}-wise: routing only")
         ax.plot(xs, [r["vit"] / 1e9 for r in cost[key]], linestyle="--", color="grey", label="plain ViT (total)")
-        ax.set(xlabel=label, ylabel="GFLOP", xscale="log", yscale="log",
+        ax.set(xlabel=label.replace("_", " "), ylabel="GFLOP", yscale="log",
                title=f"extra over the plain ViT, K = {cost['top_k']} of R = {cost['num_experts']}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, **SAVE)
     plt.close(fig)
 

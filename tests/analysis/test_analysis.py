@@ -40,6 +40,9 @@ def test_activation_cost_matches_the_closed_form():
         tokens = (row["img_size"] // 16) ** 2 + 1
         assert row["image_extra"] == extra_flops(row["batch"], tokens, "image")
         assert row["token_extra"] == extra_flops(row["batch"], tokens, "token")
+        # routing alone: one C x R map per image per block, or per token
+        assert row["image_routing"] == 12 * 2 * row["batch"] * 192 * 8
+        assert row["token_routing"] == 12 * 2 * row["batch"] * tokens * 192 * 8
         # the plain ViT: qkv, proj and the MLP (24 N C^2 per block) plus attention (4 N^2 C) and the patch embed
         b, n = row["batch"], tokens
         patch_embed = 2 * b * (n - 1) * 3 * 16 * 16 * 192
