@@ -59,7 +59,11 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
             seed: int = 0) -> dict[str, Any]:
     """Run every analysis of ``encoder_source`` (any source of :class:`EncoderSpec`) on up to ``per_modality``
     images of each modality in ``data``; ``compare`` maps names to the sources of baselines for the collapse
-    diagnostics (``scratch`` is a random plain ViT of the analysed architecture). Returns what analysis.json holds."""
+    diagnostics (``scratch`` is a random plain ViT of the analysed architecture), next to the analysed encoder
+    under its folder's name. Returns what analysis.json holds."""
+    name = Path(str(encoder_source)).name or "analysed"
+    if name in (compare or {}):
+        raise ValueError(f"the analysed encoder and a --compare encoder are both named {name!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -101,8 +105,8 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     # modality-collapse diagnostics, side by side with the baselines
     same_shape = dict(model=encoder.pretrained_cfg.get("architecture", "dex_vit_base_patch16_256"), img_size=size,
                       model_args={k: v for k, v in getattr(encoder, "model_args", {}).items() if k != "img_size"})
-    encoders = {"analysed": encoder, **{name: load_encoder(EncoderSpec(name, source, **same_shape)).eval()
-                                        for name, source in (compare or {}).items()}}
+    encoders = {name: encoder, **{other: load_encoder(EncoderSpec(other, source, **same_shape)).eval()
+                                  for other, source in (compare or {}).items()}}
     result["collapse"] = {}
     for name, model in encoders.items():
         model_size = model.patch_embed.img_size[0]

@@ -135,7 +135,7 @@ def test_analyze_writes_every_figure_and_number(analysis):
     assert tables.shape == (3, 10, 4)
     assert tables.sum((1, 2)).tolist() == pytest.approx([80.0] * 3)  # every image's weights sum to 1, per layer
     assert [r["nmi"] for r in result["routing"]] == pytest.approx(layer_nmi(tables))
-    assert set(result["collapse"]) == {"analysed", "scratch"}
+    assert set(result["collapse"]) == {"encoder", "scratch"}
     for rows in result["collapse"].values():
         assert len(rows) == 3
         assert all(0 <= r["probe_accuracy"] <= 1 and 0 <= r["between_share"] <= 1 for r in rows)
@@ -150,3 +150,5 @@ def test_analyze_reports_bad_input(tmp_path, capsys):
     assert str(tmp_path) in capsys.readouterr().err
     assert main(["analyze", "scratch", str(tmp_path), "--out", str(tmp_path), "--compare", "oops"]) == 2
     assert "NAME=SOURCE" in capsys.readouterr().err
+    assert main(["analyze", "scratch", str(tmp_path), "--out", str(tmp_path), "--compare", "scratch=scratch"]) == 2
+    assert "both named 'scratch'" in capsys.readouterr().err
