@@ -60,10 +60,11 @@ def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:
             continue
         table = tables[layer][present]
         shares = table / table.sum(1, keepdim=True).clamp_min(1e-9)
-        ax.imshow(shares.numpy(), cmap="magma", vmin=0, vmax=1)
+        image = ax.imshow(shares.numpy(), cmap="magma", vmin=0, vmax=1)
         ax.set(title=f"layer {layer + 1}", xlabel="expert", yticks=range(len(present)),
                yticklabels=[MODALITIES[i] for i in present])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(image, cax=fig.add_axes((0.95, 0.3, 0.012, 0.4)), label="share of the modality's activation")
     fig.savefig(path, **SAVE)
     plt.close(fig)
 

@@ -116,7 +116,8 @@ def sections(folder: Path) -> list[tuple[str, str]]:
         if (path / "table1_modalities.md").is_file():
             found.append((f"benchmark {path.parent.name}", _benchmark_section(path)))
         if (path / "analysis.md").is_file():
-            found.append((f"analysis {path.name}", markdown_to_html((path / "analysis.md").read_text(), path)))
+            title = path.name if "analysis" in path.name else f"analysis {path.name}"
+            found.append((title, markdown_to_html((path / "analysis.md").read_text(), path)))
     return found
 
 
