@@ -1,4 +1,4 @@
-"""Routing tables against a direct count over the recorded routing; NMI against its definition."""
+"""Routing tables against a direct count over the recorded routing; NMI against its definition and scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from dex.analysis.routing import layer_nmi, normalized_mutual_information, routing_tables, usage_entropy
 from dex.data.recipe import MODALITIES
@@ -28,6 +29,8 @@ def test_nmi_matches_its_definition():
     for m, e in pairs:
         table[m, e] += 1
     assert normalized_mutual_information(table) == pytest.approx(nmi_from_pairs(pairs))
+    modality, expert = zip(*pairs)
+    assert normalized_mutual_information(table) == pytest.approx(normalized_mutual_info_score(modality, expert))
     assert normalized_mutual_information(torch.eye(4) * 10) == pytest.approx(1.0)  # one expert per modality
     assert normalized_mutual_information(torch.ones(4, 4)) == pytest.approx(0.0)  # everyone alike
 
