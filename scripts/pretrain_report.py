@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dex
-from dex.analysis.plots import routing_heatmaps, training_curves
+from dex.analysis.plots import routing_heatmaps, run_top_k, training_curves
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.config import load_config
 from dex.data.stream import CuratedImages
@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (args.run_dir / "log.jsonl").read_text().splitlines()]
-    training_curves(rows, args.out / "curves.png")
-    trained = dex.load_pretrained(args.run_dir / "encoder")
     config = load_config(PretrainConfig, args.run_dir / "config.yaml")
+    training_curves(rows, args.out / "curves.png", run_top_k(config.model_args))
+    trained = dex.load_pretrained(args.run_dir / "encoder")
     torch.manual_seed(config.seed)
     initial = build_mae(config).encoder
     size = trained.patch_embed.img_size[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 
 from dex.data.recipe import MODALITIES  # noqa: E402
 from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dex.models import DEXViT  # noqa: E402
 
 SAVE = dict(dpi=100, metadata={"Software": None})
 
@@ -23,25 +25,37 @@ def display(image: torch.Tensor) -> np.ndarray:
     return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def training_curves(rows: list[dict], path: Path) -> None:
-    """Loss terms and per-layer expert usage entropy over a run's ``log.jsonl`` rows."""
+def run_top_k(model_args: dict) -> int | None:
+    """The K of a pretraining run's ``model_args`` when one K serves every block; None for per-block K or no experts."""
+    defaults = inspect.signature(DEXViT).parameters
+    top_k = model_args.get("top_k", defaults["top_k"].default)
+    experts = model_args.get("num_experts", defaults["num_experts"].default)
+    return top_k if isinstance(top_k, int) and experts else None
+
+
+def training_curves(rows: list[dict], path: Path, top_k: int | None = None) -> None:
+    """Loss terms and per-layer expert usage entropy over a run's ``log.jsonl`` rows; ``top_k`` (the run's K, when
+    the same in every layer) marks the balance loss of a perfectly balanced routing."""
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for key in ("loss", "reconstruction"):
         axes[0].plot(steps, [r[key] for r in rows], label=key)
     axes[0].set(title="MAE-DEX loss (Eq. 8)", xlabel="step", yscale="log")
     axes[0].legend()
-    axes[1].plot(steps, [r["alignment"] for r in rows], label="alignment (1/L sum alpha_l L_co)")
-    axes[1].plot(steps, [r["balance"] / 2 for r in rows], label="balance / K (1 = balanced)")
-    axes[1].set(title="auxiliary losses", xlabel="step")
-    axes[1].legend()
+    axes[1].plot(steps, [r["alignment"] for r in rows])
+    axes[1].set(title="alignment (1/L sum alpha_l L_co)", xlabel="step")
+    axes[2].plot(steps, [r["balance"] for r in rows])
+    if top_k is not None:
+        axes[2].axhline(top_k, color="grey", linestyle="--", label=f"balanced (K = {top_k})")
+        axes[2].legend()
+    axes[2].set(title="balance (Eq. 18)", xlabel="step")
     entropy = np.array([r["usage_entropy"] for r in rows if r["usage_entropy"]])
     for layer in range(entropy.shape[1] if entropy.size else 0):
-        axes[2].plot(steps[-len(entropy):], entropy[:, layer], color=plt.cm.viridis(layer / max(entropy.shape[1] - 1, 1)),
+        axes[3].plot(steps[-len(entropy):], entropy[:, layer], color=plt.cm.viridis(layer / max(entropy.shape[1] - 1, 1)),
                      label=f"layer {layer + 1}" if layer in (0, entropy.shape[1] - 1) else None)
-    axes[2].set(title="expert usage entropy / log R", xlabel="step", ylim=(0, 1.05))
+    axes[3].set(title="expert usage entropy / log R", xlabel="step", ylim=(0, 1.05))
     if entropy.size:
-        axes[2].legend()
+        axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, **SAVE)
     plt.close(fig)

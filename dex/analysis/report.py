@@ -77,6 +77,7 @@ def markdown_to_html(text: str, folder: Path) -> str:
 
 def _run_section(folder: Path) -> str:
     rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    config = yaml.safe_load((folder / "config.yaml").read_text())
     parts = [f"<h2>Pretraining run {html.escape(folder.name)}</h2>"]
     if rows:
         first, last = rows[0], rows[-1]
@@ -85,12 +86,11 @@ def _run_section(folder: Path) -> str:
                      f"{last['alignment']:.4f}, balance {last['balance']:.4f}; "
                      f"{last.get('images_per_s', 0):.0f} images/s.</p>")
         buffer = io.BytesIO()
-        plots.training_curves(rows, buffer)
+        plots.training_curves(rows, buffer, plots.run_top_k(config.get("model_args") or {}))
         parts.append(_image(buffer.getvalue()))
         warnings = [w for r in rows for w in r.get("warnings", [])]
         if warnings:
             parts.append("<p>Warnings: " + html.escape("; ".join(warnings)) + "</p>")
-    config = yaml.safe_load((folder / "config.yaml").read_text())
     parts.append("<h3>Config</h3><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
     return "\n".join(parts)
 
