@@ -4,6 +4,8 @@ present, the measured forward time of each (bf16 autocast)."""
 
 from __future__ import annotations
 
+import time
+
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,19 +28,27 @@ def forward_flops(model_name: str, img_size: int, batch: int, **model_args) -> t
 @torch.no_grad()
 def forward_time(model_name: str, img_size: int, batch: int, device: str = "cuda", repeats: int = 10,
                  **model_args) -> float:
-    """Median seconds of one bf16-autocast ``forward_features`` on ``device`` (after warm-up)."""
+    """Median seconds of one bf16-autocast ``forward_features`` on ``device`` (after 3 warm-up calls); CUDA events
+    on a GPU, the wall clock elsewhere."""
+    device = torch.device(device)
     model = timm.create_model(model_name, img_size=img_size, **model_args).to(device).eval()
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     times = []
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
         for step in range(repeats + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model.forward_features(images)
-            end.record()
-            end.synchronize()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model.forward_features(images)
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                began = time.perf_counter()
+                model.forward_features(images)
+                seconds = time.perf_counter() - began
             if step >= 3:
-                times.append(start.elapsed_time(end) / 1e3)
+                times.append(seconds)
     return sorted(times)[len(times) // 2]
 
 
@@ -49,12 +59,12 @@ def parameters(model_name: str, **model_args) -> int:
 
 def activation_cost(model_name: str = "dex_vit_base_patch16_256", sizes=(128, 256, 512, 1024), batches=(1, 8, 32, 128),
                     num_experts: int = 8, top_k: int = 2, fixed_size: int = 256, fixed_batch: int = 1,
-                    measure: bool | None = None) -> dict:
+                    measure: bool | None = None, device: str = "cuda") -> dict:
     """Extra forward FLOPs of DEX (experts mode, K of R) over the plain ViT, image-wise and token-wise, as the image
     size grows (batch ``fixed_batch``) and as the batch grows (size ``fixed_size``), with the part of each spent in
     the routers (``image_routing``, ``token_routing``); and the parameter overhead.
-    With ``measure`` (default: when CUDA is available) each row also holds the measured forward seconds
-    (``vit_s``, ``image_s``, ``token_s``)."""
+    With ``measure`` (default: when CUDA is available) each row also holds the forward seconds measured on
+    ``device`` (``vit_s``, ``image_s``, ``token_s``)."""
     dex_args = dict(num_experts=num_experts, top_k=top_k, mode="experts")
     variants = {"vit": dict(num_experts=0), "image": dict(activation="image", **dex_args),
                 "token": dict(activation="token", **dex_args)}
@@ -67,7 +77,8 @@ def activation_cost(model_name: str = "dex_vit_base_patch16_256", sizes=(128, 25
             out[f"{mode}_extra"] = flops[mode][0] - flops["vit"][0]
             out[f"{mode}_routing"] = flops[mode][1]
         if measure:
-            out.update({f"{name}_s": forward_time(model_name, size, batch, **args) for name, args in variants.items()})
+            out.update({f"{name}_s": forward_time(model_name, size, batch, device, **args)
+                        for name, args in variants.items()})
         return out
 
     return {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dex.analysis.analyze import shared_experts
+from dex.analysis.analyze import markdown, shared_experts
 from dex.analysis.attention import last_layer_attention
 from dex.analysis.cost import activation_cost, parameters
 from dex.analysis.patterns import pattern_layout
@@ -51,6 +51,15 @@ def test_activation_cost_matches_the_closed_form():
     mlp = 2 * 192 * 768 + 768 + 192
     assert cost["parameters"]["dex"] - cost["parameters"]["vit"] == 12 * (8 * mlp + 192 * 8)
     assert parameters(TINY, num_experts=0) == cost["parameters"]["vit"]
+
+
+def test_measured_forward_times_reach_the_cost_table():
+    cost = activation_cost(TINY, sizes=(32,), batches=(2,), fixed_size=32, measure=True, device="cpu")
+    for row in cost["by_size"] + cost["by_batch"]:
+        assert all(row[f"{name}_s"] > 0 for name in ("vit", "image", "token"))
+    result = {"encoder": "e", "data": "d", "images": 0, "modalities": {}, "cost": cost, "collapse": {}}
+    table = [line for line in markdown(result).splitlines() if line.startswith("| 32 | 2 |")]
+    assert len(table) == 1 and len(table[0].split("|")) == 12  # 10 columns: sizes, FLOPs, routing and 3 times
 
 
 def test_attention_equals_timm_attention_weights():
