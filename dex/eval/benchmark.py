@@ -296,6 +296,7 @@ def _radar(out: Path, encoders, tasks, means) -> None:
     ax.set_xticks(angles)
     ax.set_xticklabels(tasks, fontsize=8)
     ax.set_ylim(0, 100)
+    ax.set_rlabel_position(np.degrees(angles[1]) / 2)  # the score scale between the first two task axes
     ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1))
     fig.savefig(out / "radar.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
