@@ -124,6 +124,7 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
     encoder = load_encoder(encoder_spec)
     if config.trainable_blocks is not None:
         freeze_all_but_last(encoder, config.trainable_blocks)
+    torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
     model = build_model(encoder, task, config).to(device)
     size = encoder.patch_embed.img_size[0]
     train = TaskImages(task, _subset(task.splits["train"], config.data_fraction, seed), size, config.flip, seed)

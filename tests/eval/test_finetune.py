@@ -170,6 +170,31 @@ def test_dex_e_with_any_k_and_dex_d_fine_tune(tmp_path, phantom_collection, mode
         assert 0 <= record["test"][record["score_name"]] <= 1 and len(record["history"]) == 2
 
 
+def test_every_encoder_gets_the_same_decoder_initialisation(phantom_collection, tmp_path, monkeypatch):
+    """Encoders of one width but different architectures (a plain ViT, a DEX ViT) start from the same UNETR decoder
+    for a seed, so that their scores are paired comparisons."""
+    import dex.eval.finetune as finetune_module
+
+    built = []
+    build = finetune_module.build_model
+
+    def capture(encoder, task, config):
+        model = build(encoder, task, config)
+        built.append({k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")})
+        return model
+
+    monkeypatch.setattr(finetune_module, "build_model", capture)
+    dex.save_pretrained(small_vit(), tmp_path / "dex")
+    task = load_task(phantom_collection / "raw" / "tasks" / "xray-lungs")
+    plain = EncoderSpec("scratch", "scratch", img_size=32, model_args={"embed_dim": 32, "depth": 4, "num_heads": 2})
+    one_epoch = FinetuneConfig(**{**QUICK.__dict__, "epochs": 1})
+    for spec in (plain, EncoderSpec("dex", str(tmp_path / "dex"))):
+        finetune(spec, task, 3, one_epoch)
+    assert built[0].keys() == built[1].keys() and len(built[0]) > 10
+    for name, tensor in built[0].items():
+        torch.testing.assert_close(tensor, built[1][name], rtol=0, atol=0, msg=name)
+
+
 def test_data_fraction_and_trainable_blocks(phantom_collection):
     task = load_task(phantom_collection / "raw" / "tasks" / "xray-lungs")
     spec = EncoderSpec("scratch", "scratch", img_size=32, model_args={"embed_dim": 32, "depth": 4, "num_heads": 2})
