@@ -50,7 +50,7 @@ def main() -> None:
                    "images_per_s": round(inputs / curate_s, 1),
                    "images_per_s_per_core": round(inputs / curate_s / args.workers, 1)},
     }
-    print(f"| stage | size | workers | images | seconds | images/s | images/s/core |")
+    print("| stage | size | workers | images | seconds | images/s | images/s/core |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for stage in ("generate", "curate"):
         r = result[stage]

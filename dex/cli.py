@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read every source of the recipe (DICOM, NIfTI, images, NPY, video), normalise as the paper's "
                     "Table 2, slice volumes, drop empty/constant/small/background slices and near-duplicates, and "
                     "write WebDataset tar shards, a manifest, and Table 2 of what was written. Bad files are "
-                    f"quarantined and the run goes on; the exit status is 3 when any was.")
+                    "quarantined and the run goes on; the exit status is 3 when any was.")
     curate.add_argument("recipe", help="recipe YAML (see recipes/medverse.yaml)")
     curate.add_argument("--out", required=True, help="output folder")
     curate.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")

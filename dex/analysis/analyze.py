@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dex.analysis import plots
@@ -108,13 +107,13 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     encoders = {name: encoder, **{other: load_encoder(EncoderSpec(other, source, **same_shape)).eval()
                                   for other, source in (compare or {}).items()}}
     result["collapse"] = {}
-    for name, model in encoders.items():
+    for label, model in encoders.items():
         model_size = model.patch_embed.img_size[0]
         inputs = images if model_size == size else torch.nn.functional.interpolate(images, size=model_size,
                                                                                    mode="bilinear")
         per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
                                                          for batch in _batches(inputs, labels)))]
-        result["collapse"][name] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
+        result["collapse"][label] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
     plots.collapse_curves(result["collapse"], out / "collapse.png")
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "analysis.md").write_text(markdown(result))

@@ -219,7 +219,7 @@ def _features(image: np.ndarray) -> np.ndarray:
 
 def test_modalities_are_separable_from_global_statistics():
     generators = {
-        "CT": lambda r: radiology.ct_hu(r, b := radiology.torso(r, 8, 48))[4],
+        "CT": lambda r: radiology.ct_hu(r, radiology.torso(r, 8, 48))[4],
         "MR": lambda r: radiology.mr_t1(r, radiology.torso(r, 8, 48))[4],
         "PET": lambda r: radiology.pet(r, radiology.torso(r, 8, 48)).suv[4],
         "X-ray": lambda r: radiology.chest_xray(r, 48)[0],
