@@ -57,6 +57,24 @@ def _curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_task(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dex.data.curate import QUARANTINED_EXIT
+    from dex.data.task_import import ImportOptions, import_task
+
+    fields = {f.name for f in dataclasses.fields(ImportOptions)}
+    options = ImportOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    summary = import_task(args.layout, args.src, args.out, options, resume=args.resume, overwrite=args.overwrite)
+    splits = ", ".join(f"{summary.splits.get(s, 0)} {s}" for s in ("train", "val", "test"))
+    print(f"wrote {summary.images} images ({splits}) to {summary.out}")
+    if summary.problems:
+        print(f"{len(summary.problems)} source item(s) could not be imported; see {summary.out / 'problems.csv'} "
+              f"(first: {summary.problems[0][0]}: {summary.problems[0][1]})", file=sys.stderr)
+        return QUARANTINED_EXIT
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from dex.data.curate import finalize, stats_markdown
 
@@ -204,6 +222,49 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--task-images", type=int, default=60, help="images per downstream task (60)")
     phantoms.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     phantoms.set_defaults(func=_make_phantoms)
+    imports = data.add_parser(
+        "import-task", help="turn a public dataset's layout into a task folder",
+        description="Import a dataset as it was released into a dex task folder (images/, masks/ or labels.csv, "
+                    "splits.csv, task.yaml). Layouts: class-folders (SRC/[split/]class/image), csv (SRC is a CSV "
+                    "of image names and labels), pairs (SRC holds images, masks matched by name), volumes (SRC "
+                    "holds NIfTI volumes, --labels their label volumes; cut into normalised 2D slices, split by "
+                    "case), medmnist (SRC is a MedMNIST .npz). Items that cannot be imported are listed in "
+                    "OUT/problems.csv and the command exits with status 3.")
+    imports.add_argument("layout", choices=["class-folders", "csv", "pairs", "volumes", "medmnist"])
+    imports.add_argument("src", help="the dataset folder, CSV or .npz")
+    imports.add_argument("out", help="the task folder to write")
+    imports.add_argument("--modality", required=True, help="imaging modality (CT, MR, X-ray, fundus, ...)")
+    imports.add_argument("--name", help="task name (default: the output folder's name)")
+    imports.add_argument("--classes", type=lambda text: text.split(","),
+                         help="comma-separated class names; segmentation: in mask index order (default "
+                              "background,foreground); classification: fixes the order (default: sorted)")
+    imports.add_argument("--images", help="csv: the image folder (default: the CSV's folder)")
+    imports.add_argument("--masks", help="pairs: the mask folder (default: the image folder)")
+    imports.add_argument("--labels", help="volumes: the folder of label volumes")
+    imports.add_argument("--mask-pattern", help="pairs: a mask's name from its image's stem, e.g. {stem}_mask* "
+                                                "(* for several masks per image, merged); default {stem}")
+    imports.add_argument("--mask-value", dest="mask_values", action="append", metavar="VALUE=CLASS",
+                         help="a mask value (255, or R,G,B for colour masks) and its class; repeat for each")
+    imports.add_argument("--id-column", help="csv: the column naming the image (id)")
+    imports.add_argument("--label-column", help="csv: the label column (label), or onehot:A,B,C for one-hot "
+                                                "columns")
+    imports.add_argument("--split-column", help="csv: a column with the split (train / val / test)")
+    imports.add_argument("--normalization", choices=["ct_hu", "mr_percentile", "pet_suv", "pet_raw"],
+                         help="volumes: Table 2 normalisation (ct_hu)")
+    imports.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="volumes: slice axis (axial)")
+    imports.add_argument("--slices", choices=["foreground", "all"],
+                         help="volumes: keep slices with a label (foreground, the default) or all")
+    imports.add_argument("--stride", type=int, help="volumes: keep every n-th slice (1)")
+    imports.add_argument("--channel", type=int, help="volumes: the channel of 4D or nnU-Net multi-file images (0)")
+    imports.add_argument("--splits", help="an id,split CSV with the dataset's own split (ids: image stems or "
+                                          "volume case names)")
+    imports.add_argument("--seed", type=int, help="seed of the 60/20/20 split where the source has none (0)")
+    imports.add_argument("--description", help="one line on the task for its README")
+    imports.add_argument("--source", help="where the data comes from (citation or address)")
+    imports.add_argument("--licence", help="the data's licence")
+    imports.add_argument("--resume", action="store_true", help="go on with an import that was interrupted")
+    imports.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    imports.set_defaults(func=_import_task)
     stats = data.add_parser("stats", help="merge a curation's parts and write its manifest, index and Table 2",
                             description="Read every part's journal in FOLDER and (re)write manifest.csv, "
                                         "quarantine.csv, index.json and stats.md / stats.json; print Table 2.")

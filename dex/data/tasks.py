@@ -53,20 +53,25 @@ def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
-def finish_task(folder: Path, spec: TaskSpec, ids: list[str], labels: dict[str, str] | None = None) -> None:
-    """Write task.yaml, splits.csv, labels.csv (classification) and README.md for images already in ``folder``."""
+def finish_task(folder: Path, spec: TaskSpec, ids: list[str], labels: dict[str, str] | None = None,
+                splits: dict[str, str] | None = None) -> None:
+    """Write task.yaml, splits.csv, labels.csv (classification) and README.md for images already in ``folder``.
+    ``splits`` maps each id to its split; without it the ids are split 60 / 20 / 20 by position."""
     spec.save(folder)
-    write_csv(folder / "splits.csv", ("id", "split"), [(i, split_of(n, len(ids))) for n, i in enumerate(ids)])
+    splits = splits or {i: split_of(n, len(ids)) for n, i in enumerate(ids)}
+    write_csv(folder / "splits.csv", ("id", "split"), [(i, splits[i]) for i in ids])
+    counts = {name: sum(splits[i] == name for i in ids) for name in SPLITS}
     if spec.type == "classification":
         write_csv(folder / "labels.csv", ("id", "label"), [(i, labels[i]) for i in ids])
     lines = [
         f"# {spec.name}",
         "",
         f"- Modality: {spec.modality}.",
-        f"- Task: {spec.type}. {spec.description}",
+        f"- Task: {spec.type}. {spec.description}".rstrip(),
         f"- Classes: {', '.join(f'{i} = {c}' if spec.type == 'segmentation' else c for i, c in enumerate(spec.classes))}.",
-        f"- Images: {len(ids)}, {spec.image_size[0]} x {spec.image_size[1]}, {spec.channels} channel(s), "
-        f"{spec.bit_depth}-bit; split 60/20/20 in `splits.csv`.",
+        (f"- Images: {len(ids)}, {spec.image_size[0]} x {spec.image_size[1]}, {spec.channels} channel(s), "
+         f"{spec.bit_depth}-bit; split {counts['train']} / {counts['val']} / {counts['test']} (train / val / test) "
+         "in `splits.csv`."),
         f"- Source: {spec.source}. Licence: {spec.licence}.",
     ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,307 @@
+"""Importing public release layouts as task folders: on the real tasks under shared/data rearranged into the layouts
+they were released in, on the real CT series as NIfTI volumes, and on broken inputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dex.cli import main
+from dex.data.normalize import ct_hu
+from dex.data.phantoms.writers import write_nifti
+from dex.data.readers import read_dicom_series, read_picture
+from dex.data.task_import import ImportOptions, Item, TaskWriter, import_task
+from dex.data.tasks import load_task, mask_labels
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
+
+
+def _rows(path: Path) -> dict[str, str]:
+    """A two-column CSV as {first column: second column}."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return {key: value for key, value in rows}
+
+
+def _brain_as_released(root: Path, with_splits: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+    """The shared MR brain-tumour task laid out as the Kaggle release: Training|Testing/<class>/<image>."""
+    source = SHARED / "mr-brain-tumour"
+    labels, splits = _rows(source / "labels.csv"), _rows(source / "splits.csv")
+    for image in (source / "images").iterdir():
+        split = ("Training" if splits[image.stem] == "train" else "Testing") if with_splits else ""
+        folder = root / split / labels[image.stem]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(image, folder / image.name)
+    return labels, splits
+
+
+@needs_shared
+def test_class_folders_with_split_folders_keep_labels_splits_and_bytes(tmp_path):
+    labels, splits = _brain_as_released(tmp_path / "src")
+    summary = import_task("class-folders", tmp_path / "src", tmp_path / "task", ImportOptions(modality="MR"))
+    assert summary.images == 500 and not summary.problems and summary.splits == {"train": 400, "test": 100}
+    task = load_task(tmp_path / "task")
+    assert task.spec.classes == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert {i: task.spec.classes[c] for i, c in task.labels.items()} == labels
+    assert set(task.splits["test"]) == {i for i, s in splits.items() if s == "test"}
+    assert set(task.splits["train"]) | set(task.splits["val"]) == {i for i, s in splits.items() if s == "train"}
+    for item in list(labels)[:20]:  # JPEGs are stored as they are, not re-encoded
+        original = next((SHARED / "mr-brain-tumour" / "images").glob(f"{item}.*"))
+        assert task.images[item].read_bytes() == original.read_bytes()
+    assert not (tmp_path / "task.partial").exists()
+
+
+@needs_shared
+def test_class_folders_without_splits_get_a_seeded_split_stratified_by_class(tmp_path):
+    labels, _ = _brain_as_released(tmp_path / "src", with_splits=False)
+    first = import_task("class-folders", tmp_path / "src", tmp_path / "a", ImportOptions(modality="MR", seed=3))
+    again = import_task("class-folders", tmp_path / "src", tmp_path / "b", ImportOptions(modality="MR", seed=3))
+    assert (tmp_path / "a" / "splits.csv").read_bytes() == (tmp_path / "b" / "splits.csv").read_bytes()
+    assert first.splits == again.splits
+    split = _rows(tmp_path / "a" / "splits.csv")
+    for name in set(labels.values()):
+        members = [i for i in labels if labels[i] == name]
+        train = sum(split[i] == "train" for i in members)
+        assert abs(train - 0.6 * len(members)) <= 1  # 60 % of every class in train
+
+
+@needs_shared
+def test_pairs_in_two_folders_match_the_task_loader_on_real_jpeg_masks(tmp_path):
+    source = SHARED / "endoscopy-polyp-kvasir"
+    options = ImportOptions(modality="endoscopy", masks=str(source / "masks"), classes=["background", "polyp"])
+    summary = import_task("pairs", source / "images", tmp_path / "task", options)
+    assert summary.images == 300 and not summary.problems
+    imported, original = load_task(tmp_path / "task"), load_task(source)
+    assert imported.spec.mask_threshold is None  # masks are stored as class indices
+    for item in sorted(original.images)[:30]:
+        np.testing.assert_array_equal(mask_labels(imported, item), mask_labels(original, item))
+        assert set(np.unique(mask_labels(imported, item))) <= {0, 1}
+
+
+@needs_shared
+def test_pairs_in_one_folder_by_name_pattern_as_chase_releases_them(tmp_path):
+    source, src = SHARED / "fundus-vessels-chase", tmp_path / "CHASEDB1"
+    src.mkdir()
+    for image in sorted((source / "images").iterdir())[:6]:
+        os.symlink(image, src / image.name)
+        os.symlink(source / "masks" / f"{image.stem}.png", src / f"{image.stem}_1stHO.png")
+    options = ImportOptions(modality="fundus", mask_pattern="{stem}_1stHO")
+    summary = import_task("pairs", src, tmp_path / "task", options)
+    task, original = load_task(tmp_path / "task"), load_task(source)
+    assert summary.images == 6 and sorted(task.images) == sorted(p.stem for p in (source / "images").iterdir())[:6]
+    for item in task.images:
+        np.testing.assert_array_equal(mask_labels(task, item), mask_labels(original, item))
+
+
+def _picture(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_several_masks_per_image_are_merged_and_bad_items_are_recorded(tmp_path):
+    src, rng = tmp_path / "busi", np.random.default_rng(0)
+    for n in range(4):
+        _picture(src / f"benign ({n}).png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
+        first, second = np.zeros((20, 24), np.uint8), np.zeros((20, 24), np.uint8)
+        first[2:6, 2:6], second[10:14, 10:14] = 255, 255
+        _picture(src / f"benign ({n})_mask.png", first)
+        _picture(src / f"benign ({n})_mask_1.png", second)
+    _picture(src / "benign (9).png", np.zeros((20, 24), np.uint8))  # no mask
+    _picture(src / "benign (7).png", np.zeros((20, 24), np.uint8))
+    _picture(src / "benign (7)_mask.png", np.zeros((10, 24), np.uint8))  # wrong size
+    (src / "benign (8).png").write_bytes(b"not a png")
+    _picture(src / "benign (8)_mask.png", np.zeros((20, 24), np.uint8))
+    code = main(["data", "import-task", "pairs", str(src), str(tmp_path / "task"), "--modality", "US",
+                 "--mask-pattern", "{stem}_mask*"])
+    assert code == 3  # problems, like dex curate's quarantine
+    task = load_task(tmp_path / "task")
+    assert sorted(task.images) == [f"benign_({n})" for n in range(4)]
+    merged = mask_labels(task, "benign_(0)")
+    assert merged.sum() == 32 and merged[3, 3] == 1 and merged[12, 12] == 1
+    problems = _rows(tmp_path / "task" / "problems.csv")
+    assert sorted(Path(p).name for p in problems) == ["benign (7).png", "benign (8).png", "benign (9).png"]
+    assert "no mask named benign (9)_mask*" in problems[str(src / "benign (9).png")]
+    assert "mask is 10 x 24, the image is 20 x 24" in problems[str(src / "benign (7).png")]
+    assert "not a readable image" in problems[str(src / "benign (8).png")]
+
+
+def test_colour_masks_through_a_value_map_and_unknown_colours(tmp_path):
+    images, masks = tmp_path / "frames", tmp_path / "masks"
+    colours = {"background": (0, 0, 0), "liver": (255, 0, 0), "tool": (0, 255, 0)}
+    truth = {}
+    for n in range(3):
+        _picture(images / f"f{n}.png", np.full((8, 8, 3), 40 * n, np.uint8))
+        labels = np.zeros((8, 8), np.int64)
+        labels[:4, :] = 1
+        labels[:, 6:] = 2
+        truth[f"f{n}"] = labels
+        _picture(masks / f"f{n}.png", np.array(list(colours.values()), np.uint8)[labels])
+    odd = np.zeros((8, 8, 3), np.uint8)
+    odd[0, 0] = (1, 2, 3)
+    _picture(images / "f9.png", np.zeros((8, 8, 3), np.uint8))
+    _picture(masks / "f9.png", odd)
+    options = ImportOptions(modality="endoscopy", masks=str(masks), classes=list(colours),
+                            mask_values=[f"{r},{g},{b}={name}" for name, (r, g, b) in colours.items()])
+    summary = import_task("pairs", images, tmp_path / "task", options)
+    task = load_task(tmp_path / "task")
+    for item, labels in truth.items():
+        np.testing.assert_array_equal(mask_labels(task, item), labels)
+    assert summary.problems == [(str(masks / "f9.png"), "mask values [(1, 2, 3)] are not in the --mask-value map")]
+    with pytest.raises(ValueError, match="expected VALUE=CLASS"):
+        import_task("pairs", images, tmp_path / "other", ImportOptions(mask_values=["255=liver"]))
+
+
+@needs_shared
+def test_csv_with_named_columns_and_one_hot_labels(tmp_path):
+    source = SHARED / "us-breast-busi"
+    labels = _rows(source / "labels.csv")
+    classes = sorted(set(labels.values()))
+    plain, onehot = tmp_path / "plain.csv", tmp_path / "onehot.csv"
+    with open(plain, "w") as handle:
+        handle.write("image_name,diagnosis\n" + "".join(f"{i}.png,{labels[i]}\n" for i in labels))
+        handle.write("missing.png,benign\n")
+    with open(onehot, "w") as handle:
+        handle.write("image," + ",".join(classes) + "\n")
+        handle.writelines(f"{i},{','.join('1.0' if c == labels[i] else '0.0' for c in classes)}\n" for i in labels)
+    first = import_task("csv", plain, tmp_path / "a", ImportOptions(
+        modality="US", images=str(source / "images"), id_column="image_name", label_column="diagnosis"))
+    second = import_task("csv", onehot, tmp_path / "b", ImportOptions(
+        modality="US", images=str(source / "images"), id_column="image", label_column="onehot:" + ",".join(classes)))
+    assert first.problems == [(f"{plain}:{len(labels) + 2}", f"no image 'missing.png' in {source / 'images'}")]
+    assert not second.problems
+    for folder in ("a", "b"):
+        task = load_task(tmp_path / folder)
+        assert {i: task.spec.classes[c] for i, c in task.labels.items()} == labels
+    assert (tmp_path / "a" / "splits.csv").read_bytes() == (tmp_path / "b" / "splits.csv").read_bytes()
+    with pytest.raises(ValueError, match=r"no column\(s\) \['id', 'diagnosis'\]; the columns are \['image'"):
+        import_task("csv", onehot, tmp_path / "c",
+                    ImportOptions(images=str(source / "images"), label_column="diagnosis"))
+
+
+@pytest.fixture(scope="module")
+def real_ct() -> np.ndarray:
+    files = sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm"))
+    return read_dicom_series(files).values[:, ::4, ::4]  # [64, 128, 128] HU
+
+
+@needs_shared
+def test_volumes_nnunet_layout_normalised_slices_split_by_case(tmp_path, real_ct):
+    images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    truth = {}
+    for case in range(5):  # five cases cut from the real series, stored LAS (the reader must reorient)
+        volume = np.ascontiguousarray(real_ct[case * 12: case * 12 + 12])
+        label = ((volume > -500) & (volume < 100)).astype(np.uint8)  # soft tissue in the body
+        label[:3] = 0  # slices without any label
+        label[5][volume[5] > 300] = 2
+        write_nifti(images / f"ct_{case:03d}_0000.nii.gz", volume.astype(np.float32), (5.0, 3.4, 3.4), flip_x=True)
+        write_nifti(labels / f"ct_{case:03d}.nii.gz", label, (5.0, 3.4, 3.4), flip_x=True)
+        truth[f"ct_{case:03d}"] = (volume, label)
+    options = ImportOptions(modality="CT", labels=str(labels), classes=["background", "soft tissue", "bone"],
+                            normalization="ct_hu")
+    summary = import_task("volumes", images, tmp_path / "task", options)
+    task = load_task(tmp_path / "task")
+    assert task.spec.bit_depth == 16 and summary.images == 5 * 9 and not summary.problems
+    split_of_case = {}
+    for item in task.images:
+        case, index = item.rsplit("_", 1)
+        volume, label = truth[case]
+        picture = read_picture(task.images[item])
+        np.testing.assert_allclose(picture.pixels / 65535.0, ct_hu(volume[int(index)]), atol=0.5 / 65535)
+        np.testing.assert_array_equal(mask_labels(task, item), label[int(index)])
+        split_of_case.setdefault(case, set()).update(s for s in task.splits if item in task.splits[s])
+    assert all(len(s) == 1 for s in split_of_case.values())  # no case in two splits
+    assert sorted(int(i.rsplit("_", 1)[1]) for i in task.images if i.startswith("ct_000")) == list(range(3, 12))
+    every = import_task("volumes", images, tmp_path / "all", ImportOptions(
+        modality="CT", labels=str(labels), classes=["background", "soft tissue", "bone"], slices="all", stride=4,
+        axis="coronal"))
+    assert every.images == 5 * 32  # 128 coronal slices, every 4th
+    assert read_picture(next(iter(load_task(tmp_path / "all").images.values()))).pixels.shape == (12, 128)
+
+
+def test_volume_problems_name_the_file(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    write_nifti(images / "a.nii.gz", np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    write_nifti(labels / "a.nii.gz", np.ones((4, 8, 6), np.uint8), (1.0, 1.0, 1.0))
+    write_nifti(images / "b.nii.gz", np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    write_nifti(labels / "b.nii.gz", np.full((4, 8, 8), 5, np.uint8), (1.0, 1.0, 1.0))
+    write_nifti(images / "c.nii.gz", np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    write_nifti(labels / "c.nii.gz", np.ones((4, 8, 8), np.uint8), (1.0, 1.0, 1.0))
+    write_nifti(images / "d.nii.gz", np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    summary = import_task("volumes", images, tmp_path / "task", ImportOptions(labels=str(labels)))
+    reasons = dict(summary.problems)
+    assert "label volume is (4, 8, 6), the image a.nii.gz is (4, 8, 8)" in reasons[str(labels / "a.nii.gz")]
+    assert "mask values [5] are not indices of the 2 classes" in reasons[str(labels / "b.nii.gz")]
+    assert "no label volume d.nii.gz" in reasons[str(images / "d.nii.gz")]
+    assert summary.images == 4
+
+
+def test_medmnist_npz_keeps_its_split_and_label_indices(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", 10), ("val", 4), ("test", 5)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 11, (count, 1))
+    arrays["train_labels"][0] = 10
+    np.savez(tmp_path / "pathmnist.npz", **arrays)
+    summary = import_task("medmnist", tmp_path / "pathmnist.npz", tmp_path / "task",
+                          ImportOptions(modality="pathology"))
+    task = load_task(tmp_path / "task")
+    assert summary.splits == {"train": 10, "val": 4, "test": 5}
+    assert task.spec.classes == [str(n) for n in range(11)]  # numeric order: label 10 is class 10, not 2
+    for split in ("train", "val", "test"):
+        for n in range(len(arrays[f"{split}_images"])):
+            item = f"{split}_{n:06d}"
+            assert item in task.splits[split] and task.labels[item] == int(arrays[f"{split}_labels"][n, 0])
+            np.testing.assert_array_equal(read_picture(task.images[item]).pixels, arrays[f"{split}_images"][n])
+    np.savez(tmp_path / "chest.npz", train_images=arrays["train_images"], train_labels=np.zeros((10, 14)))
+    with pytest.raises(ValueError, match="multi-label"):
+        import_task("medmnist", tmp_path / "chest.npz", tmp_path / "chest")
+    np.savez(tmp_path / "organ3d.npz", train_images=np.zeros((2, 28, 28, 28), np.uint8), train_labels=np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="3D MedMNIST"):
+        import_task("medmnist", tmp_path / "organ3d.npz", tmp_path / "organ3d")
+
+
+def _units(count: int, stop_at: int | None = None):
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (6, 6), dtype=np.uint8) for _ in range(count)]
+    for n in range(count):
+        def make(n=n):
+            if n == stop_at:
+                raise KeyboardInterrupt  # the job is killed here
+            return [Item(f"i{n}", pixels[n], label="a" if n % 2 else "b")]
+        yield f"unit{n}", make
+
+
+def _finish(writer: TaskWriter) -> None:
+    from dex.data.tasks import TaskSpec
+
+    writer.finish(TaskSpec(name="t", type="classification", modality="x", classes=[], image_size=[0, 0], channels=1))
+
+
+def test_a_killed_import_resumes_to_the_same_folder(tmp_path):
+    whole = TaskWriter(tmp_path / "whole")
+    whole.run(_units(12))
+    _finish(whole)
+    killed = TaskWriter(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(_units(12, stop_at=7))
+    with open(tmp_path / "resumed.partial" / "journal.jsonl", "a") as handle:
+        handle.write('{"unit": "unit7", "ite')  # a line cut off by the kill
+    resumed = TaskWriter(tmp_path / "resumed", resume=True)
+    assert resumed.done == {f"unit{n}" for n in range(7)}
+    resumed.run(_units(12))
+    _finish(resumed)
+    def files(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+    assert files(tmp_path / "whole") == files(tmp_path / "resumed")
+    for path in files(tmp_path / "whole"):
+        assert (tmp_path / "whole" / path).read_bytes() == (tmp_path / "resumed" / path).read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        TaskWriter(tmp_path / "whole")
