@@ -61,6 +61,11 @@ class Item:
     split: str | None = None
 
 
+def _one(item: Item) -> Callable[[], list[Item]]:
+    """A source unit that is one item known in advance."""
+    return lambda: [item]
+
+
 @dataclass
 class ImportSummary:
     out: Path
@@ -357,10 +362,6 @@ def import_class_folders(src: str | Path, writer: TaskWriter, splits_file: str |
     writer.run((str(path), _one(Item(_clean(ids[path]), path, label=label,
                                      split=official.get(ids[path], official.get(path.stem, split)))))
                for path, label, split in entries)
-
-
-def _one(item: Item) -> Callable[[], list[Item]]:
-    return lambda: [item]
 
 
 def import_csv(csv_path: str | Path, images: str | Path, writer: TaskWriter, id_column: str = "id",
