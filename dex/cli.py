@@ -65,7 +65,8 @@ def _import_task(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(ImportOptions)}
     options = ImportOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    summary = import_task(args.layout, args.src, args.out, options, resume=args.resume, overwrite=args.overwrite)
+    summary = import_task(args.layout, args.src, args.out, options, resume=args.resume, overwrite=args.overwrite,
+                          workers=args.workers)
     splits = ", ".join(f"{summary.splits.get(s, 0)} {s}" for s in ("train", "val", "test"))
     print(f"wrote {summary.images} images ({splits}) to {summary.out}")
     if summary.problems:
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--description", help="one line on the task for its README")
     imports.add_argument("--source", help="where the data comes from (citation or address)")
     imports.add_argument("--licence", help="the data's licence")
+    imports.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads (all cores)")
     imports.add_argument("--resume", action="store_true", help="go on with an import that was interrupted")
     imports.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     imports.set_defaults(func=_import_task)

@@ -25,8 +25,10 @@ import csv
 import json
 import re
 import shutil
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,8 +187,8 @@ def _read_mask(path: Path, mapping: MaskMapping) -> np.ndarray:
 class TaskWriter:
     """Writes ``OUT.partial/`` item by item with a journal of the source units done, then renames it to ``OUT``."""
 
-    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
-        self.out = Path(out)
+    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False, workers: int = 1) -> None:
+        self.out, self.workers = Path(out), max(1, workers)
         self.partial = self.out.with_name(self.out.name + ".partial")
         if self.out.exists() and not overwrite:
             raise ValueError(f"{self.out}: already exists (give --overwrite to replace it)")
@@ -209,29 +211,47 @@ class TaskWriter:
                 self.items.update(record["items"])
                 self.problems.extend(tuple(p) for p in record["problems"])
             self.journal.write_text("".join(lines))
+        self._claimed, self._lock = set(self.items), threading.Lock()
 
     def run(self, units: Iterable[tuple[str, Callable[[], list[Item]]]]) -> None:
         """``units``: (source key, function giving the unit's items). A unit that raises a :class:`ReadError` (or
         ``ValueError``) is recorded as a problem; the others are written and journalled (after their files, so
-        a killed run redoes at most the unit it was in)."""
-        with open(self.journal, "a") as journal:
+        a killed run redoes only units it had not journalled). ``self.workers`` threads read and encode (decoding,
+        PNG encoding and zlib release the GIL); the journal keeps the units' order, so the folder does not depend
+        on the number of workers."""
+        with open(self.journal, "a") as journal, ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
             for key, make_items in units:
-                if key not in self.done:
-                    self._run_unit(key, make_items, journal)
+                if key in self.done:
+                    continue
+                pending.append((key, pool.submit(self._unit, key, make_items)))
+                if len(pending) >= 4 * self.workers:
+                    self._commit(*pending.popleft(), journal)
+            while pending:
+                self._commit(*pending.popleft(), journal)
 
-    def _run_unit(self, key: str, make_items: Callable[[], list[Item]], journal) -> None:
-        items, problems = {}, []
+    def _unit(self, key: str, make_items: Callable[[], list[Item]]) -> tuple[dict, list]:
+        items: dict[str, dict] = {}
+        claimed: list[str] = []
         try:
             for item in make_items():
-                if item.id in self.items or item.id in items:
-                    raise ReadError(key, f"two images would get the id {item.id!r}")
+                with self._lock:
+                    if item.id in self._claimed:
+                        raise ReadError(key, f"two images would get the id {item.id!r}")
+                    self._claimed.add(item.id)
+                claimed.append(item.id)
                 items[item.id] = self._write(item)
         except ValueError as err:  # ReadError is a ValueError
-            problems.append((getattr(err, "path", key), getattr(err, "reason", str(err))))
             for item_id, record in items.items():
                 (self.partial / "images" / record["file"]).unlink(missing_ok=True)
                 (self.partial / "masks" / f"{item_id}.png").unlink(missing_ok=True)
-            items = {}
+            with self._lock:
+                self._claimed.difference_update(claimed)
+            return {}, [(getattr(err, "path", key), getattr(err, "reason", str(err)))]
+        return items, []
+
+    def _commit(self, key: str, future: Future, journal) -> None:
+        items, problems = future.result()
         self.items.update(items)
         self.problems.extend(problems)
         self.done.add(key)
@@ -575,8 +595,9 @@ class ImportOptions:
 
 
 def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOptions | None = None,
-                resume: bool = False, overwrite: bool = False) -> ImportSummary:
-    """Import the dataset at ``src`` (laid out as ``layout``, one of :data:`LAYOUTS`) as a task folder ``out``."""
+                resume: bool = False, overwrite: bool = False, workers: int = 1) -> ImportSummary:
+    """Import the dataset at ``src`` (laid out as ``layout``, one of :data:`LAYOUTS`) as a task folder ``out``
+    with ``workers`` threads; the folder is the same whatever their number."""
     options = options or ImportOptions()
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: one of {LAYOUTS}")
@@ -586,7 +607,7 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
     segmentation = layout in ("pairs", "volumes")
     classes = list(options.classes) or (["background", "foreground"] if segmentation else [])
     mapping = MaskMapping.parse(classes, options.mask_values)
-    writer = TaskWriter(out, resume=resume, overwrite=overwrite)
+    writer = TaskWriter(out, resume=resume, overwrite=overwrite, workers=workers)
     if layout == "class-folders":
         import_class_folders(src, writer, options.splits)
     elif layout == "csv":

@@ -205,6 +205,9 @@ def test_volumes_nnunet_layout_normalised_slices_split_by_case(tmp_path, real_ct
     options = ImportOptions(modality="CT", labels=str(labels), classes=["background", "soft tissue", "bone"],
                             normalization="ct_hu")
     summary = import_task("volumes", images, tmp_path / "task", options)
+    import_task("volumes", images, tmp_path / "threads", options, workers=2)
+    for path in (tmp_path / "task").rglob("*.[pc][ns][gv]"):  # same images, masks, CSVs whatever the workers
+        assert path.read_bytes() == (tmp_path / "threads" / path.relative_to(tmp_path / "task")).read_bytes()
     task = load_task(tmp_path / "task")
     assert task.spec.bit_depth == 16 and summary.images == 5 * 9 and not summary.problems
     split_of_case = {}
@@ -288,12 +291,12 @@ def test_a_killed_import_resumes_to_the_same_folder(tmp_path):
     whole = TaskWriter(tmp_path / "whole")
     whole.run(_units(12))
     _finish(whole)
-    killed = TaskWriter(tmp_path / "resumed")
+    killed = TaskWriter(tmp_path / "resumed", workers=2)
     with pytest.raises(KeyboardInterrupt):
         killed.run(_units(12, stop_at=7))
     with open(tmp_path / "resumed.partial" / "journal.jsonl", "a") as handle:
         handle.write('{"unit": "unit7", "ite')  # a line cut off by the kill
-    resumed = TaskWriter(tmp_path / "resumed", resume=True)
+    resumed = TaskWriter(tmp_path / "resumed", resume=True, workers=3)  # the number of workers changes nothing
     assert resumed.done == {f"unit{n}" for n in range(7)}
     resumed.run(_units(12))
     _finish(resumed)
