@@ -44,6 +44,7 @@ from dex.data.readers import (
     read_nifti,
     read_picture,
     read_video_frames,
+    suv_values,
 )
 from dex.data.recipe import MODALITIES, Recipe, Source
 from dex.data.shards import ShardWriter
@@ -111,7 +112,8 @@ def discover_units(recipe: Recipe, source: Source) -> list[Unit]:
 def _units_from_csv(root: Path, source: Source) -> list[Unit]:
     path = root / source.index_csv
     try:
-        rows = list(csv.DictReader(open(path, newline="")))
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
     except OSError as err:
         raise ValueError(f"{path}: cannot read the index CSV of source {source.name!r} ({err})") from err
     units = []
@@ -244,13 +246,7 @@ def _process_dicom(work: _UnitWork) -> None:
         series = hashlib.sha1(series_uid.encode()).hexdigest()[:12]  # the UID itself is never stored
         if source.normalization in VOLUME_NORMALIZERS:
             volume = read_dicom_series(sorted(paths))
-            values = volume.values
-            if source.normalization == "pet_suv" and volume.meta["units"] != "SUV":
-                factor = volume.meta["suv_factor"]
-                if factor is None:
-                    raise ReadError(paths[0], "PET in SUV needs Units BQML, PatientWeight, the injected dose and "
-                                              "the injection and series times")
-                values = values * factor
+            values = suv_values(volume, paths[0]) if source.normalization == "pet_suv" else volume.values
             _note_burned_in(work, volume.meta, paths[0])
             work.add_volume(values, series, _study_hash(work.salt, volume.meta["study_uid"]))
         else:

@@ -95,6 +95,17 @@ def suv_factor(ds: pydicom.Dataset) -> float | None:
     return weight_g / dose if dose > 0 and weight_g > 0 else None
 
 
+def suv_values(volume: Volume, path: str | Path) -> np.ndarray:
+    """A DICOM PET volume in SUV: as stored when its Units say SUV, else Bq/ml times :func:`suv_factor`."""
+    if volume.meta.get("units") == "SUV":
+        return volume.values
+    factor = volume.meta.get("suv_factor")
+    if factor is None:
+        raise ReadError(path, "PET in SUV needs Units BQML, PatientWeight, the injected dose and the injection and "
+                              "series times")
+    return volume.values * factor
+
+
 def _normal(ds: pydicom.Dataset) -> np.ndarray:
     orientation = np.array(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
     return np.cross(orientation[:3], orientation[3:])
@@ -206,19 +217,62 @@ def read_nifti(path: str | Path) -> list[Volume]:
     """A 3D NIfTI -> one :class:`Volume`, a 4D one -> one per time point; reoriented from any affine."""
     path = Path(path)
     try:
-        image = nib.as_closest_canonical(nib.load(path))  # RAS+
-        data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied
+        image = nib.load(path)
     except Exception as err:
         raise ReadError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    return display_volumes(image, path)
+
+
+def display_volumes(image: nib.spatialimages.SpatialImage, path: str | Path) -> list[Volume]:
+    """A nibabel image (any affine) -> :class:`Volume` s in the display layout, one per time point, with
+    ``meta["affine"]``: the 4 x 4 map from display indices (z, y, x) to RAS+ millimetres."""
+    try:
+        image = nib.as_closest_canonical(image)  # RAS+
+        data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied
+    except Exception as err:
+        raise ReadError(path, f"not a readable image volume ({type(err).__name__}: {err})") from err
     if data.ndim not in (3, 4):
         raise ReadError(path, f"expected a 3D or 4D image, found {data.ndim} dimensions {data.shape}")
     zooms = image.header.get_zooms()[:3]
+    i, j, k = data.shape[:3]
+    flip = np.array([[0, 0, -1, i - 1], [0, -1, 0, j - 1], [-1, 0, 0, k - 1], [0, 0, 0, 1]], dtype=float)
+    affine = image.affine @ flip  # (z, y, x) -> (i, j, k) = (I-1-x, J-1-y, K-1-z) -> RAS
     frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
     out = []
     for frame in frames:
         display = np.ascontiguousarray(frame.transpose(2, 1, 0)[::-1, ::-1, ::-1])  # RAS -> [S->I, A->P, R->L]
-        out.append(Volume(_finite(path, display), (float(zooms[2]), float(zooms[1]), float(zooms[0]))))
+        out.append(Volume(_finite(Path(path), display), (float(zooms[2]), float(zooms[1]), float(zooms[0])),
+                          {"affine": affine}))
     return out
+
+
+def read_dicom_series_display(paths: Sequence[str | Path]) -> Volume:
+    """One single-frame DICOM series placed in patient space from its geometry (Image Position / Orientation
+    Patient, Pixel Spacing) and reoriented to the display layout exactly as :func:`read_nifti` does, so that a
+    NIfTI label volume drawn on it lines up whatever the acquisition orientation. ``meta`` as
+    :func:`read_dicom_series`, plus ``affine`` (display indices -> RAS+ mm)."""
+    paths = [Path(p) for p in paths]
+    volume = read_dicom_series(paths)  # slices sorted descending along the slice normal
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    if len(headers) < 2 or any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h
+                               for h in headers):
+        raise ReadError(paths[0].parent, "a series needs two or more slices with Image Position and Orientation "
+                                         "(Patient) to be placed in patient space")
+    orientation = np.array(headers[0].ImageOrientationPatient, dtype=float)
+    along_row, along_column = orientation[:3], orientation[3:]  # directions of increasing column / row index
+    normal = np.cross(along_row, along_column)
+    positions = sorted((np.array(h.ImagePositionPatient, dtype=float) for h in headers),
+                       key=lambda position: -float(np.dot(normal, position)))
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    row_spacing, column_spacing = (float(v) for v in headers[0].PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = (along_row * column_spacing, along_column * row_spacing, step,
+                                                      positions[0])
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    image = nib.Nifti1Image(np.ascontiguousarray(volume.values.transpose(2, 1, 0)), ras)  # (column, row, slice)
+    display = display_volumes(image, paths[0].parent)[0]
+    display.meta = {**volume.meta, **display.meta}
+    return display
 
 
 # --- 2D images -------------------------------------------------------------------------------------------------

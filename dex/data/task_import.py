@@ -8,9 +8,10 @@ Layouts (``dex data import-task LAYOUT SRC OUT``):
 - ``csv``: a CSV naming each image (id or relative path) and its label (APTOS 2019, ISIC ground truth).
 - ``pairs``: images and masks matched by name, in two folders or one (Kvasir-SEG, ISIC, BUSI ``X_mask.png``,
   CHASE ``X_1stHO.png``, FIVES).
-- ``volumes``: NIfTI image and label volumes (Medical Segmentation Decathlon, nnU-Net ``X_0000.nii.gz``, KiPA,
-  FeTA, AutoPET) cut into 2D slices after the volume-wise Table 2 normalisation, split by case so that no patient
-  is in two splits.
+- ``volumes``: image volumes (NIfTI, or a folder per DICOM series) and NIfTI label volumes (Medical Segmentation
+  Decathlon, nnU-Net ``X_0000.nii.gz``, KiPA, FeTA, AutoPET, hospital series with labels drawn in 3D Slicer or
+  ITK-SNAP) cut into 2D slices after the volume-wise Table 2 normalisation, split by case so that no patient is in
+  two splits.
 - ``medmnist``: a MedMNIST(+) 2D ``.npz`` (its own train / val / test split).
 
 Every importer writes into ``OUT.partial`` with a journal of the source items done, and renames it to ``OUT`` at
@@ -36,7 +37,16 @@ import numpy as np
 from PIL import Image
 
 from dex.data.normalize import VOLUME_NORMALIZERS
-from dex.data.readers import ReadError, read_dicom_pictures, read_nifti, read_picture
+from dex.data.readers import (
+    ReadError,
+    Volume,
+    group_dicom_series,
+    read_dicom_pictures,
+    read_dicom_series_display,
+    read_nifti,
+    read_picture,
+    suv_values,
+)
 from dex.data.tasks import SPLITS, TaskSpec, finish_task, split_of, write_csv
 
 LAYOUTS = ("class-folders", "csv", "pairs", "volumes", "medmnist")
@@ -467,6 +477,8 @@ def import_pairs(images: str | Path, writer: TaskWriter, mapping: MaskMapping, m
 
 def _case_name(path: Path) -> str:
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -476,7 +488,10 @@ def _case_name(path: Path) -> str:
 def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, mapping: MaskMapping,
                    normalization: str, axis: str = "axial", slices: str = "foreground", stride: int = 1,
                    channel: int = 0, splits_file: str | Path | None = None, seed: int = 0) -> None:
-    """NIfTI volumes and their label volumes (same name, or the nnU-Net ``CASE_0000`` for ``CASE``) as 2D slices.
+    """Image volumes and their NIfTI label volumes (same name, or the nnU-Net ``CASE_0000`` for ``CASE``) as 2D
+    slices. An image volume is a NIfTI file or a folder holding one DICOM series (placed in patient space from its
+    geometry, so labels drawn on it in any viewer line up); a label volume must be in the image's space (same
+    affine within 0.01 mm) or the case is a problem.
 
     The image is normalised as a volume (Table 2: ``ct_hu``, ``mr_percentile``, ``pet_suv``, ``pet_raw``) and
     stored as 16-bit PNG (the [0, 1] values times 65535), the label slice as a PNG of class indices. ``slices``:
@@ -489,10 +504,11 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
         raise ValueError(f"axis one of {list(SLICE_AXES)}, slices foreground or all, stride >= 1; got {axis!r}, "
                          f"{slices!r}, {stride}")
     images, labels = Path(images), Path(labels)
-    volumes = sorted(p for p in images.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+    volumes = sorted(p for p in images.iterdir() if not p.name.startswith(".")
+                     and (p.name.endswith((".nii", ".nii.gz")) or p.is_dir()))
     label_files = {_case_name(p): p for p in labels.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
     if not volumes:
-        raise ValueError(f"{images}: no NIfTI volumes (.nii, .nii.gz)")
+        raise ValueError(f"{images}: no NIfTI volumes (.nii, .nii.gz) or DICOM series folders")
     cases, file_channel = {}, {}  # image file -> case; nnU-Net: CASE_0001 is channel 1 of CASE
     for path in volumes:
         name = _case_name(path)
@@ -512,14 +528,15 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
             case = cases[path]
             if case not in label_files:
                 raise ReadError(path, f"no label volume {case}.nii.gz in {labels}")
-            frames = read_nifti(path)
-            index = 0 if path in file_channel else channel
-            if index >= len(frames):
-                raise ReadError(path, f"has {len(frames)} channel(s); --channel {channel} does not exist")
-            volume, label_volume = frames[index], read_nifti(label_files[case])[0]
+            volume = _read_volume(path, 0 if path in file_channel else channel, normalization)
+            label_volume = read_nifti(label_files[case])[0]
             if volume.values.shape != label_volume.values.shape:
                 raise ReadError(label_files[case], f"label volume is {label_volume.values.shape}, the image "
                                                    f"{path.name} is {volume.values.shape} (after reorientation)")
+            offset = float(np.abs(volume.meta["affine"] - label_volume.meta["affine"]).max())
+            if offset > 0.01:
+                raise ReadError(label_files[case], f"label volume is not in the space of the image {path.name} "
+                                                   f"(their affines differ by up to {offset:.3g} mm)")
             raw = np.rint(label_volume.values).astype(np.int64)
             classes = mapping(label_files[case], raw, volume=True)
             normalised = VOLUME_NORMALIZERS[normalization](volume.values)
@@ -530,6 +547,24 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
         return make
 
     writer.run((str(path), unit(path)) for path in volumes)
+
+
+def _read_volume(path: Path, channel: int, normalization: str) -> Volume:
+    """A NIfTI file (channel ``channel`` of a 4D one) or a folder with one DICOM series (PET in SUV for
+    ``pet_suv``; NIfTI PET is taken to be in SUV already, as AutoPET ships it)."""
+    if not path.is_dir():
+        frames = read_nifti(path)
+        if channel >= len(frames):
+            raise ReadError(path, f"has {len(frames)} channel(s); --channel {channel} does not exist")
+        return frames[channel]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    series = group_dicom_series(files)
+    if len(series) != 1:
+        raise ReadError(path, f"holds {len(series)} DICOM series; a case folder must hold exactly one")
+    volume = read_dicom_series_display(next(iter(series.values())))
+    if normalization == "pet_suv":
+        volume.values = suv_values(volume, path)
+    return volume
 
 
 def import_medmnist(npz_path: str | Path, writer: TaskWriter, classes: Sequence[str] = ()) -> list[str]:

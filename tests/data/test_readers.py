@@ -16,6 +16,7 @@ from dex.data.readers import (
     ReadError,
     group_dicom_series,
     read_dicom_series,
+    read_dicom_series_display,
     read_label_map,
     read_nifti,
     read_picture,
@@ -39,6 +40,19 @@ def test_real_ct_series_sorted_by_position_in_hounsfield_units():
     stored = pydicom.dcmread(top).pixel_array.astype(np.float32) - 1024
     np.testing.assert_array_equal(volume.values[0], stored)
     assert volume.meta["modality"] == "CT" and volume.meta["units"] == "HU"
+
+
+@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="shared data not present")
+def test_real_ct_series_placed_in_patient_space_matches_its_nifti_affine():
+    files = sorted(SHARED_CT.rglob("*.dcm"))
+    plain, placed = read_dicom_series(files), read_dicom_series_display(files)
+    np.testing.assert_array_equal(placed.values, plain.values)  # a standard axial series is already in display
+    ds = pydicom.dcmread(files[0])
+    top = max((pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient for f in files), key=lambda p: p[2])
+    voxel = np.array([10, 20, 30, 1.0])  # display (z, y, x)
+    lps = [top[0] + 30 * float(ds.PixelSpacing[1]), top[1] + 20 * float(ds.PixelSpacing[0]), top[2] - 10 * 5.0]
+    np.testing.assert_allclose(placed.meta["affine"] @ voxel, [-lps[0], -lps[1], lps[2], 1.0], atol=1e-6)
+    assert placed.meta["modality"] == "CT"
 
 
 def test_pydicom_ct_applies_rescale():

@@ -7,7 +7,9 @@ import csv
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -225,6 +227,47 @@ def test_volumes_nnunet_layout_normalised_slices_split_by_case(tmp_path, real_ct
         axis="coronal"))
     assert every.images == 5 * 32  # 128 coronal slices, every 4th
     assert read_picture(next(iter(load_task(tmp_path / "all").images.values()))).pixels.shape == (12, 128)
+
+
+@needs_shared
+def test_volumes_from_a_dicom_series_line_up_with_labels_drawn_in_patient_space(tmp_path):
+    """The real CT series stored mirrored (columns reversed, Image Orientation (-1, 0, 0, ...)): same anatomy, other
+    pixel order. A label volume written in patient space from the original's tags must line up with it."""
+    files = sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm"))[20:36]
+    original = read_dicom_series(files)  # standard axial: already in the display layout
+    case = tmp_path / "images" / "lung_001"
+    case.mkdir(parents=True)
+    top = None
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+        position = [float(v) for v in ds.ImagePositionPatient]
+        position[0] += (ds.Columns - 1) * float(ds.PixelSpacing[1])
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = position, [-1, 0, 0, 0, 1, 0]
+        ds.save_as(case / path.name)
+        top = position if top is None or position[2] > top[2] else top
+    label = ((original.values > -500) & (original.values < 100)).astype(np.uint8)
+    rows, columns = (float(v) for v in pydicom.dcmread(files[0]).PixelSpacing)
+    corner = [top[0] - (original.values.shape[2] - 1) * columns, top[1], top[2]]  # LPS of display voxel (0, 0, 0)
+    affine = np.array([[0, 0, -columns, -corner[0]], [0, -rows, 0, -corner[1]], [-5.0, 0, 0, corner[2]],
+                       [0, 0, 0, 1]])  # display (z, y, x) -> RAS, from the tags alone
+    (tmp_path / "labels").mkdir()
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "labels" / "lung_001.nii.gz")
+    shifted = affine.copy()
+    shifted[2, 3] += 5.0
+    (tmp_path / "images" / "lung_002").symlink_to(case, target_is_directory=True)
+    nib.save(nib.Nifti1Image(label, shifted), tmp_path / "labels" / "lung_002.nii.gz")
+    summary = import_task("volumes", tmp_path / "images", tmp_path / "task", ImportOptions(
+        modality="CT", labels=str(tmp_path / "labels"), slices="all", splits=None))
+    assert summary.problems == [(str(tmp_path / "labels" / "lung_002.nii.gz"), "label volume is not in the space "
+                                 "of the image lung_002 (their affines differ by up to 5 mm)")]
+    task = load_task(tmp_path / "task")
+    assert summary.images == 16
+    for z in range(16):
+        item = f"lung_001_{z:04d}"
+        np.testing.assert_allclose(read_picture(task.images[item]).pixels / 65535.0, ct_hu(original.values[z]),
+                                   atol=0.5 / 65535)
+        np.testing.assert_array_equal(mask_labels(task, item), label[z])
 
 
 def test_volume_problems_name_the_file(tmp_path):
