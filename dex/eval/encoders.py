@@ -46,7 +46,10 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     elif spec.source.startswith("timm:"):
         _, arch, file = spec.source.split(":", 2)
         args = {"img_size": spec.img_size} if spec.img_size else {}
-        encoder = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": file}, num_classes=0, **args)
+        # custom_load: timm's own reader for JAX .npz checkpoints; some default configs (augreg ViTs) set it, which
+        # timm 1.0.26 then applies to any local file
+        overlay = {"file": file, "custom_load": file.endswith(".npz")}
+        encoder = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **args)
     else:
         path = Path(spec.source)
         if (path / "config.json").is_file():

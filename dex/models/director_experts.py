@@ -21,6 +21,9 @@ from dex.models.kernels import segment_linear
 Mode = Literal["pretrain", "experts", "director"]
 MODES: tuple[str, ...] = ("pretrain", "experts", "director")
 EPS = 1e-6  # the epsilon of Eq. 19 and of delta_r in Eq. 21
+# Device types with autocast, asked once here: torch 2.11 raises when asked about autocast on other devices (meta),
+# and torch.compile of 2.11 breaks the graph on is_autocast_available inside a forward.
+AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
 
 
 class Routing(NamedTuple):
@@ -303,7 +306,7 @@ class ExpertBank(nn.Module):
         num_units, tokens, dim = x.shape
         top_k = indices.shape[1]
         device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         flat_experts = indices.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
