@@ -68,7 +68,12 @@ def _import_task(args: argparse.Namespace) -> int:
     summary = import_task(args.layout, args.src, args.out, options, resume=args.resume, overwrite=args.overwrite,
                           workers=args.workers)
     splits = ", ".join(f"{summary.splits.get(s, 0)} {s}" for s in ("train", "val", "test"))
-    print(f"wrote {summary.images} images ({splits}) to {summary.out}")
+    where = f"{len(summary.across_splits)} across splits" if summary.across_splits else "each within one split"
+    print(f"wrote {summary.images} images ({splits}) to {summary.out}; {len(summary.duplicates)} near-duplicate "
+          f"group(s), {where}")
+    if summary.across_splits:
+        print(f"warning: {len(summary.across_splits)} near-duplicate group(s) lie on both sides of the source's own "
+              f"split (see {summary.out / 'duplicates.csv'}); scores on it may be inflated", file=sys.stderr)
     if summary.problems:
         print(f"{len(summary.problems)} source item(s) could not be imported; see {summary.out / 'problems.csv'} "
               f"(first: {summary.problems[0][0]}: {summary.problems[0][1]})", file=sys.stderr)
@@ -260,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--splits", help="an id,split CSV with the dataset's own split (ids: image stems or "
                                           "volume case names)")
     imports.add_argument("--seed", type=int, help="seed of the 60/20/20 split where the source has none (0)")
+    imports.add_argument("--duplicate-distance", type=int,
+                         help="pHash bits within which images count as near-duplicates and share a split (2; "
+                              "-1: off)")
     imports.add_argument("--description", help="one line on the task for its README")
     imports.add_argument("--source", help="where the data comes from (citation or address)")
     imports.add_argument("--licence", help="the data's licence")

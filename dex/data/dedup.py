@@ -42,14 +42,48 @@ class NearDuplicateIndex:
         """A stored hash within ``max_distance`` bits of ``value``, or None."""
         for table, part in zip(self._tables, self._parts(value)):
             for other in table.get(part, ()):
-                if bin(other ^ value).count("1") <= self.max_distance:
+                if (other ^ value).bit_count() <= self.max_distance:
                     return other
         return None
+
+    def matches(self, value: int) -> set[int]:
+        """Every stored hash within ``max_distance`` bits of ``value``."""
+        return {other for table, part in zip(self._tables, self._parts(value)) for other in table.get(part, ())
+                if (other ^ value).bit_count() <= self.max_distance}
 
     def add(self, value: int) -> bool:
         """Store ``value`` unless it is a near-duplicate; returns True when it was new."""
         if self.find(value) is not None:
             return False
+        self.insert(value)
+        return True
+
+    def insert(self, value: int) -> None:
+        """Store ``value`` whatever is stored already."""
         for table, part in zip(self._tables, self._parts(value)):
             table.setdefault(part, []).append(value)
-        return True
+
+
+def near_duplicate_groups(hashes: dict[str, int], max_distance: int = 2) -> list[list[str]]:
+    """The groups of two or more keys whose hashes are within ``max_distance`` bits, taken transitively (a chain of
+    near-duplicates is one group); each group sorted, groups in the order of their first key."""
+    parent = {key: key for key in hashes}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    index, holders = NearDuplicateIndex(max_distance), {}
+    for key in sorted(hashes):
+        value = hashes[key]
+        for other in index.matches(value):
+            parent[root(holders[other])] = root(key)
+        if value not in holders:
+            holders[value] = key
+            index.insert(value)
+    groups: dict[str, list[str]] = {}
+    for key in sorted(hashes):
+        groups.setdefault(root(key), []).append(key)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])

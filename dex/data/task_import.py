@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dex.data.dedup import near_duplicate_groups, phash
 from dex.data.normalize import VOLUME_NORMALIZERS
 from dex.data.readers import (
     ReadError,
@@ -83,7 +84,9 @@ class ImportSummary:
     out: Path
     images: int
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    splits: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)  # images per split
+    duplicates: list[list[str]] = field(default_factory=list)  # near-duplicate groups (ids)
+    across_splits: list[list[str]] = field(default_factory=list)  # those the source's split puts on both sides
 
 
 # --- reading the sources -----------------------------------------------------------------------------------------
@@ -105,12 +108,12 @@ def _picture_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
-def _inspect(path: Path) -> tuple[tuple[int, int], str]:
-    """(height, width) and PIL mode of a PNG / JPEG, decoded in full so that a truncated file fails here."""
+def _inspect(path: Path) -> tuple[tuple[int, int], str, int]:
+    """(height, width), PIL mode and pHash of a PNG / JPEG, decoded in full so that a truncated file fails here."""
     try:
         with Image.open(path) as image:
             image.load()
-            return (image.height, image.width), image.mode
+            return (image.height, image.width), image.mode, phash(np.asarray(image.convert("F")))
     except Exception as err:
         raise ReadError(path, f"not a readable image ({type(err).__name__}: {err})") from err
 
@@ -271,12 +274,13 @@ class TaskWriter:
     def _write(self, item: Item) -> dict:
         copied = isinstance(item.image, Path) and item.image.suffix.lower() in COPIED_SUFFIXES
         if copied:
-            size, mode = _inspect(item.image)
+            size, mode, image_hash = _inspect(item.image)
             name = item.id + item.image.suffix.lower()
         else:
             pixels = _picture_pixels(item.image) if isinstance(item.image, Path) else item.image
             size, name = pixels.shape[:2], item.id + ".png"
             mode = "RGB" if pixels.ndim == 3 else "I;16" if pixels.dtype == np.uint16 else "L"
+            image_hash = phash(pixels.astype(np.float32))
         if item.mask is not None and item.mask.shape != tuple(size):
             raise ReadError(item.image if isinstance(item.image, Path) else item.id,
                             f"its mask is {item.mask.shape[0]} x {item.mask.shape[1]}, the image is "
@@ -289,17 +293,26 @@ class TaskWriter:
             (self.partial / "masks").mkdir(exist_ok=True)
             dtype = np.uint8 if item.mask.max(initial=0) < 256 else np.uint16
             Image.fromarray(item.mask.astype(dtype)).save(self.partial / "masks" / f"{item.id}.png")
-        return {"file": name, "label": item.label, "split": item.split, "size": list(size), "mode": mode}
+        return {"file": name, "label": item.label, "split": item.split, "size": list(size), "mode": mode,
+                "phash": f"{image_hash:016x}"}
 
-    def finish(self, spec: TaskSpec, seed: int = 0) -> ImportSummary:
-        """Write task.yaml, labels.csv, splits.csv, README.md and problems.csv; rename to OUT. Items without a
-        split get one by a seeded 60 / 20 / 20 draw (stratified by class for classification)."""
+    def finish(self, spec: TaskSpec, seed: int = 0, duplicate_distance: int = 2) -> ImportSummary:
+        """Write task.yaml, labels.csv, splits.csv, README.md, problems.csv and duplicates.csv; rename to OUT.
+
+        Images whose pHashes lie within ``duplicate_distance`` bits (transitively) form a group: re-exports,
+        crops, copies of one scan under two names. Items without a split get one by a seeded 60 / 20 / 20 draw of
+        whole groups (stratified by class for classification), so no group is on both sides of a split; items
+        without a split in a group with a source split join it. Groups that the source's own split puts on both
+        sides are counted and listed. ``duplicate_distance < 0`` turns grouping off."""
         if not self.items:
             raise ValueError(f"{self.partial}: no image could be imported ({len(self.problems)} problem(s); "
                              f"first: {self.problems[0] if self.problems else 'no source items found'})")
         ids = sorted(self.items)
-        splits = _fill_splits({i: self.items[i]["split"] for i in ids},
-                              {i: self.items[i]["label"] for i in ids}, seed)
+        groups = [] if duplicate_distance < 0 else near_duplicate_groups(
+            {i: int(self.items[i]["phash"], 16) for i in ids}, duplicate_distance)
+        splits = _fill_splits({i: self.items[i]["split"] for i in ids}, {i: self.items[i]["label"] for i in ids},
+                              groups, seed)
+        across = [g for g in groups if len({splits[i] for i in g}) > 1]
         sizes = Counter(tuple(self.items[i]["size"]) for i in ids)
         modes = Counter(self.items[i]["mode"] for i in ids)
         spec.image_size = list(sizes.most_common(1)[0][0])
@@ -317,24 +330,41 @@ class TaskWriter:
                 (low, high) = min(sizes), max(sizes)
                 handle.write(f"- Image sizes vary ({len(sizes)} sizes, from {low[0]} x {low[1]} to "
                              f"{high[0]} x {high[1]}); the most common is given above.\n")
+        if groups:
+            with open(self.partial / "README.md", "a") as handle:
+                handle.write(f"- Near-duplicates (pHash within {duplicate_distance} bits): {len(groups)} group(s) of "
+                             f"{sum(map(len, groups))} images in `duplicates.csv`"
+                             + (f"; {len(across)} group(s) lie on both sides of the source's own split.\n" if across
+                                else ", each within one split.\n"))
+        write_csv(self.partial / "duplicates.csv", ("id", "group", "split"),
+                  [(i, n, splits[i]) for n, group in enumerate(groups) for i in group])
         write_csv(self.partial / "problems.csv", ("file", "reason"), self.problems)
         self.journal.unlink()
         if self.out.exists():
             shutil.rmtree(self.out)
         self.partial.rename(self.out)
-        return ImportSummary(self.out, len(ids), list(self.problems), dict(Counter(splits.values())))
+        return ImportSummary(self.out, len(ids), list(self.problems), dict(Counter(splits.values())), groups,
+                             across)
 
 
-def _fill_splits(splits: dict[str, str | None], labels: dict[str, str | None], seed: int) -> dict[str, str]:
+def _fill_splits(splits: dict[str, str | None], labels: dict[str, str | None], groups: list[list[str]],
+                 seed: int) -> dict[str, str]:
+    """Every item's split: its own, else its group's (the most common source split in it), else a seeded 60 / 20
+    / 20 draw of whole groups per class (a group counts once, under its first member's label)."""
     out = {i: s for i, s in splits.items() if s}
-    groups: dict = {}
-    for item in sorted(i for i in splits if not splits[i]):
-        groups.setdefault(labels[item], []).append(item)
+    units = groups + [[i] for i in sorted(set(splits) - {i for g in groups for i in g})]
+    by_label: dict = {}
+    for unit in units:
+        given = Counter(out[i] for i in unit if i in out)
+        if given:
+            out.update({i: given.most_common(1)[0][0] for i in unit if i not in out})
+        else:
+            by_label.setdefault(labels[unit[0]], []).append(unit)
     rng = np.random.default_rng(seed)
-    for key in sorted(groups, key=str):
-        members = groups[key]
+    for key in sorted(by_label, key=str):
+        members = sorted(by_label[key])
         for position, index in enumerate(rng.permutation(len(members))):
-            out[members[index]] = split_of(position, len(members))
+            out.update({i: split_of(position, len(members)) for i in members[index]})
     return out
 
 
@@ -624,6 +654,7 @@ class ImportOptions:
     channel: int = 0
     splits: str | None = None  # an id,split CSV with the source's official split
     seed: int = 0
+    duplicate_distance: int = 2  # pHash bits within which images are grouped as near-duplicates; < 0: off
     description: str = ""
     source: str = ""
     licence: str = ""
@@ -663,4 +694,4 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
         description=options.description, source=options.source or f"{src} ({layout} layout)",
         licence=options.licence or "see the source", metrics=["dice"] if segmentation else CLASSIFICATION_METRICS,
     )
-    return writer.finish(spec, options.seed)
+    return writer.finish(spec, options.seed, options.duplicate_distance)

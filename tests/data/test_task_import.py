@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dex.cli import main
+from dex.data.dedup import near_duplicate_groups
 from dex.data.normalize import ct_hu
 from dex.data.phantoms.writers import write_nifti
 from dex.data.readers import read_dicom_series, read_picture
@@ -57,6 +58,9 @@ def test_class_folders_with_split_folders_keep_labels_splits_and_bytes(tmp_path)
         original = next((SHARED / "mr-brain-tumour" / "images").glob(f"{item}.*"))
         assert task.images[item].read_bytes() == original.read_bytes()
     assert not (tmp_path / "task.partial").exists()
+    # the release puts copies of some scans in both Training and Testing (checked by eye): reported, not moved
+    assert len(summary.across_splits) == 5 and ["Te-me_0096", "Tr-me_0273"] in summary.across_splits
+    assert "5 group(s) lie on both sides of the source's own split" in (tmp_path / "task" / "README.md").read_text()
 
 
 @needs_shared
@@ -180,6 +184,11 @@ def test_csv_with_named_columns_and_one_hot_labels(tmp_path):
     for folder in ("a", "b"):
         task = load_task(tmp_path / folder)
         assert {i: task.spec.classes[c] for i, c in task.labels.items()} == labels
+    # BUSI holds re-exported copies of the same scans: each group of them is drawn into one split
+    assert len(first.duplicates) >= 50 and not first.across_splits
+    split = _rows(tmp_path / "a" / "splits.csv")
+    assert all(len({split[i] for i in group}) == 1 for group in first.duplicates)
+    assert ["benign_1", "benign_318"] in first.duplicates
     assert (tmp_path / "a" / "splits.csv").read_bytes() == (tmp_path / "b" / "splits.csv").read_bytes()
     with pytest.raises(ValueError, match=r"no column\(s\) \['id', 'diagnosis'\]; the columns are \['image'"):
         import_task("csv", onehot, tmp_path / "c",
@@ -259,8 +268,8 @@ def test_volumes_from_a_dicom_series_line_up_with_labels_drawn_in_patient_space(
     nib.save(nib.Nifti1Image(label, shifted), tmp_path / "labels" / "lung_002.nii.gz")
     summary = import_task("volumes", tmp_path / "images", tmp_path / "task", ImportOptions(
         modality="CT", labels=str(tmp_path / "labels"), slices="all", splits=None))
-    assert summary.problems == [(str(tmp_path / "labels" / "lung_002.nii.gz"), "label volume is not in the space "
-                                 "of the image lung_002 (their affines differ by up to 5 mm)")]
+    reason = "label volume is not in the space of the image lung_002 (their affines differ by up to 5 mm)"
+    assert summary.problems == [(str(tmp_path / "labels" / "lung_002.nii.gz"), reason)]
     task = load_task(tmp_path / "task")
     assert summary.images == 16
     for z in range(16):
@@ -351,3 +360,33 @@ def test_a_killed_import_resumes_to_the_same_folder(tmp_path):
         assert (tmp_path / "whole" / path).read_bytes() == (tmp_path / "resumed" / path).read_bytes()
     with pytest.raises(ValueError, match="already exists"):
         TaskWriter(tmp_path / "whole")
+
+
+def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs():
+    rng = np.random.default_rng(0)
+    base = [int(v) for v in rng.integers(0, 2**63, 40, dtype=np.int64)]
+    hashes = {f"i{n}": value for n, value in enumerate(base)}
+    for n in range(60):  # variants a few bits away, some chained through each other
+        values = list(hashes.values())
+        source = values[rng.integers(0, len(values))] if n % 3 else base[n % 40]
+        flips = rng.choice(64, size=rng.integers(0, 4), replace=False)
+        hashes[f"v{n}"] = source ^ sum(1 << int(b) for b in flips)
+    for distance in (0, 2, 3):
+        keys = sorted(hashes)
+        parent = {k: k for k in keys}
+
+        def root(k, parent=parent):
+            while parent[k] != k:
+                k = parent[k]
+            return k
+
+        for a in keys:
+            for b in keys:
+                if (hashes[a] ^ hashes[b]).bit_count() <= distance:
+                    parent[root(a)] = root(b)
+        expected = {}
+        for k in keys:
+            expected.setdefault(root(k), []).append(k)
+        expected = sorted((g for g in expected.values() if len(g) > 1), key=lambda g: g[0])
+        assert near_duplicate_groups(hashes, distance) == expected
+        assert expected  # the case is not trivial
