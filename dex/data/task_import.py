@@ -23,6 +23,7 @@ the import carries on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -53,6 +54,7 @@ from dex.data.tasks import SPLITS, TaskSpec, finish_task, split_of, write_csv
 LAYOUTS = ("class-folders", "csv", "pairs", "volumes", "medmnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")  # stored as they are; the others are converted to PNG
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # PIL modes of one-channel images
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -198,9 +200,13 @@ def _read_mask(path: Path, mapping: MaskMapping) -> np.ndarray:
 # --- writing the task folder ------------------------------------------------------------------------------------
 
 class TaskWriter:
-    """Writes ``OUT.partial/`` item by item with a journal of the source units done, then renames it to ``OUT``."""
+    """Writes ``OUT.partial/`` item by item with a journal of the source units done, then renames it to ``OUT``.
 
-    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False, workers: int = 1) -> None:
+    ``settings`` (JSON-able: what the import was asked to do) are stored with the journal; resuming with other
+    settings is refused, so one folder never mixes two imports."""
+
+    def __init__(self, out: str | Path, resume: bool = False, overwrite: bool = False, workers: int = 1,
+                 settings: dict | None = None) -> None:
         self.out, self.workers = Path(out), max(1, workers)
         self.partial = self.out.with_name(self.out.name + ".partial")
         if self.out.exists() and not overwrite:
@@ -208,8 +214,12 @@ class TaskWriter:
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
         (self.partial / "images").mkdir(parents=True, exist_ok=True)
+        stored, settings = self.partial / "settings.json", json.loads(json.dumps(settings or {}))
+        if stored.is_file() and json.loads(stored.read_text()) != settings:
+            raise ValueError(f"{stored}: the interrupted import had other settings; run it again without --resume")
+        stored.write_text(json.dumps(settings, indent=1, sort_keys=True))
         self.journal = self.partial / "journal.jsonl"
-        self.items: dict[str, dict] = {}  # id -> {"label", "split", "size", "mode"}
+        self.items: dict[str, dict] = {}  # id -> {"file", "label", "split", "size", "mode", "phash"}
         self.done: set[str] = set()
         self.problems: list[tuple[str, str]] = []
         if self.journal.is_file():
@@ -316,7 +326,7 @@ class TaskWriter:
         sizes = Counter(tuple(self.items[i]["size"]) for i in ids)
         modes = Counter(self.items[i]["mode"] for i in ids)
         spec.image_size = list(sizes.most_common(1)[0][0])
-        spec.channels = 1 if modes.most_common(1)[0][0] in ("L", "I;16", "I", "1", "P") else 3
+        spec.channels = 1 if modes.most_common(1)[0][0] in GREY_MODES else 3  # palettes are read as RGB
         spec.bit_depth = 16 if modes.most_common(1)[0][0] in ("I;16", "I") else 8
         if spec.type == "classification":
             found = sorted({self.items[i]["label"] for i in ids})
@@ -340,6 +350,7 @@ class TaskWriter:
                   [(i, n, splits[i]) for n, group in enumerate(groups) for i in group])
         write_csv(self.partial / "problems.csv", ("file", "reason"), self.problems)
         self.journal.unlink()
+        (self.partial / "settings.json").unlink()
         if self.out.exists():
             shutil.rmtree(self.out)
         self.partial.rename(self.out)
@@ -673,7 +684,8 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
     segmentation = layout in ("pairs", "volumes")
     classes = list(options.classes) or (["background", "foreground"] if segmentation else [])
     mapping = MaskMapping.parse(classes, options.mask_values)
-    writer = TaskWriter(out, resume=resume, overwrite=overwrite, workers=workers)
+    settings = {"layout": layout, "src": str(src), **dataclasses.asdict(options)}
+    writer = TaskWriter(out, resume=resume, overwrite=overwrite, workers=workers, settings=settings)
     if layout == "class-folders":
         import_class_folders(src, writer, options.splits)
     elif layout == "csv":

@@ -362,6 +362,16 @@ def test_a_killed_import_resumes_to_the_same_folder(tmp_path):
         TaskWriter(tmp_path / "whole")
 
 
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    killed = TaskWriter(tmp_path / "task", settings={"layout": "pairs", "mask_pattern": "{stem}_mask"})
+    with pytest.raises(KeyboardInterrupt):
+        killed.run(_units(4, stop_at=2))
+    with pytest.raises(ValueError, match="settings.json: the interrupted import had other settings"):
+        TaskWriter(tmp_path / "task", resume=True, settings={"layout": "pairs", "mask_pattern": "{stem}_1stHO"})
+    same = TaskWriter(tmp_path / "task", resume=True, settings={"layout": "pairs", "mask_pattern": "{stem}_mask"})
+    assert same.done == {"unit0", "unit1"}
+
+
 def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs():
     rng = np.random.default_rng(0)
     base = [int(v) for v in rng.integers(0, 2**63, 40, dtype=np.int64)]
