@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import a dataset as it was released into a dex task folder (images/, masks/ or labels.csv, "
                     "splits.csv, task.yaml). Layouts: class-folders (SRC/[split/]class/image), csv (SRC is a CSV "
                     "of image names and labels), pairs (SRC holds images, masks matched by name), volumes (SRC "
-                    "holds NIfTI volumes, --labels their label volumes; cut into normalised 2D slices, split by "
-                    "case), medmnist (SRC is a MedMNIST .npz). Items that cannot be imported are listed in "
+                    "holds NIfTI volumes or DICOM series folders, --labels their NIfTI label volumes; cut into "
+                    "normalised 2D slices, split by case), medmnist (SRC is a MedMNIST .npz). Items that cannot be imported are listed in "
                     "OUT/problems.csv and the command exits with status 3.")
     imports.add_argument("layout", choices=["class-folders", "csv", "pairs", "volumes", "medmnist"])
     imports.add_argument("src", help="the dataset folder, CSV or .npz")

@@ -121,7 +121,10 @@ def _inspect(path: Path) -> tuple[tuple[int, int], str, int]:
 
 
 def _parse_value(text: str) -> int | tuple[int, int, int]:
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         return parts[0]
     if len(parts) == 3:

@@ -161,6 +161,8 @@ def test_colour_masks_through_a_value_map_and_unknown_colours(tmp_path):
     assert summary.problems == [(str(masks / "f9.png"), "mask values [(1, 2, 3)] are not in the --mask-value map")]
     with pytest.raises(ValueError, match="expected VALUE=CLASS"):
         import_task("pairs", images, tmp_path / "other", ImportOptions(mask_values=["255=liver"]))
+    with pytest.raises(ValueError, match="mask value '2a': give one integer or R,G,B"):
+        import_task("pairs", images, tmp_path / "other", ImportOptions(mask_values=["2a=foreground"]))
 
 
 @needs_shared
