@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(* for several masks per image, merged); default {stem}")
     imports.add_argument("--mask-value", dest="mask_values", action="append", metavar="VALUE=CLASS",
                          help="a mask value (255, or R,G,B for colour masks) and its class; repeat for each")
+    imports.add_argument("--class-mask", dest="class_masks", action="append", metavar="CLASS=PATTERN",
+                         help="pairs, one binary mask per class: the class and its masks' name pattern below "
+                              "--masks, e.g. 'microaneurysm=1. Microaneurysms/{stem}_MA'; repeat for each class "
+                              "(later ones painted over earlier ones)")
     imports.add_argument("--id-column", help="csv: the column naming the image (id)")
     imports.add_argument("--label-column", help="csv: the label column (label), or onehot:A,B,C for one-hot "
                                                 "columns")

@@ -312,10 +312,9 @@ def _pil_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def read_label_map(path: str | Path) -> np.ndarray:
-    """A segmentation mask: [H, W] integer label values. Palette images keep their indices (not colours);
-    RGB masks with grey values (R = G = B) are taken as grey."""
-    path = Path(path)
+def read_mask_pixels(path: str | Path) -> np.ndarray:
+    """A mask file's stored values: [H, W] for grey and palette images (palette indices, not colours), [H, W, 3]
+    for colour ones (alpha dropped); RGB masks with grey values (R = G = B) come back as grey."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -323,9 +322,19 @@ def read_label_map(path: str | Path) -> np.ndarray:
     except Exception as err:
         raise ReadError(path, f"not a readable mask ({type(err).__name__}: {err})") from err
     if pixels.ndim == 3:
-        if not (pixels[..., :1] == pixels[..., :3]).all():
-            raise ReadError(path, "an RGB mask must be grey (R = G = B) or be stored with a palette")
+        pixels = pixels[..., 0] if pixels.shape[2] == 2 else pixels[..., :3]  # grey + alpha, RGBA
+    if pixels.ndim == 3 and (pixels[..., :1] == pixels).all():
         pixels = pixels[..., 0]
+    return pixels
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A segmentation mask: [H, W] integer label values. Palette images keep their indices (not colours);
+    RGB masks with grey values (R = G = B) are taken as grey."""
+    path = Path(path)
+    pixels = read_mask_pixels(path)
+    if pixels.ndim == 3:
+        raise ReadError(path, "an RGB mask must be grey (R = G = B) or be stored with a palette")
     return pixels.astype(np.int64)
 
 

@@ -45,6 +45,7 @@ from dex.data.readers import (
     group_dicom_series,
     read_dicom_pictures,
     read_dicom_series_display,
+    read_mask_pixels,
     read_nifti,
     read_picture,
     suv_values,
@@ -182,22 +183,6 @@ class MaskMapping:
             shown = [tuple(int(v) for v in u) if len(u) > 1 else int(u[0]) for u in unknown]
             raise ReadError(path, f"mask values {shown} are not in the --mask-value map")
         return out
-
-
-def _read_mask(path: Path, mapping: MaskMapping) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode == "1":
-                image = image.convert("L")
-            elif image.mode in ("RGBA", "LA"):
-                image = image.convert("RGB" if image.mode == "RGBA" else "L")
-            raw = np.asarray(image)
-    except Exception as err:
-        raise ReadError(path, f"not a readable mask ({type(err).__name__}: {err})") from err
-    if raw.ndim == 3 and (raw[..., :1] == raw).all():  # grey stored as RGB
-        raw = raw[..., 0]
-    return mapping(path, raw)
 
 
 # --- writing the task folder ------------------------------------------------------------------------------------
@@ -481,40 +466,76 @@ def import_csv(csv_path: str | Path, images: str | Path, writer: TaskWriter, id_
     writer.run((f"{csv_path}:{line}", unit(line, row)) for line, row in enumerate(rows, start=2))
 
 
+def _name_regex(pattern: str) -> re.Pattern:
+    """``{stem}_mask*`` -> a regex with a ``stem`` group; ``*`` stays within one path part."""
+    body = re.escape(pattern).replace(r"\{stem\}", "(?P<stem>[^/]+?)").replace(r"\*", "[^/]*")
+    return re.compile(f"^{body}$")
+
+
+def _match_masks(candidates: Sequence[Path], root: Path, pattern: str) -> dict[str, list[Path]]:
+    """Image stem -> the files whose name (without suffix; the path below ``root`` when the pattern has a ``/``)
+    matches ``pattern``."""
+    regex, out = _name_regex(pattern), {}
+    for path in candidates:
+        name = path.relative_to(root).with_suffix("").as_posix() if "/" in pattern else path.stem
+        match = regex.match(name)
+        if match:
+            out.setdefault(match.group("stem"), []).append(path)
+    return out
+
+
+def _read_binary_mask(path: Path) -> np.ndarray:
+    """A one-class mask as [H, W] bool: 0/1 or 0/255 (or lossy) grey, palette indices or colour, any channel."""
+    raw = read_mask_pixels(path)
+    if raw.ndim == 3:
+        raw = raw.max(axis=2)
+    return raw > (0 if raw.max(initial=0) <= 1 else np.iinfo(raw.dtype).max // 2 if raw.dtype.kind == "u" else 0.5)
+
+
 def import_pairs(images: str | Path, writer: TaskWriter, mapping: MaskMapping, masks: str | Path | None = None,
-                 mask_pattern: str = "{stem}", splits_file: str | Path | None = None) -> None:
-    """Images and masks matched by name. ``mask_pattern`` gives a mask's file stem from its image's stem, with
-    ``*`` for several masks of one image (BUSI ``{stem}_mask*``: their labels are merged by the maximum).
-    ``masks`` defaults to the images folder; files in it that are masks are not taken as images."""
+                 mask_pattern: str = "{stem}", splits_file: str | Path | None = None,
+                 class_patterns: Sequence[tuple[int, str]] = ()) -> None:
+    """Images and masks matched by name. ``mask_pattern`` gives a mask's name from its image's stem, with ``*``
+    for several masks of one image (BUSI ``{stem}_mask*``: their labels are merged by the maximum); with a ``/``
+    it is a path below ``masks``. ``masks`` defaults to the images folder; files in it that are masks are not taken
+    as images.
+
+    ``class_patterns``: (class index, pattern) for releases with one binary mask per class (IDRiD's lesion
+    folders, JSRT/SCR's organ folders): each class's pixels are painted in the order given, later classes over
+    earlier ones; an image needs at least one of them."""
     images = Path(images)
     masks = Path(masks) if masks is not None else images
-    candidates = _images_in(masks)
-    regex = re.compile("^" + re.escape(mask_pattern).replace(r"\{stem\}", "(?P<stem>.+?)").replace(r"\*", ".*") + "$")
-    if masks == images and mask_pattern == "{stem}":
+    if masks == images and mask_pattern == "{stem}" and not class_patterns:
         raise ValueError(f"{images}: masks in the image folder need a --mask-pattern such as {{stem}}_mask")
-    mask_files: dict[str, list[Path]] = {}
-    for path in candidates:
-        match = regex.match(path.stem)
-        if match:
-            mask_files.setdefault(match.group("stem"), []).append(path)
-    is_mask = {p for paths in mask_files.values() for p in paths}
+    candidates = _images_in(masks)
+    per_class = [(index, _match_masks(candidates, masks, pattern)) for index, pattern in class_patterns]
+    mask_files = {} if class_patterns else _match_masks(candidates, masks, mask_pattern)
+    is_mask = {p for found in [mask_files, *(m for _, m in per_class)] for paths in found.values() for p in paths}
     sources = [p for p in _images_in(images) if p not in is_mask]
     if not sources:
         raise ValueError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
     ids = _unique_ids(sources, images)
     official = _read_split_file(splits_file)
+    wanted = " or ".join(pattern for _, pattern in class_patterns) or mask_pattern
+
+    def labels_of(path: Path) -> np.ndarray:
+        if class_patterns:
+            found = [(index, m) for index, matched in per_class for m in matched.get(path.stem, [])]
+            layers = [np.where(_read_binary_mask(m), index, 0) for index, m in found]
+        else:
+            found = [(0, m) for m in mask_files.get(path.stem, [])]
+            layers = [mapping(m, read_mask_pixels(m)) for _, m in found]
+        if not found:
+            raise ReadError(path, f"no mask named {wanted.replace('{stem}', path.stem)}.* in {masks}")
+        if any(layer.shape != layers[0].shape for layer in layers):
+            raise ReadError(found[0][1], f"the masks of {path.name} differ in size")
+        out = layers[0]
+        for layer in layers[1:]:  # one class per file: later over earlier; several masks of one image: union
+            out = np.where(layer > 0, layer, out) if class_patterns else np.maximum(out, layer)
+        return out
 
     def unit(path: Path) -> Callable[[], list[Item]]:
-        def make() -> list[Item]:
-            found = mask_files.get(path.stem, [])
-            if not found:
-                raise ReadError(path, f"no mask named {mask_pattern.format(stem=path.stem)}.* in {masks}")
-            labels = [_read_mask(m, mapping) for m in found]
-            if any(lab.shape != labels[0].shape for lab in labels):
-                raise ReadError(found[0], f"the masks of {path.name} differ in size")
-            return [Item(_clean(ids[path]), path, mask=np.maximum.reduce(labels),
-                         split=official.get(path.stem))]
-        return make
+        return lambda: [Item(_clean(ids[path]), path, mask=labels_of(path), split=official.get(path.stem))]
 
     writer.run((str(path), unit(path)) for path in sources)
 
@@ -658,6 +679,7 @@ class ImportOptions:
     labels: str | None = None  # volumes: the label volume folder
     mask_pattern: str = "{stem}"
     mask_values: list[str] = field(default_factory=list)  # VALUE=CLASS
+    class_masks: list[str] = field(default_factory=list)  # CLASS=PATTERN: one binary mask file per class
     id_column: str = "id"
     label_column: str = "label"
     split_column: str | None = None
@@ -685,7 +707,14 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
     segmentation = layout in ("pairs", "volumes")
-    classes = list(options.classes) or (["background", "foreground"] if segmentation else [])
+    class_masks = [pair.partition("=")[::2] for pair in options.class_masks]
+    if any(not name or not pattern or "{stem}" not in pattern for name, pattern in class_masks):
+        raise ValueError(f"--class-mask {options.class_masks}: expected CLASS=PATTERN with {{stem}} in the pattern")
+    default = ["background", *(name for name, _ in class_masks)] if class_masks else ["background", "foreground"]
+    classes = list(options.classes) or (default if segmentation else [])
+    unknown = [name for name, _ in class_masks if name not in classes]
+    if unknown:
+        raise ValueError(f"--class-mask classes {unknown} are not among the classes {classes}")
     mapping = MaskMapping.parse(classes, options.mask_values)
     settings = {"layout": layout, "src": str(src), **dataclasses.asdict(options)}
     writer = TaskWriter(out, resume=resume, overwrite=overwrite, workers=workers, settings=settings)
@@ -695,7 +724,8 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
         import_csv(src, options.images or src.parent, writer, options.id_column, options.label_column,
                    options.split_column)
     elif layout == "pairs":
-        import_pairs(src, writer, mapping, options.masks, options.mask_pattern, options.splits)
+        import_pairs(src, writer, mapping, options.masks, options.mask_pattern, options.splits,
+                     [(classes.index(name), pattern) for name, pattern in class_masks])
     elif layout == "volumes":
         if options.labels is None:
             raise ValueError("the volumes layout needs --labels (the folder of label volumes)")

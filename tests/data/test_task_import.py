@@ -105,6 +105,40 @@ def test_pairs_in_one_folder_by_name_pattern_as_chase_releases_them(tmp_path):
         np.testing.assert_array_equal(mask_labels(task, item), mask_labels(original, item))
 
 
+@needs_shared
+def test_one_binary_mask_per_class_in_class_folders_as_idrid_releases_them(tmp_path):
+    source = SHARED / "fundus-vessels-chase"
+    images, masks = tmp_path / "1. Original Images", tmp_path / "2. All Segmentation Groundtruths"
+    images.mkdir()
+    stems = sorted(p.stem for p in (source / "images").iterdir())[:4]
+    expected, chase = {}, load_task(source)
+    for n, stem in enumerate(stems):
+        os.symlink(source / "images" / f"{stem}.jpg", images / f"{stem}.jpg")
+        vessels = mask_labels(chase, stem) > 0
+        expected[stem] = vessels.astype(np.int64)
+        if n < 3:
+            _picture(masks / "1. Vessels" / f"{stem}_VS.png", vessels.astype(np.uint8) * 255)
+        disc = np.zeros(vessels.shape, bool)
+        disc[100:200, 300:400] = True
+        if n % 2 == 0:  # the optic disc as a red RGB TIFF, drawn over the vessels
+            red = np.zeros((*vessels.shape, 3), np.uint8)
+            red[disc, 0] = 255
+            _picture(masks / "3. Optic Disc" / f"{stem}_OD.tif", red)
+            expected[stem][disc] = 2
+    options = ImportOptions(modality="fundus", masks=str(masks),
+                            class_masks=["vessel=1. Vessels/{stem}_VS", "optic disc=3. Optic Disc/{stem}_OD"])
+    summary = import_task("pairs", images, tmp_path / "task", options)
+    task = load_task(tmp_path / "task")
+    assert task.spec.classes == ["background", "vessel", "optic disc"]
+    assert sorted(task.images) == stems[:3]  # the fourth has no mask of any class
+    reason = f"no mask named 1. Vessels/{stems[3]}_VS or 3. Optic Disc/{stems[3]}_OD.* in {masks}"
+    assert summary.problems == [(str(images / f"{stems[3]}.jpg"), reason)]
+    for stem in stems[:3]:
+        np.testing.assert_array_equal(mask_labels(task, stem), expected[stem])
+    with pytest.raises(ValueError, match=r"expected CLASS=PATTERN with \{stem\}"):
+        import_task("pairs", images, tmp_path / "bad", ImportOptions(class_masks=["vessel=vessels/VS"]))
+
+
 def _picture(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
