@@ -24,6 +24,7 @@ from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dex.eval.encoders import EncoderSpec, freeze_all_but_last, load_encoder
 from dex.eval.metrics import DiceAccumulator, classification_metrics
 from dex.models.unetr import UNETR2D
+from dex.train.reproducibility import seed_everything
 from dex.train.schedules import warmup_cosine
 
 
@@ -116,10 +117,9 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
     """Fine-tune ``encoder_spec`` on ``task`` with ``seed``; returns the run's record (validation and test
     metrics of the best validation epoch, the settings, the time taken)."""
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
+    seed_everything(seed, device)
     encoder = load_encoder(encoder_spec)
     if config.trainable_blocks is not None:
         freeze_all_but_last(encoder, config.trainable_blocks)

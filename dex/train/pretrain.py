@@ -46,6 +46,7 @@ from dex.models import (
 from dex.train.checkpoint import CheckpointManager
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor, normalised_entropy
+from dex.train.reproducibility import seed_everything
 from dex.train.schedules import cosine, warmup_cosine
 
 log = logging.getLogger("dex.train")
@@ -123,12 +124,6 @@ class TrainState:
 class PretrainResult(NamedTuple):
     run_dir: Path
     model: MaskedAutoencoderDEX
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_mae(config: PretrainConfig) -> MaskedAutoencoderDEX:
@@ -336,7 +331,7 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     if per_rank * ctx.world_size != config.batch_size or micro_batch * config.accum_steps != per_rank:
         raise ValueError(f"batch_size {config.batch_size} does not split into {ctx.world_size} ranks x "
                          f"{config.accum_steps} accumulation steps")
-    seed_everything(config.seed)
+    seed_everything(config.seed, ctx.device)
     model = build_mae(config).to(ctx.device).train()
     sharded = _sharded(config, ctx)
     if sharded:
