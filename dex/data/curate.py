@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dex.data.dedup import NearDuplicateIndex, phash
+from dex.data.journal import append_record, read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS, scale_255
 from dex.data.readers import (
     ReadError,
@@ -300,18 +301,6 @@ def _salt(out: Path) -> str:
     return path.read_text().strip()
 
 
-def _read_journal(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: that commit did not happen
-            break
-    return records
-
-
 def _parse_part(part: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)/(\d+)", part)
     if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
@@ -342,7 +331,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     out.mkdir(parents=True, exist_ok=True)
     salt = _salt(out)
     shards_dir = out / "shards"
-    records = _read_journal(journal_path)
+    records = read_journal(journal_path, repair=True)
     committed = _recover_shards(shards_dir, tag, records)
     done_units = {(o["source"], o["unit"]) for r in records for o in r["units"]}
     committed_keys = {row["key"] for r in records for row in r["rows"]}
@@ -365,7 +354,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     header = {"type": "header", "recipe": recipe.name, "sources": [asdict(s) for s in recipe.sources],
               "dedup_distance": options.dedup_distance, "rows": [], "units": [], "shard": None}
     if not records:
-        _append(journal_path, header)
+        append_record(journal_path, header)
         records.append(header)
     elif (records[0]["sources"], records[0]["dedup_distance"]) != (header["sources"], header["dedup_distance"]):
         raise ValueError(f"{recipe_path}: the recipe or options changed since {journal_path} was started; "
@@ -395,7 +384,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     writer.finish()
     if parts == 1:
         finalize(out)
-    all_records = _read_journal(journal_path)
+    all_records = read_journal(journal_path)
     dropped = Counter()
     for r in all_records:
         for o in r["units"]:
@@ -420,13 +409,6 @@ def _map(jobs: list[tuple], workers: int) -> Iterator[UnitResult]:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _recover_shards(shards_dir: Path, tag: str, records: list[dict[str, Any]]) -> int:
@@ -475,7 +457,7 @@ class ShardWriterForPart:
         if closed is None and not self.done:
             return
         name, tmp = closed if closed else (None, None)
-        _append(self.journal, {"type": "commit", "shard": name, "rows": self.rows, "units": self.done})
+        append_record(self.journal, {"type": "commit", "shard": name, "rows": self.rows, "units": self.done})
         if tmp is not None:
             tmp.replace(tmp.with_suffix(""))
         self.rows, self.done = [], []
@@ -500,7 +482,7 @@ def finalize(out: str | Path) -> dict[str, Any]:
     rows, outcomes, shards = [], [], []
     distance = 0
     for path in journals:
-        for record in _read_journal(path):
+        for record in read_journal(path):
             if record["type"] == "header":
                 sources.update({s["name"]: s for s in record["sources"]})
                 distance = record["dedup_distance"]

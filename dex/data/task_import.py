@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from dex.data.dedup import near_duplicate_groups, phash
+from dex.data.journal import read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS
 from dex.data.readers import (
     ReadError,
@@ -210,18 +211,10 @@ class TaskWriter:
         self.items: dict[str, dict] = {}  # id -> {"file", "label", "split", "size", "mode", "phash"}
         self.done: set[str] = set()
         self.problems: list[tuple[str, str]] = []
-        if self.journal.is_file():
-            lines = []
-            for line in self.journal.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a killed run: cut it off
-                    break
-                lines.append(line + "\n")
-                self.done.add(record["unit"])
-                self.items.update(record["items"])
-                self.problems.extend(tuple(p) for p in record["problems"])
-            self.journal.write_text("".join(lines))
+        for record in read_journal(self.journal, repair=True):
+            self.done.add(record["unit"])
+            self.items.update(record["items"])
+            self.problems.extend(tuple(p) for p in record["problems"])
         self._claimed, self._lock = set(self.items), threading.Lock()
 
     def run(self, units: Iterable[tuple[str, Callable[[], list[Item]]]]) -> None:
