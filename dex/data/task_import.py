@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dex.data.curate import AXES
 from dex.data.dedup import near_duplicate_groups, phash
 from dex.data.journal import read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS
@@ -51,7 +52,7 @@ from dex.data.readers import (
     read_picture,
     suv_values,
 )
-from dex.data.tasks import SPLITS, TaskSpec, finish_task, split_of, write_csv
+from dex.data.tasks import CLASSIFICATION_METRICS, SPLITS, TaskSpec, finish_task, split_of, write_csv
 
 LAYOUTS = ("class-folders", "csv", "pairs", "volumes", "medmnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
@@ -62,8 +63,6 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test", "ts": "test",
 }
-SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
-CLASSIFICATION_METRICS = ["f1_macro", "accuracy", "balanced_accuracy", "auroc"]
 
 
 @dataclass
@@ -316,17 +315,18 @@ class TaskWriter:
             if unknown:
                 raise ValueError(f"labels {unknown} are not among the classes {spec.classes}")
         finish_task(self.partial, spec, ids, {i: self.items[i]["label"] for i in ids}, splits)
+        notes = []
         if len(sizes) > 1:
-            with open(self.partial / "README.md", "a") as handle:
-                (low, high) = min(sizes), max(sizes)
-                handle.write(f"- Image sizes vary ({len(sizes)} sizes, from {low[0]} x {low[1]} to "
-                             f"{high[0]} x {high[1]}); the most common is given above.\n")
+            low, high = min(sizes), max(sizes)
+            notes.append(f"- Image sizes vary ({len(sizes)} sizes, from {low[0]} x {low[1]} to {high[0]} x {high[1]}); "
+                         "the most common is given above.")
         if groups:
-            with open(self.partial / "README.md", "a") as handle:
-                handle.write(f"- Near-duplicates (pHash within {duplicate_distance} bits): {len(groups)} group(s) of "
-                             f"{sum(map(len, groups))} images in `duplicates.csv`"
-                             + (f"; {len(across)} group(s) lie on both sides of the source's own split.\n" if across
-                                else ", each within one split.\n"))
+            where = (f"{len(across)} group(s) lie on both sides of the source's own split" if across
+                     else "each within one split")
+            notes.append(f"- Near-duplicates (pHash within {duplicate_distance} bits): {len(groups)} group(s) of "
+                         f"{sum(map(len, groups))} images in `duplicates.csv`; {where}.")
+        with open(self.partial / "README.md", "a") as handle:
+            handle.writelines(line + "\n" for line in notes)
         write_csv(self.partial / "duplicates.csv", ("id", "group", "split"),
                   [(i, n, splits[i]) for n, group in enumerate(groups) for i in group])
         write_csv(self.partial / "problems.csv", ("file", "reason"), self.problems)
@@ -478,11 +478,10 @@ def _match_masks(candidates: Sequence[Path], root: Path, pattern: str) -> dict[s
 
 
 def _read_binary_mask(path: Path) -> np.ndarray:
-    """A one-class mask as [H, W] bool: 0/1 or 0/255 (or lossy) grey, palette indices or colour, any channel."""
+    """A one-class mask as [H, W] bool: 0/1 or 0/255 (or lossy) grey, palette indices, or colour (any channel),
+    by the two-class rule of :class:`MaskMapping`."""
     raw = read_mask_pixels(path)
-    if raw.ndim == 3:
-        raw = raw.max(axis=2)
-    return raw > (0 if raw.max(initial=0) <= 1 else np.iinfo(raw.dtype).max // 2 if raw.dtype.kind == "u" else 0.5)
+    return MaskMapping(["background", "foreground"])(path, raw.max(axis=2) if raw.ndim == 3 else raw) > 0
 
 
 def import_pairs(images: str | Path, writer: TaskWriter, mapping: MaskMapping, masks: str | Path | None = None,
@@ -558,8 +557,8 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
     """
     if normalization not in VOLUME_NORMALIZERS:
         raise ValueError(f"normalisation {normalization!r}: one of {sorted(VOLUME_NORMALIZERS)}")
-    if axis not in SLICE_AXES or slices not in ("foreground", "all") or stride < 1:
-        raise ValueError(f"axis one of {list(SLICE_AXES)}, slices foreground or all, stride >= 1; got {axis!r}, "
+    if axis not in AXES or slices not in ("foreground", "all") or stride < 1:
+        raise ValueError(f"axis one of {list(AXES)}, slices foreground or all, stride >= 1; got {axis!r}, "
                          f"{slices!r}, {stride}")
     images, labels = Path(images), Path(labels)
     volumes = sorted(p for p in images.iterdir() if not p.name.startswith(".")
@@ -579,7 +578,7 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
     order = sorted(set(cases.values()))
     drawn = {order[i]: split_of(n, len(order))
              for n, i in enumerate(np.random.default_rng(seed).permutation(len(order)))}
-    dim = SLICE_AXES[axis]
+    dim = AXES[axis]
 
     def unit(path: Path) -> Callable[[], list[Item]]:
         def make() -> list[Item]:
@@ -730,6 +729,7 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
         name=options.name or out.name, type="segmentation" if segmentation else "classification",
         modality=options.modality, classes=classes, image_size=[0, 0], channels=1,
         description=options.description, source=options.source or f"{src} ({layout} layout)",
-        licence=options.licence or "see the source", metrics=["dice"] if segmentation else CLASSIFICATION_METRICS,
+        licence=options.licence or "see the source",
+        metrics=["dice"] if segmentation else list(CLASSIFICATION_METRICS),
     )
     return writer.finish(spec, options.seed, options.duplicate_distance)

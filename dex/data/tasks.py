@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 TASK_TYPES = ("segmentation", "classification")
+CLASSIFICATION_METRICS = ["f1_macro", "accuracy", "balanced_accuracy", "auroc"]
 SPLITS = ("train", "val", "test")
 
 
@@ -61,6 +62,7 @@ def finish_task(folder: Path, spec: TaskSpec, ids: list[str], labels: dict[str, 
     splits = splits or {i: split_of(n, len(ids)) for n, i in enumerate(ids)}
     write_csv(folder / "splits.csv", ("id", "split"), [(i, splits[i]) for i in ids])
     counts = {name: sum(splits[i] == name for i in ids) for name in SPLITS}
+    classes = [f"{i} = {c}" if spec.type == "segmentation" else c for i, c in enumerate(spec.classes)]
     if spec.type == "classification":
         write_csv(folder / "labels.csv", ("id", "label"), [(i, labels[i]) for i in ids])
     lines = [
@@ -68,7 +70,7 @@ def finish_task(folder: Path, spec: TaskSpec, ids: list[str], labels: dict[str, 
         "",
         f"- Modality: {spec.modality}.",
         f"- Task: {spec.type}. {spec.description}".rstrip(),
-        f"- Classes: {', '.join(f'{i} = {c}' if spec.type == 'segmentation' else c for i, c in enumerate(spec.classes))}.",
+        f"- Classes: {', '.join(classes)}.",
         (f"- Images: {len(ids)}, {spec.image_size[0]} x {spec.image_size[1]}, {spec.channels} channel(s), "
          f"{spec.bit_depth}-bit; split {counts['train']} / {counts['val']} / {counts['test']} (train / val / test) "
          "in `splits.csv`."),
@@ -131,7 +133,7 @@ def _infer_spec(folder: Path, overrides: dict) -> TaskSpec:
     if (folder / "labels.csv").is_file():
         classes = sorted({row["label"] for row in _rows(folder / "labels.csv")})
         return TaskSpec(type="classification", classes=classes,
-                        metrics=["f1_macro", "accuracy", "balanced_accuracy", "auroc"], **common)
+                        metrics=list(CLASSIFICATION_METRICS), **common)
     raise ValueError(f"{folder}: no task.yaml, and neither masks/ nor labels.csv to infer the task from")
 
 
