@@ -34,25 +34,32 @@ def _curate(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from dex.data.curate import QUARANTINED_EXIT, CurateOptions, curate
+    from dex.data.curate import PRIVATE, QUARANTINED_EXIT, CurateOptions, curate, private_folder
+    from dex.data.recipe import Recipe
 
+    Recipe.load(args.recipe)  # a bad recipe is refused before anything is written
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "curate.log")
+    handler = logging.FileHandler(private_folder(out) / "curate.log")  # its warnings name files: the curator's
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("dex").addHandler(handler)
+    logger = logging.getLogger("dex")
+    logger.addHandler(handler)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = CurateOptions(min_size=args.min_size, dedup_distance=args.dedup_distance,
                             shard_samples=args.shard_samples)
-    summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part, options=options)
+    try:
+        summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part, options=options)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary.dropped.items())) or "none"
     print(f"written {summary.written} images; dropped: {dropped}; quarantined files: {summary.quarantined}"
           + (f"; sources without a root: {', '.join(summary.skipped_sources)}" if summary.skipped_sources else ""))
     if args.part == "0/1":
         print(f"Table 2 of this collection: {out / 'stats.md'}; training reads {out / 'index.json'}")
     if summary.quarantined:
-        print(f"some files were quarantined: see {out / 'quarantine.csv'}" if args.part == "0/1" else
-              "some files were quarantined: run dex data stats on the folder after every part for quarantine.csv")
+        print(f"some files were quarantined: see {out / PRIVATE / 'quarantine.csv'}" if args.part == "0/1" else
+              f"some files were quarantined: run dex data stats on the folder after every part for "
+              f"{PRIVATE}/quarantine.csv")
         return QUARANTINED_EXIT
     return 0
 
@@ -88,6 +95,16 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from dex.data.curate import QUARANTINED_EXIT, verify
+
+    count, problems = verify(args.folder)
+    for problem in problems:
+        print(f"{problem.path}: {problem.reason}")
+    print(f"{count} shards listed in {args.folder}/index.json; {len(problems)} problem(s)")
+    return QUARANTINED_EXIT if problems else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from dex.train.export import export_run
 
@@ -103,7 +120,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     from dex.eval.benchmark import Suite, report, run_suite
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None)
+    suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None,
+                       check_encoders=not args.report_only)
     if args.report_only:
         report(suite)
     else:
@@ -136,11 +154,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(group, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A sub-command; it takes ``--debug`` after its name too."""
+    command = group.add_parser(name, **kwargs)
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dex", description="DEX: Director-Experts medical vision foundation model")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pretrain = commands.add_parser("pretrain", help="MAE-DEX pretraining from a YAML config",
-                                   description="MAE-DEX pretraining from a YAML config (see configs/).")
+    pretrain = _command(commands, "pretrain", help="MAE-DEX pretraining from a YAML config",
+                        description="MAE-DEX pretraining from a YAML config (see configs/).")
     pretrain.add_argument("config", help="YAML config file")
     pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                           help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
@@ -148,17 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue from the newest complete checkpoint of the run (auto) or from a file")
     pretrain.set_defaults(func=_pretrain)
 
-    export = commands.add_parser("export", help="write a run's encoder, and its director path as a timm ViT",
-                                 description="Write the encoder of a pretraining run (its final encoder, else its "
-                                             "newest checkpoint) to OUT (config.json + model.safetensors, read by "
-                                             "dex.load_pretrained) and its director path as a plain timm ViT to "
-                                             "OUT/director.")
+    export = _command(commands, "export", help="write a run's encoder, and its director path as a timm ViT",
+                      description="Write the encoder of a pretraining run (its final encoder, else its "
+                                  "newest checkpoint) to OUT (config.json + model.safetensors, read by "
+                                  "dex.load_pretrained) and its director path as a plain timm ViT to "
+                                  "OUT/director.")
     export.add_argument("run_dir", help="a dex pretrain run folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)
 
-    benchmark = commands.add_parser(
-        "benchmark", help="fine-tune and test encoders on a suite of tasks; write the paper's tables",
+    benchmark = _command(
+        commands, "benchmark", help="fine-tune and test encoders on a suite of tasks; write the paper's tables",
         description="Run every (encoder, task, seed) of SUITE (resuming: stored runs are skipped), then write the "
                     "per-task and per-modality tables with the gain over the baseline, a radar chart, and the "
                     "ablation tables and figures (docs/benchmark.md).")
@@ -167,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 
-    analyze = commands.add_parser(
-        "analyze", help="routing, attention, pattern layout, cost and modality-collapse analyses of an encoder",
+    analyze = _command(
+        commands, "analyze",
+        help="routing, attention, pattern layout, cost and modality-collapse analyses of an encoder",
         description="Analyse ENCODER on the labelled images of DATA: expert activation per modality and layer "
                     "(Fig. 9) with NMI, usage entropy and shared experts; last-block attention of the centre patch "
                     "(Fig. 6); k-means pattern layout of patch features (Fig. 7); FLOPs of image-wise vs token-wise "
@@ -187,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0)
     analyze.set_defaults(func=_analyze)
 
-    report = commands.add_parser(
-        "report", help="one self-contained HTML page of a run, benchmark or analysis folder",
+    report = _command(
+        commands, "report", help="one self-contained HTML page of a run, benchmark or analysis folder",
         description="Write FOLDER/report.html: every pretraining run (config, curves, summary), benchmark (tables, "
                     "figures) and analysis (tables, figures) in FOLDER and its sub-folders, with the figures "
                     "embedded, so that the page opens offline.")
@@ -196,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file to write (FOLDER/report.html)")
     report.set_defaults(func=_report)
 
-    curate = commands.add_parser(
-        "curate", help="build a MedVerse-style collection of normalised 2D images in tar shards from a recipe",
+    curate = _command(
+        commands, "curate",
+        help="build a MedVerse-style collection of normalised 2D images in tar shards from a recipe",
         description="Read every source of the recipe (DICOM, NIfTI, images, NPY, video), normalise as the paper's "
                     "Table 2, slice volumes, drop empty/constant/small/background slices and near-duplicates, and "
                     "write WebDataset tar shards, a manifest, and Table 2 of what was written. Bad files are "
@@ -214,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--shard-samples", type=int, default=1000, help="images per shard (1000)")
     curate.set_defaults(func=_curate)
 
-    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True,
-                                                                         metavar="DATA_COMMAND")
-    phantoms = data.add_parser(
-        "make-phantoms", help="write procedural images of all 10 modalities, a curation recipe and task folders",
+    data = _command(commands, "data", help="data tools").add_subparsers(dest="data_command", required=True,
+                                                                        metavar="DATA_COMMAND")
+    phantoms = _command(
+        data, "make-phantoms",
+        help="write procedural images of all 10 modalities, a curation recipe and task folders",
         description="Write procedural images of the 10 MedVerse modalities in real file formats (DICOM, NIfTI, "
                     "PNG, JPEG, TIFF, MP4), a curation recipe for them, and downstream task folders with exact "
                     "labels. The same seed gives byte-identical output.")
@@ -228,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--task-images", type=int, default=60, help="images per downstream task (60)")
     phantoms.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     phantoms.set_defaults(func=_make_phantoms)
-    imports = data.add_parser(
-        "import-task", help="turn a public dataset's layout into a task folder",
+    imports = _command(
+        data, "import-task", help="turn a public dataset's layout into a task folder",
         description="Import a dataset as it was released into a dex task folder (images/, masks/ or labels.csv, "
                     "splits.csv, task.yaml). Layouts: class-folders (SRC/[split/]class/image), csv (SRC is a CSV "
                     "of image names and labels), pairs (SRC holds images, masks matched by name), volumes (SRC "
@@ -279,21 +309,40 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--resume", action="store_true", help="go on with an import that was interrupted")
     imports.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     imports.set_defaults(func=_import_task)
-    stats = data.add_parser("stats", help="merge a curation's parts and write its manifest, index and Table 2",
-                            description="Read every part's journal in FOLDER and (re)write manifest.csv, "
-                                        "quarantine.csv, index.json and stats.md / stats.json; print Table 2.")
+    stats = _command(data, "stats", help="merge a curation's parts and write its manifest, index and Table 2",
+                     description="Read every part's journal in FOLDER and (re)write manifest.csv, "
+                                 "index.json, stats.md / stats.json and the private reports "
+                                 "(private/paths.csv, dropped.csv, quarantine.csv); print Table 2.")
     stats.add_argument("folder", help="a dex curate output folder")
     stats.set_defaults(func=_stats)
+    verify = _command(data, "verify", help="check a collection's shards against its index (size and SHA-256)",
+                      description="Check that every shard listed in FOLDER/index.json is there with the size "
+                                  "and SHA-256 curation recorded, and that no other shard is; print each "
+                                  "problem. Exit status 3 when there is any.")
+    verify.add_argument("folder", help="a dex curate output folder")
+    verify.set_defaults(func=_verify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (a wrong value, key or file) is one line on stderr and exit status 2; any other
+    failure one line and status 1; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    command = " ".join(c for c in (args.command, getattr(args, "data_command", None)) if c)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dex {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"dex {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (ValueError, OSError)):
+            print(f"dex {command}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"dex {command}: error: {type(err).__name__}: {message} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

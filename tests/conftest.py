@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pydicom
 import pytest
 import torch
 import torch.nn.functional as F
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 import dex  # noqa: F401  (registers the models in timm)
 from dex.models import DEXViT, ExpertBank
@@ -23,6 +29,18 @@ def experts_by_loop(bank: ExpertBank, units: torch.Tensor, indices: torch.Tensor
             hidden = F.gelu(units[u] @ bank.fc1_weight[r].T + bank.fc1_bias[r])
             out[u] = out[u] + weights[u, k] * (hidden @ bank.fc2_weight[r].T + bank.fc2_bias[r])
     return out
+
+
+def ct_series(folder: Path, name: str, uid: str, count: int, shift: int) -> None:
+    """``count`` slices of pydicom's real CT slice as one series, each rolled differently (no near-duplicates)."""
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        ds = template.copy()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.ImagePositionPatient = [-158.0, -179.0, -75.0 - 2.0 * i]
+        ds.PixelData = np.roll(template.pixel_array, 12 * (shift + i), axis=(0, 1)).tobytes()
+        ds.save_as(folder / f"{name}_{i}.dcm")
 
 
 @pytest.fixture(autouse=True)

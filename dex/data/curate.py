@@ -3,13 +3,19 @@
 One *unit* of work is one source-relative path: a file, or for DICOM a folder (each series in it is read as one
 volume, or each file as one picture). Workers turn units into samples; the main process keeps them in order,
 drops near-duplicates within each source, and writes shards. A shard is committed by appending one line to the
-part's journal (``journal-<i>-of-<n>.jsonl``: the shard's manifest rows and the outcome of every unit whose
-samples are all committed), then renaming ``.tar.tmp`` to ``.tar``. A killed run resumes from the journal: committed
-units are skipped, committed samples are not written again, uncommitted shards are discarded.
+part's journal (``journal-<i>-of-<n>.jsonl``: the shard's manifest rows, size and SHA-256, and the outcome of every
+unit whose samples are all committed), then renaming ``.tar.tmp`` to ``.tar``. A killed run resumes from the
+journal: committed units are skipped, committed samples are not written again, uncommitted shards are discarded.
 
-``finalize`` (run by ``dex curate`` at the end and by ``dex data stats``) reads every part's journal and writes
-``manifest.csv``, ``quarantine.csv``, ``index.json`` (what the training loader reads) and ``stats.md``/``stats.json``
-(the paper's Table 2 regenerated from what was written).
+Nothing in the collection names a source file: a sample carries its recipe source and a salted hash of its unit's
+path (``unit``), and its key is a salted hash too. What names files by path, for the curator only, lives in
+``private/``: the salt, the part's private journal (each committed unit's path, the path of every image written,
+dropped or quarantined), and the reports ``finalize`` makes from it (``paths.csv``, ``dropped.csv``,
+``quarantine.csv``) and ``curate.log``.
+
+``finalize`` (run by ``dex curate`` at the end and by ``dex data stats``) reads every part's journals and writes
+``manifest.csv``, ``index.json`` (what the training loader reads; each shard's sample count, size and SHA-256),
+``stats.md``/``stats.json`` (the paper's Table 2 regenerated from what was written) and the private reports.
 """
 
 from __future__ import annotations
@@ -23,9 +29,7 @@ import os
 import re
 import secrets
 import zlib
-from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from dex.data.dedup import NearDuplicateIndex, phash
-from dex.data.journal import append_record, read_journal
+from dex.data.journal import append_record, append_records, read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS, scale_255
 from dex.data.readers import (
+    Problem,
     ReadError,
     group_dicom_series,
     read_dicom_pictures,
@@ -49,6 +54,8 @@ from dex.data.readers import (
 )
 from dex.data.recipe import MODALITIES, Recipe, Source
 from dex.data.shards import ShardWriter
+from dex.files import file_sha256, write_json
+from dex.parallel import ordered_map
 
 log = logging.getLogger("dex.curate")
 
@@ -63,6 +70,9 @@ FOREGROUND = {
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 DROP_REASONS = ("foreground", "empty", "constant", "small", "near-duplicate")
 QUARANTINED_EXIT = 3
+PRIVATE = "private"  # the output's folder for what names source files; nothing else reads from it
+#: Source fields that may name folders (roots, patterns, index files): kept out of the collection's journal.
+PATH_FIELDS = ("root", "pattern", "index_csv")
 
 
 @dataclass
@@ -84,10 +94,15 @@ class Unit:
 
 @dataclass
 class UnitResult:
+    """What one unit gave. ``where`` texts say which image of a file it is ("slice 12", "frame 30", "" for a 2D
+    image); they and the paths go to the private reports only."""
+
     unit: Unit
-    samples: list[tuple[str, bytes, dict[str, Any]]] = field(default_factory=list)  # (key, png, meta)
-    dropped: Counter = field(default_factory=Counter)
-    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (source-relative path, reason)
+    unit_id: str  # the salted hash that names the unit in the collection
+    samples: list[tuple[str, bytes, dict[str, Any], tuple[str, str]]] = field(default_factory=list)
+    # ^ (key, png, meta, (source-relative path, where))
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # (path, where, reason)
+    quarantined: list[Problem] = field(default_factory=list)  # (source-relative path, reason)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -132,13 +147,21 @@ def part_of(unit: Unit, parts: int) -> int:
 
 # --- one unit ----------------------------------------------------------------------------------------------------
 
+def _salted(salt: str, text: str, length: int = 16) -> str:
+    return hashlib.sha256(f"{salt}|{text}".encode()).hexdigest()[:length]
+
+
+def unit_id(salt: str, unit: Unit) -> str:
+    """The name of a unit in the collection: a salted hash of its source and path (the path never appears)."""
+    return _salted(salt, f"unit|{unit.source}/{unit.key}")
+
+
 def _study_hash(salt: str, study: str) -> str:
-    return hashlib.sha256(f"{salt}|{study}".encode()).hexdigest()[:16]
+    return _salted(salt, study)
 
 
-def _sample_key(unit: Unit, series: str, index: int) -> str:
-    digest = hashlib.sha1(f"{unit.key}|{series}|{index}".encode()).hexdigest()[:20]
-    return f"{unit.source}-{digest}"
+def _sample_key(salt: str, unit: Unit, series: str, index: int) -> str:
+    return f"{unit.source}-{_salted(salt, f'sample|{unit.key}|{series}|{index}', 20)}"
 
 
 def _encode_png(image: np.ndarray, bits: int, level: int) -> bytes:
@@ -159,34 +182,49 @@ def _problem(image: np.ndarray, options: CurateOptions) -> str | None:
     return None
 
 
+def _relative(path: str | Path, root: str | Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 class _UnitWork:
     """Collects the samples of one unit."""
 
     def __init__(self, unit: Unit, source: Source, root: Path, salt: str, options: CurateOptions) -> None:
         self.unit, self.source, self.root, self.salt, self.options = unit, source, root, salt, options
-        self.result = UnitResult(unit)
+        self.result = UnitResult(unit, unit_id(salt, unit))
         top = unit.key.split("/")[0] if "/" in unit.key else Path(unit.key).stem
         self.default_study = _study_hash(salt, f"{unit.source}/{top}")  # a folder or file per patient
 
-    def add(self, image: np.ndarray, index: int, bits: int, series: str = "", study: str | None = None) -> None:
+    def quarantine(self, problem: Problem) -> None:
+        self.result.quarantined.append(Problem(_relative(problem.path, self.root), problem.reason))
+
+    def add(self, image: np.ndarray, index: int, bits: int, series: str = "", study: str | None = None,
+            origin: tuple[str, str] | None = None) -> None:
+        origin = origin or (self.unit.key, "")
         problem = _problem(image, self.options)
         if problem:
-            self.result.dropped[problem] += 1
+            self.result.dropped.append((*origin, problem))
             return
         height, width = image.shape[:2]
         channels = image.shape[2] if image.ndim == 3 else 1
         if channels == 3:
             bits = 8  # PNG encoders take 16-bit grey but not 16-bit colour; colour images are 8-bit in practice
-        key = _sample_key(self.unit, series, index)
+        key = _sample_key(self.salt, self.unit, series, index)
         meta = {
             "key": key, "source": self.unit.source, "modality": self.unit.modality, "anatomy": self.unit.anatomy,
-            "path": self.unit.key, "index": index, "phash": f"{phash(image):016x}",
+            "unit": self.result.unit_id, "index": index, "phash": f"{phash(image):016x}",
             "study": study or self.default_study, "height": height, "width": width, "channels": channels,
             "bits": bits,
         }
-        self.result.samples.append((key, _encode_png(image, bits, self.options.png_level), meta))
+        self.result.samples.append((key, _encode_png(image, bits, self.options.png_level), meta, origin))
 
-    def add_volume(self, values: np.ndarray, series: str = "", study: str | None = None) -> None:
+    def add_volume(self, values: np.ndarray, series: str = "", study: str | None = None,
+                   slice_files: tuple[Path, ...] = (), label: str = "") -> None:
+        """Slices of a [Z, Y, X] volume along the source's axis; ``slice_files`` (axial DICOM series) name the file
+        of each slice in the private reports, else ``label`` + the slice number does."""
         normalization = self.source.normalization
         if normalization not in VOLUME_NORMALIZERS:
             raise ReadError(self.root / self.unit.key, f"a volume needs a volume normalisation, not {normalization!r}")
@@ -194,76 +232,88 @@ class _UnitWork:
         is_foreground, min_ratio = FOREGROUND[normalization]
         axis = AXES[self.source.slice_axis]
         for index in range(values.shape[axis]):
+            if slice_files and axis == 0:
+                origin = (_relative(slice_files[index], self.root), "")
+            else:
+                origin = (self.unit.key, f"{label}{self.source.slice_axis} slice {index}")
             raw, norm = np.take(values, index, axis), np.take(normalised, index, axis)
             if is_foreground(raw, norm).mean() < min_ratio:
-                self.result.dropped["foreground"] += 1
+                self.result.dropped.append((*origin, "foreground"))
                 continue
-            self.add(norm, index, 16, series, study)
+            self.add(norm, index, 16, series, study, origin)
 
     def add_picture(self, pixels: np.ndarray, max_value: float, index: int = -1, series: str = "",
-                    study: str | None = None) -> None:
+                    study: str | None = None, origin: tuple[str, str] | None = None) -> None:
         if self.source.normalization != "scale_255":
             raise ReadError(self.root / self.unit.key, f"a 2D image needs scale_255, not {self.source.normalization!r}")
-        self.add(scale_255(pixels, max_value), index, 8 if max_value == 255 else 16, series, study)
+        self.add(scale_255(pixels, max_value), index, 8 if max_value == 255 else 16, series, study, origin)
 
 
 def process_unit(unit: Unit, source: Source, root: str, salt: str, options: CurateOptions) -> UnitResult:
-    """Read, normalise, slice, filter and encode one unit; a file that cannot be read is quarantined."""
+    """Read, normalise, slice, filter and encode one unit. A file that cannot be read is quarantined: a unit that is
+    one file is then written not at all; a DICOM folder loses only its bad files (and a series that cannot be
+    assembled), never the good series next to them."""
     work = _UnitWork(unit, source, Path(root), salt, options)
     path = Path(root) / unit.key
     try:
         if source.format == "dicom":
             _process_dicom(work)
         elif source.format == "nifti":
-            for t, volume in enumerate(read_nifti(path)):
-                work.add_volume(volume.values, series=str(t))
+            volumes = read_nifti(path)
+            for t, volume in enumerate(volumes):
+                work.add_volume(volume.values, series=str(t), label=f"time {t}, " if len(volumes) > 1 else "")
         elif source.format == "npy":
             _process_npy(work, path)
         elif source.format == "video":
             for index, frame in read_video_frames(path, source.frame_stride):
-                work.add_picture(frame, 255.0, index)
+                work.add_picture(frame, 255.0, index, origin=(unit.key, f"frame {index}"))
         else:
             picture = read_picture(path)
             work.add_picture(picture.pixels, picture.max_value)
-    except ReadError as err:
-        work.result.quarantined.append((_relative(err.path, root), err.reason))
-        work.result.samples.clear()  # a unit is written whole or not at all
-    except Exception as err:  # any other failure on this unit's bytes: record it and go on with the rest
-        work.result.quarantined.append((unit.key, f"{type(err).__name__}: {err}"))
-        work.result.samples.clear()
+    except Exception as err:  # any failure on this unit's bytes: record it and go on with the other units
+        problem = err.problem if isinstance(err, ReadError) else Problem(unit.key, f"{type(err).__name__}: {err}")
+        work.quarantine(problem)
+        work.result.samples.clear()  # a unit that fails as a whole is written not at all
+        work.result.dropped.clear()
     return work.result
-
-
-def _relative(path: str, root: str) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return path
 
 
 def _process_dicom(work: _UnitWork) -> None:
     root, unit, source = work.root, work.unit, work.source
-    for series_uid, paths in sorted(group_dicom_series([root / f for f in unit.files]).items()):
+    unreadable: list[Problem] = []
+    series_files = group_dicom_series([root / f for f in unit.files], unreadable)
+    for series_uid, paths in sorted(series_files.items()):
         series = hashlib.sha1(series_uid.encode()).hexdigest()[:12]  # the UID itself is never stored
-        if source.normalization in VOLUME_NORMALIZERS:
-            volume = read_dicom_series(sorted(paths))
-            values = suv_values(volume, paths[0]) if source.normalization == "pet_suv" else volume.values
-            _note_burned_in(work, volume.meta, paths[0])
-            work.add_volume(values, series, _study_hash(work.salt, volume.meta["study_uid"]))
-        else:
-            for path in sorted(paths):
-                frames, meta = read_dicom_pictures(path, source.frame_stride)
-                _note_burned_in(work, meta, path)
-                for index, picture in frames:
-                    file_series = f"{series}/{path.name}"
-                    work.add_picture(picture.pixels, picture.max_value, index, file_series,
-                                     _study_hash(work.salt, meta["study_uid"]))
+        try:
+            if source.normalization in VOLUME_NORMALIZERS:
+                volume = read_dicom_series(sorted(paths), unreadable)
+                values = suv_values(volume, paths[0]) if source.normalization == "pet_suv" else volume.values
+                _note_burned_in(work, volume.meta, paths[0])
+                work.add_volume(values, series, _study_hash(work.salt, volume.meta["study_uid"]), volume.slice_files)
+            else:
+                for path in sorted(paths):
+                    try:
+                        frames, meta = read_dicom_pictures(path, source.frame_stride)
+                    except ReadError as err:
+                        unreadable.append(err.problem)
+                        continue
+                    _note_burned_in(work, meta, path)
+                    name = _relative(path, root)
+                    for index, picture in frames:
+                        work.add_picture(picture.pixels, picture.max_value, index, f"{series}/{path.name}",
+                                         _study_hash(work.salt, meta["study_uid"]),
+                                         (name, f"frame {index}" if index >= 0 else ""))
+        except ReadError as err:  # the series as a whole (slices of several sizes, a wrong normalisation) ...
+            if {str(path) for path in paths} - {problem.path for problem in unreadable}:  # ... not its bad files
+                work.quarantine(err.problem)
+    for problem in unreadable:
+        work.quarantine(problem)
 
 
 def _note_burned_in(work: _UnitWork, meta: dict[str, Any], path: Path) -> None:
     if meta["burned_in_annotation"]:
         work.result.warnings.append(
-            f"{work.unit.source}: {_relative(str(path), str(work.root))}: BurnedInAnnotation is YES; the pixels may "
+            f"{work.unit.source}: {_relative(path, work.root)}: BurnedInAnnotation is YES; the pixels may "
             "show identifying text, which curation does not remove")
 
 
@@ -289,16 +339,38 @@ def _process_npy(work: _UnitWork, path: Path) -> None:
 
 # --- the run -----------------------------------------------------------------------------------------------------
 
+SALT = re.compile(r"[0-9a-f]{32}")
+
+
+def private_folder(out: str | Path) -> Path:
+    """``OUT/private``, made readable by its owner only."""
+    folder = Path(out) / PRIVATE
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
 def _salt(out: Path) -> str:
-    """The run's salt for study hashes: created once, atomically, and shared by every part."""
-    path = out / "salt.txt"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(16) + "\n")
-    return path.read_text().strip()
+    """The collection's salt (``private/salt.txt``), shared by every part: made in a temporary file and linked into
+    place, so that it exists whole or not at all, whoever wins a race between parts and wherever a kill falls."""
+    folder = private_folder(out)
+    path = folder / "salt.txt"
+    if not path.exists():
+        tmp = folder / f".salt-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                handle.write(secrets.token_hex(16) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)  # fails if another part linked its salt first: then that one is used
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    salt = path.read_text().strip()
+    if not SALT.fullmatch(salt):
+        raise ValueError(f"{path}: the salt is {'empty' if not salt else 'malformed'} (32 hex digits expected); "
+                         "every hash of this collection depends on it: restore the file, or curate into a new folder")
+    return salt
 
 
 def _parse_part(part: str) -> tuple[int, int]:
@@ -316,6 +388,14 @@ class CurateSummary:
     skipped_sources: list[str]
 
 
+def _public_sources(recipe: Recipe, salt: str) -> tuple[list[dict[str, Any]], str]:
+    """The sources as the collection may show them (no roots, patterns or index files), and a salted digest of
+    everything about them, to tell on resume whether the recipe changed."""
+    full = [asdict(s) for s in recipe.sources]
+    public = [{k: v for k, v in s.items() if k not in PATH_FIELDS} for s in full]
+    return public, _salted(salt, json.dumps(full, sort_keys=True), 64)
+
+
 def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: bool = False, part: str = "0/1",
            options: CurateOptions | None = None, progress: bool = True) -> CurateSummary:
     """Curate the recipe's sources into ``out`` (this part only when ``part`` is i/N with N > 1)."""
@@ -325,6 +405,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     index, parts = _parse_part(part)
     tag = f"{index}-of-{parts}"
     journal_path = out / f"journal-{tag}.jsonl"
+    private_journal = out / PRIVATE / f"journal-{tag}.jsonl"
     if journal_path.exists() and not resume:
         raise ValueError(f"{out} already holds a curation ({journal_path.name}); pass --resume to continue it, "
                          "or choose an empty folder")
@@ -332,6 +413,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     salt = _salt(out)
     shards_dir = out / "shards"
     records = read_journal(journal_path, repair=True)
+    read_journal(private_journal, repair=True)
     committed = _recover_shards(shards_dir, tag, records)
     done_units = {(o["source"], o["unit"]) for r in records for o in r["units"]}
     committed_keys = {row["key"] for r in records for row in r["rows"]}
@@ -349,36 +431,42 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
                         "not set" if root is None else "missing")
             continue
         for unit in discover_units(recipe, source):
-            if part_of(unit, parts) == index and (unit.source, unit.key) not in done_units:
+            if part_of(unit, parts) == index and (unit.source, unit_id(salt, unit)) not in done_units:
                 jobs.append((unit, source, str(root), salt, options))
-    header = {"type": "header", "recipe": recipe.name, "sources": [asdict(s) for s in recipe.sources],
+    sources, digest = _public_sources(recipe, salt)
+    header = {"type": "header", "recipe": recipe.name, "sources": sources, "sources_digest": digest,
               "dedup_distance": options.dedup_distance, "rows": [], "units": [], "shard": None}
     if not records:
         append_record(journal_path, header)
         records.append(header)
-    elif (records[0]["sources"], records[0]["dedup_distance"]) != (header["sources"], header["dedup_distance"]):
+    elif ((records[0].get("sources_digest"), records[0]["dedup_distance"])
+          != (header["sources_digest"], header["dedup_distance"])):
         raise ValueError(f"{recipe_path}: the recipe or options changed since {journal_path} was started; "
                          "resume with the same ones, or curate into a new folder")
-    writer = ShardWriterForPart(shards_dir, tag, committed + 1, options.shard_samples, journal_path)
+    writer = ShardWriterForPart(shards_dir, tag, committed + 1, options.shard_samples, journal_path, private_journal)
     totals: Counter = Counter()
-    results = _map(jobs, workers)
     with tqdm(total=len(jobs), desc=f"curate {tag}", unit="unit", disable=not progress) as bar:
-        for result in results:
+        for result in ordered_map(process_unit, jobs, workers):
             for message in result.warnings:
                 log.warning("%s", message)
-            outcome = {"source": result.unit.source, "unit": result.unit.key, "written": 0,
-                       "dropped": dict(result.dropped), "quarantined": result.quarantined}
-            for key, png, meta in result.samples:
-                if key in committed_keys:
+            for problem in result.quarantined:
+                log.warning("%s: %s: quarantined: %s", result.unit.source, problem.path, problem.reason)
+            private = {"source": result.unit.source, "unit": result.unit_id, "path": result.unit.key,
+                       "written": [], "dropped": list(result.dropped), "quarantined": list(result.quarantined)}
+            for key, png, meta, origin in result.samples:
+                if key in committed_keys:  # in a shard committed before a kill cut this unit short
+                    private["written"].append((key, *origin))
                     continue
                 if not dedup[meta["source"]].add(int(meta["phash"], 16)):
-                    outcome["dropped"]["near-duplicate"] = outcome["dropped"].get("near-duplicate", 0) + 1
+                    private["dropped"].append((*origin, "near-duplicate"))
                     continue
                 writer.add(key, png, meta)
-                outcome["written"] += 1
-            writer.unit_done(outcome)
-            totals.update({"written": outcome["written"], "quarantined": len(result.quarantined)})
-            totals.update({f"dropped:{k}": v for k, v in outcome["dropped"].items()})
+                private["written"].append((key, *origin))
+            outcome = {"source": result.unit.source, "unit": result.unit_id, "written": len(private["written"]),
+                       "dropped": dict(Counter(reason for *_, reason in private["dropped"])),
+                       "quarantined": len(result.quarantined)}
+            writer.unit_done(outcome, private)
+            totals.update({"written": outcome["written"], "quarantined": outcome["quarantined"]})
             bar.update()
             bar.set_postfix(written=totals["written"], quarantined=totals["quarantined"])
     writer.finish()
@@ -391,24 +479,8 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
             dropped.update(o["dropped"])
     return CurateSummary(
         written=sum(len(r["rows"]) for r in all_records), dropped=dict(dropped),
-        quarantined=sum(len(o["quarantined"]) for r in all_records for o in r["units"]), skipped_sources=skipped,
+        quarantined=sum(o["quarantined"] for r in all_records for o in r["units"]), skipped_sources=skipped,
     )
-
-
-def _map(jobs: list[tuple], workers: int) -> Iterator[UnitResult]:
-    """Results in job order (so the output does not depend on the number of workers), with a bounded number of
-    units in flight so memory stays flat however many units there are."""
-    if workers <= 1:
-        yield from (process_unit(*job) for job in jobs)
-        return
-    with ProcessPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(process_unit, *job))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _recover_shards(shards_dir: Path, tag: str, records: list[dict[str, Any]]) -> int:
@@ -435,13 +507,15 @@ def _recover_shards(shards_dir: Path, tag: str, records: list[dict[str, Any]]) -
 
 
 class ShardWriterForPart:
-    """Couples the shard writer with the journal: commit = journal line, then rename."""
+    """Couples the shard writer with the journals: commit = private records, journal line, then rename."""
 
-    def __init__(self, shards_dir: Path, tag: str, next_seq: int, max_samples: int, journal: Path) -> None:
+    def __init__(self, shards_dir: Path, tag: str, next_seq: int, max_samples: int, journal: Path,
+                 private_journal: Path) -> None:
         self.writer = ShardWriter(shards_dir, tag, next_seq, max_samples)
-        self.journal = journal
+        self.journal, self.private_journal = journal, private_journal
         self.rows: list[dict[str, Any]] = []
         self.done: list[dict[str, Any]] = []  # outcomes of units whose samples are all added
+        self.private: list[dict[str, Any]] = []  # their path-bearing records
 
     def add(self, key: str, png: bytes, meta: dict[str, Any]) -> None:
         self.writer.add(key, png, meta)
@@ -449,18 +523,21 @@ class ShardWriterForPart:
         if self.writer.full:
             self.commit()
 
-    def unit_done(self, outcome: dict[str, Any]) -> None:
+    def unit_done(self, outcome: dict[str, Any], private: dict[str, Any]) -> None:
         self.done.append(outcome)
+        self.private.append(private)
 
     def commit(self) -> None:
         closed = self.writer.close()
         if closed is None and not self.done:
             return
-        name, tmp = closed if closed else (None, None)
-        append_record(self.journal, {"type": "commit", "shard": name, "rows": self.rows, "units": self.done})
-        if tmp is not None:
-            tmp.replace(tmp.with_suffix(""))
-        self.rows, self.done = [], []
+        if self.private:  # first, so that a committed unit always has its private record (duplicates are merged)
+            append_records(self.private_journal, self.private)
+        shard = {"shard": closed.name, "bytes": closed.size, "sha256": closed.sha256} if closed else {"shard": None}
+        append_record(self.journal, {"type": "commit", **shard, "rows": self.rows, "units": self.done})
+        if closed is not None:
+            closed.tmp.replace(closed.tmp.with_suffix(""))
+        self.rows, self.done, self.private = [], [], []
 
     def finish(self) -> None:
         self.commit()
@@ -468,8 +545,13 @@ class ShardWriterForPart:
 
 # --- reports -----------------------------------------------------------------------------------------------------
 
+MANIFEST_FIELDS = ["key", "source", "modality", "anatomy", "unit", "index", "height", "width", "channels", "bits",
+                   "phash", "study"]
+
+
 def finalize(out: str | Path) -> dict[str, Any]:
-    """Merge every part's journal into manifest.csv, quarantine.csv, index.json and stats.md / stats.json.
+    """Merge every part's journals into manifest.csv, index.json, stats.md / stats.json and the private reports
+    (paths.csv, dropped.csv, quarantine.csv).
 
     Near-duplicates across parts (each part deduplicates only its own units) are excluded here, keeping the first
     in part order.
@@ -491,28 +573,85 @@ def finalize(out: str | Path) -> dict[str, Any]:
             outcomes += record["units"]
             if record["shard"]:
                 keys = {row["key"] for row in record["rows"]}
-                shards.append({"name": record["shard"], "samples": len(keys), "keys": keys})
+                shards.append({"name": record["shard"], "samples": len(keys), "stored": len(keys),
+                               "bytes": record["bytes"], "sha256": record["sha256"], "keys": keys})
+    private = _private_records(out, journals, {o["unit"] for o in outcomes})
     excluded = _cross_part_duplicates(rows, len(journals), distance)
     kept = [r for r in rows if r["key"] not in excluded]
     for shard in shards:
         shard["samples"] -= len(shard.pop("keys") & excluded)
-    fields = ["key", "source", "modality", "anatomy", "path", "index", "height", "width", "channels", "bits",
-              "phash", "study"]
     with open(out / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-    with open(out / "quarantine.csv", "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["source", "path", "reason"])
-        writer.writerows([o["source"], path, reason] for o in outcomes for path, reason in o["quarantined"])
     stats = _stats(sources, kept, outcomes, len(excluded))
     index = {"shards": shards, "samples": len(kept), "exclude": sorted(excluded),
              "modalities": stats["modalities"]}
-    _write_json(out / "index.json", index)
-    _write_json(out / "stats.json", stats)
+    write_json(out / "index.json", index)
+    write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(stats_markdown(stats))
+    _write_private_reports(out / PRIVATE, private, excluded)
     return stats
+
+
+def verify(out: str | Path) -> tuple[int, list[Problem]]:
+    """Check every shard of a finished collection against ``index.json``: there, of its recorded size and SHA-256,
+    and no other shard beside it. Returns the number of shards listed and the problems (shard, reason)."""
+    out = Path(out)
+    index_path = out / "index.json"
+    try:
+        shards = json.loads(index_path.read_text())["shards"]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{index_path}: missing; finish the curation first (dex curate, or dex data stats "
+                                "after a partitioned run)") from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_path}: not a collection index ({type(err).__name__}: {err})") from err
+    problems = []
+    for shard in shards:
+        path = out / "shards" / shard["name"]
+        if not path.is_file():
+            problems.append(Problem(shard["name"], "missing"))
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(Problem(shard["name"], f"{path.stat().st_size} bytes where the index records "
+                                                   f"{shard['bytes']} (cut short or replaced)"))
+        elif file_sha256(path) != shard["sha256"]:
+            problems.append(Problem(shard["name"], "its SHA-256 differs from the index's (corrupt)"))
+    listed = {shard["name"] for shard in shards}
+    problems += [Problem(path.name, "not in index.json (left by an unfinished part? run dex data stats)")
+                 for path in sorted((out / "shards").glob("*.tar")) if path.name not in listed]
+    return len(shards), problems
+
+
+def _private_records(out: Path, journals: list[Path], committed: set[str]) -> list[dict[str, Any]]:
+    """The private record of every committed unit, once (a kill between the private and the main journal leaves a
+    record of an uncommitted unit, and its redo a second one: the last wins)."""
+    by_unit: dict[str, dict[str, Any]] = {}
+    for journal in journals:
+        for record in read_journal(out / PRIVATE / journal.name):
+            if record["unit"] in committed:
+                by_unit[record["unit"]] = record
+    return list(by_unit.values())
+
+
+def _write_private_reports(folder: Path, records: list[dict[str, Any]], excluded: set[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    written, dropped, quarantined = [], [], []
+    for record in sorted(records, key=lambda r: (r["source"], r["path"])):
+        source = record["source"]
+        for key, path, where in record["written"]:
+            if key in excluded:  # a near-duplicate of an image of an earlier part
+                dropped.append([source, path, where, "near-duplicate"])
+            else:
+                written.append([key, record["unit"], source, path, where])
+        dropped += [[source, path, where, reason] for path, where, reason in record["dropped"]]
+        quarantined += [[source, path, reason] for path, reason in record["quarantined"]]
+    for name, header, table in (("paths.csv", ["key", "unit", "source", "path", "where"], written),
+                                ("dropped.csv", ["source", "path", "where", "reason"], dropped),
+                                ("quarantine.csv", ["source", "path", "reason"], quarantined)):
+        with open(folder / name, "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(table)
 
 
 def _cross_part_duplicates(rows: list[dict[str, Any]], parts: int, distance: int) -> set[str]:
@@ -527,19 +666,13 @@ def _cross_part_duplicates(rows: list[dict[str, Any]], parts: int, distance: int
     return excluded
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def _stats(sources: dict[str, dict[str, Any]], rows, outcomes, cross_part: int) -> dict[str, Any]:
     written = Counter(r["source"] for r in rows)
     dropped: dict[str, Counter] = defaultdict(Counter)
     quarantined = Counter()
     for o in outcomes:
         dropped[o["source"]].update(o["dropped"])
-        quarantined[o["source"]] += len(o["quarantined"])
+        quarantined[o["source"]] += o["quarantined"]
     per_source = []
     for name, source in sources.items():
         per_source.append({
@@ -549,8 +682,13 @@ def _stats(sources: dict[str, dict[str, Any]], rows, outcomes, cross_part: int) 
             "quarantined": quarantined[name],
         })
     modalities = Counter(r["modality"] for r in rows)
+    by_reason = sum(dropped.values(), Counter())
+    if cross_part:
+        by_reason["near-duplicate"] += cross_part
     return {"sources": per_source, "modalities": {m: modalities[m] for m in MODALITIES if modalities[m]},
-            "total": len(rows), "cross_part_duplicates": cross_part}
+            "total": len(rows), "cross_part_duplicates": cross_part,
+            "dropped": {reason: by_reason[reason] for reason in DROP_REASONS if by_reason[reason]},
+            "quarantined": sum(quarantined.values())}
 
 
 NORMALIZATION_LABELS = {
@@ -558,6 +696,9 @@ NORMALIZATION_LABELS = {
     "pet_raw": "clip(x, [p1, p99]), z-score, min-max", "pet_suv": "clip(x, [0, 20]) / 20",
     "scale_255": "x / 255 (16-bit: x / 65535)",
 }
+DROP_LABELS = {"foreground": "too little foreground (volume slices)", "empty": "empty (all zero)",
+               "constant": "constant", "small": "smaller than --min-size",
+               "near-duplicate": "near-duplicate of a kept image"}
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
@@ -573,6 +714,11 @@ def stats_markdown(stats: dict[str, Any]) -> str:
     lines.append(f"| **Total** | | | **{stats['total']:,}** | | | | |")
     lines += ["", "| Modality | Images |", "| --- | ---: |"]
     lines += [f"| {m} | {n:,} |" for m, n in stats["modalities"].items()]
+    lines += ["", "| Dropped because | Images |", "| --- | ---: |"]
+    lines += [f"| {DROP_LABELS[reason]} | {n:,} |" for reason, n in stats["dropped"].items()] or ["| (none) | 0 |"]
+    lines += [f"| **Files quarantined** (unreadable) | {stats['quarantined']:,} |"]
     if stats["cross_part_duplicates"]:
         lines += ["", f"Near-duplicates across parts excluded at merge: {stats['cross_part_duplicates']}."]
+    lines += ["", f"Every dropped image and quarantined file is listed, by path, in `{PRIVATE}/dropped.csv` and "
+                  f"`{PRIVATE}/quarantine.csv`: for the curator only; never share `{PRIVATE}/`."]
     return "\n".join(lines) + "\n"

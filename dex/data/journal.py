@@ -34,7 +34,12 @@ def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append one record and fsync, so a commit written is a commit kept."""
+    append_records(path, [record])
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records and fsync once."""
     with open(path, "a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
         handle.flush()
         os.fsync(handle.fileno())

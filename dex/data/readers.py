@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import av
 import nibabel as nib
@@ -31,12 +31,24 @@ class ReadError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
+    @property
+    def problem(self) -> Problem:
+        return Problem(self.path, self.reason)
+
+
+class Problem(NamedTuple):
+    """A file (or folder) that could not be used, and why: one row of a quarantine or problems report."""
+
+    path: str
+    reason: str
+
 
 @dataclass
 class Volume:
     values: np.ndarray  # [Z, Y, X] float32, real units
     spacing: tuple[float, float, float]  # mm (z, y, x)
     meta: dict[str, Any] = field(default_factory=dict)  # non-identifying facts: modality, units, suv_factor, ...
+    slice_files: tuple[Path, ...] = ()  # single-frame DICOM series: the file of each slice, in slice order
 
 
 @dataclass
@@ -111,41 +123,67 @@ def _normal(ds: pydicom.Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def group_dicom_series(paths: Sequence[Path]) -> dict[str, list[Path]]:
-    """Group DICOM files by SeriesInstanceUID (headers only). Unreadable files raise :class:`ReadError`."""
+def group_dicom_series(paths: Sequence[Path], unreadable: list[Problem] | None = None) -> dict[str, list[Path]]:
+    """Group DICOM files by SeriesInstanceUID (headers only).
+
+    An unreadable file raises :class:`ReadError`, or, when ``unreadable`` is a list, is appended to it as a
+    :class:`Problem` and left out, so that one bad file does not cost the series around it.
+    """
     series: dict[str, list[Path]] = defaultdict(list)
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:
-            raise ReadError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+            error = ReadError(path, f"not a readable DICOM file ({type(err).__name__}: {err})")
+            if unreadable is None:
+                raise error from err
+            unreadable.append(error.problem)
+            continue
         series[str(ds.get("SeriesInstanceUID", path.parent))].append(path)
     return dict(series)
 
 
-def read_dicom_series(paths: Sequence[str | Path]) -> Volume:
+def read_dicom_series(paths: Sequence[str | Path], unreadable: list[Problem] | None = None) -> Volume:
     """One series (one file per slice, or one multi-frame file) -> :class:`Volume` with the modality LUT
-    (Rescale Slope/Intercept) applied, slices sorted along the slice normal."""
+    (Rescale Slope/Intercept) applied, slices sorted along the slice normal.
+
+    A slice file that cannot be read or decoded raises :class:`ReadError`, or, when ``unreadable`` is a list, is
+    appended to it and left out of the volume (the slices around it are kept; the volume then has a gap).
+    """
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("read_dicom_series needs at least one file")
-    datasets = [_read_dataset(p) for p in paths]
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
-        return _read_multiframe(paths[0], datasets[0])
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(paths) == 1:
+        dataset = _read_dataset(paths[0])
+        if int(dataset.get("NumberOfFrames", 1)) > 1:
+            return _read_multiframe(paths[0], dataset)
+    slices: list[tuple[Path, pydicom.Dataset, np.ndarray]] = []
+    for path in paths:
+        try:
+            ds = _read_dataset(path)
+            values = _finite(path, apply_modality_lut(_pixels(path, ds), ds).astype(np.float32))
+        except ReadError as err:
+            if unreadable is None:
+                raise
+            unreadable.append(err.problem)
+            continue
+        slices.append((path, ds, values))
+    if not slices:
+        raise ReadError(paths[0].parent, f"none of the series' {len(paths)} files could be read")
+    shapes = {values.shape for _, _, values in slices}
     if len(shapes) > 1:
         raise ReadError(paths[0].parent, f"slices of one series differ in size: {sorted(shapes)}")
-    normal = _normal(datasets[0])
-    positions = [float(np.dot(normal, ds.get("ImagePositionPatient", [0, 0, i]))) for i, ds in enumerate(datasets)]
+    normal = _normal(slices[0][1])
+    positions = [float(np.dot(normal, ds.get("ImagePositionPatient", [0, 0, i]))) for i, (_, ds, _) in
+                 enumerate(slices)]
     order = np.argsort(positions)[::-1]  # descending along the normal: superior first for axial images
-    slices = [_finite(paths[i], apply_modality_lut(_pixels(paths[i], datasets[i]), datasets[i]).astype(np.float32))
-              for i in order]
     sorted_positions = np.array(positions)[order]
     gaps = np.abs(np.diff(sorted_positions))
-    first = datasets[order[0]]
+    first = slices[order[0]][1]
     thickness = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
     row, col = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
-    return Volume(np.stack(slices), (thickness, row, col), _dicom_meta(first))
+    return Volume(np.stack([slices[i][2] for i in order]), (thickness, row, col), _dicom_meta(first),
+                  tuple(slices[i][0] for i in order))
 
 
 def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Volume:
@@ -264,6 +302,10 @@ def read_dicom_series_display(paths: Sequence[str | Path]) -> Volume:
     positions = sorted((np.array(h.ImagePositionPatient, dtype=float) for h in headers),
                        key=lambda position: -float(np.dot(normal, position)))
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    gaps = np.linalg.norm(np.diff(np.array(positions), axis=0), axis=1)
+    if gaps.max() - gaps.min() > 0.01 + 0.001 * float(np.linalg.norm(step)):  # a missing slice would misplace labels
+        raise ReadError(paths[0].parent, f"the slices are not evenly spaced (gaps from {gaps.min():.3g} to "
+                                         f"{gaps.max():.3g} mm): a slice is missing, or the folder mixes series")
     row_spacing, column_spacing = (float(v) for v in headers[0].PixelSpacing)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = (along_row * column_spacing, along_column * row_spacing, step,

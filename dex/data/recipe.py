@@ -25,8 +25,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from dex.config import STRICT, ConfigError, read_yaml, validate
 
 MODALITIES = ("CT", "PET", "MR", "X-ray", "US", "Fundus", "OCT", "Pathology", "Endoscopy", "Photo")
 FORMATS = ("dicom", "nifti", "image", "npy", "video")
@@ -36,35 +39,39 @@ NORMALIZATIONS = ("ct_hu", "mr_percentile", "pet_raw", "pet_suv", "scale_255")
 SLICE_AXES = ("axial", "coronal", "sagittal")
 
 
+Modality = Literal[MODALITIES]
+
+
+@STRICT
 @dataclass
 class Source:
     name: str
-    modality: str
+    modality: Modality
     root: str
-    format: str
-    normalization: str
+    format: Literal[FORMATS]
+    normalization: Literal[NORMALIZATIONS]
     anatomy: str = ""
     pattern: str = "**/*"
-    slice_axis: str = "axial"
+    slice_axis: Literal[SLICE_AXES] = "axial"
     frame_stride: int = 30
     licence: str = ""
     reported_count: int | None = None
     index_csv: str = ""
 
-    def validate(self, where: str) -> None:
-        checks = [
-            ("modality", self.modality, MODALITIES),
-            ("format", self.format, FORMATS),
-            ("normalization", self.normalization, NORMALIZATIONS),
-            ("slice_axis", self.slice_axis, SLICE_AXES),
-        ]
-        for key, value, allowed in checks:
-            if value not in allowed:
-                raise ValueError(f"{where}: source {self.name!r}: {key} {value!r} is not one of {list(allowed)}")
+    def __post_init__(self) -> None:
         if self.index_csv and self.format != "image":
-            raise ValueError(f"{where}: source {self.name!r}: index_csv is only for format: image")
+            raise ValueError(f"source {self.name!r}: index_csv is only for format: image")
         if self.frame_stride < 1:
-            raise ValueError(f"{where}: source {self.name!r}: frame_stride must be at least 1")
+            raise ValueError(f"source {self.name!r}: frame_stride must be at least 1, got {self.frame_stride}")
+
+
+@STRICT
+@dataclass
+class RecipeFile:
+    """The schema of a recipe file."""
+
+    sources: list[Source]
+    name: str | None = None
 
 
 @dataclass
@@ -89,27 +96,9 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot read the recipe ({err})") from err
-        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
-            raise ValueError(f"{path}: a recipe is a mapping with a 'sources' list")
-        known = {f.name for f in dataclasses.fields(Source)}
-        sources, names = [], set()
-        for i, item in enumerate(data["sources"]):
-            if not isinstance(item, dict):
-                raise ValueError(f"{path}: sources[{i}] is not a mapping")
-            unknown = sorted(set(item) - known)
-            if unknown:
-                raise ValueError(f"{path}: sources[{i}] has unknown keys {unknown}")
-            try:
-                source = Source(**item)
-            except TypeError as err:
-                raise ValueError(f"{path}: sources[{i}]: {err}") from err
-            source.validate(str(path))
-            if source.name in names:
-                raise ValueError(f"{path}: source name {source.name!r} is used twice")
-            names.add(source.name)
-            sources.append(source)
-        return cls(str(data.get("name", path.stem)), sources, path)
+        data = validate(RecipeFile, read_yaml(path, "recipe"), str(path))
+        names = [s.name for s in data.sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"{path}: source names {twice} are used twice; each source needs its own")
+        return cls(data.name or path.stem, data.sources, path)

@@ -1,17 +1,46 @@
 """Tar shards in the WebDataset layout: each sample is ``<key>.png`` and ``<key>.json`` (its metadata), stored
 consecutively. Shards are written to ``<name>.tar.tmp`` and renamed by the curation's commit, so a ``.tar`` file
-is always complete; headers carry no time stamps, so the same samples give the same bytes.
+is always complete; headers carry no time stamps, so the same samples give the same bytes. The writer measures
+each shard's size and SHA-256 as it writes, for the collection's index (checked by ``dex data verify``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read, or holds other samples than the index says; ``str()`` names it."""
+
+
+class ClosedShard(NamedTuple):
+    name: str  # the final file name
+    tmp: Path  # where it is until the commit renames it
+    size: int  # bytes
+    sha256: str
+
+
+class _HashingFile:
+    """A write-only file that keeps the SHA-256 and size of what went through it (all ``tarfile`` needs)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 class ShardWriter:
@@ -21,6 +50,7 @@ class ShardWriter:
         self.folder, self.prefix, self.seq, self.max_samples = folder, prefix, next_seq, max_samples
         self.folder.mkdir(parents=True, exist_ok=True)
         self._tar: tarfile.TarFile | None = None
+        self._file: _HashingFile | None = None
         self.count = 0
 
     @property
@@ -33,7 +63,8 @@ class ShardWriter:
 
     def add(self, key: str, png: bytes, meta: dict[str, Any]) -> None:
         if self._tar is None:
-            self._tar = tarfile.open(self.folder / (self.name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self._file = _HashingFile(open(self.folder / (self.name + ".tmp"), "wb"))
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
             self.count = 0
         for name, data in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
             info = tarfile.TarInfo(name)
@@ -41,31 +72,44 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
-    def close(self) -> tuple[str, Path] | None:
-        """Finish the open shard (flushed to disk); returns its final name and temporary path, or None."""
+    def close(self) -> ClosedShard | None:
+        """Finish the open shard (flushed to disk); returns its name, temporary path, size and hash, or None."""
         if self._tar is None:
             return None
         self._tar.close()
-        tmp = self.folder / (self.name + ".tmp")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        result = (self.name, tmp)
-        self._tar, self.seq = None, self.seq + 1
-        return result
+        handle = self._file.handle
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        closed = ClosedShard(self.name, self.folder / (self.name + ".tmp"), self._file.size,
+                             self._file.digest.hexdigest())
+        self._tar, self._file, self.seq = None, None, self.seq + 1
+        return closed
 
 
-def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for every sample of a shard, in stored order."""
-    key, parts = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.partition(".")
-            if stem != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = stem
-            parts[ext] = tar.extractfile(member).read()
+def iter_shard(path: str | Path, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for every sample of a shard, in stored order.
+
+    Raises :class:`ShardError` naming the shard when its bytes are cut or corrupt, or when ``expected`` is given and
+    it holds another number of samples (``tarfile`` ends quietly at a corrupt header past the first member).
+    """
+    key, parts, count = None, {}, 0
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, _, ext = member.name.partition(".")
+                if stem != key and key is not None:
+                    yield key, parts
+                    count += 1
+                    parts = {}
+                key = stem
+                parts[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise ShardError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from err
     if key is not None:
         yield key, parts
+        count += 1
+    if expected is not None and count != expected:
+        raise ShardError(f"{path}: holds {count} samples where the index records {expected} (corrupt or cut)")

@@ -3,6 +3,11 @@
 Every (rank, loader worker) pair reads a disjoint part of the collection: whole shards when there are at least as
 many shards as readers, otherwise every reader walks all shards and keeps every n-th sample. Each rank yields the
 same number of samples per epoch (so DDP ranks stay in step), drawn in a seeded order that changes every epoch.
+
+A bad shard costs only itself, as with WebDataset's ``warn_and_continue``: one that is missing or not of its
+recorded size is left out from the start, one that fails to read is skipped for the rest of the epoch; each is
+named in a warning, and every sample carries the names of the shards its reader has found unreadable so far this
+epoch (``bad_shards``), so that the training loop can count them across loader workers and ranks.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +27,10 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from dex.data.recipe import MODALITIES
-from dex.data.shards import iter_shard
+from dex.data.shards import ShardError, iter_shard
 from dex.data.transforms import PretrainTransform
+
+log = logging.getLogger("dex.data")
 
 
 def decode_png(data: bytes) -> torch.Tensor:
@@ -79,12 +87,14 @@ class CuratedImages(IterableDataset):
             round-robin over workers, and with it :meth:`resume_at`, is exact.
         samples_per_epoch: per rank; the largest count every reader can serve by default.
         rank, world_size: default to torch.distributed's.
+        max_bad_shards: the share of the collection's shards that may be bad (missing, cut, unreadable) before
+            :meth:`check_bad_shards` stops the run.
     """
 
     def __init__(self, root: str | Path, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  seed: int = 0, shuffle_buffer: int = 1000, modality_temperature: float | None = None,
                  loader_workers: int = 0, batch_size: int = 1, samples_per_epoch: int | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, max_bad_shards: float = 0.01) -> None:
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
@@ -93,8 +103,21 @@ class CuratedImages(IterableDataset):
         index = json.loads(index_path.read_text())
         if not index["samples"]:
             raise ValueError(f"{index_path}: the curated collection is empty")
-        self.shards = [self.root / "shards" / s["name"] for s in index["shards"]]
-        self.shard_sizes = np.array([s["samples"] for s in index["shards"]])
+        self.total_shards, self.max_bad_shards = len(index["shards"]), max_bad_shards
+        self.missing: list[str] = []  # shards left out from the start
+        entries = []
+        for entry in index["shards"]:
+            problem = self._missing(entry)
+            if problem:
+                log.warning("%s/shards/%s: %s; left out of the run", self.root, entry["name"], problem)
+                self.missing.append(entry["name"])
+            else:
+                entries.append(entry)
+        self.check_bad_shards()
+        index["samples"] -= sum(s["samples"] for s in index["shards"] if s["name"] in self.missing)
+        self.shards = [self.root / "shards" / s["name"] for s in entries]
+        self.shard_sizes = np.array([s["samples"] for s in entries])
+        self.stored = [s.get("stored") for s in entries]  # samples in the file, for the completeness check
         self.exclude = set(index["exclude"])
         self.counts = index["modalities"]
         distributed = dist.is_available() and dist.is_initialized()
@@ -116,6 +139,23 @@ class CuratedImages(IterableDataset):
         self.transform = transform if transform is not None else PretrainTransform()
         self.seed, self.shuffle_buffer, self.epoch, self.start_batch = seed, shuffle_buffer, 0, 0
 
+    def _missing(self, entry: dict) -> str | None:
+        path = self.root / "shards" / entry["name"]
+        if not path.is_file():
+            return "missing"
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            return f"{path.stat().st_size} bytes where the index records {entry['bytes']} (cut short or replaced)"
+        return None
+
+    def check_bad_shards(self, unreadable: Iterable[str] = ()) -> None:
+        """Raise a ValueError when the shards left out and ``unreadable`` (names found so far, by any reader) are
+        more than ``max_bad_shards`` of the collection."""
+        bad = sorted(set(self.missing) | set(unreadable))
+        if len(bad) > self.max_bad_shards * self.total_shards:
+            raise ValueError(f"{self.root}: {len(bad)} of {self.total_shards} shards are missing or unreadable "
+                             f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}), more than max_bad_shards "
+                             f"{self.max_bad_shards:g} of them; dex data verify {self.root} lists them")
+
     def __len__(self) -> int:
         return self.samples_per_epoch
 
@@ -135,21 +175,33 @@ class CuratedImages(IterableDataset):
             loads[owner[shard]] += self.shard_sizes[shard]
         return [s for s in order if owner[s] == reader]
 
-    def _records(self, reader: int, readers: int, round_: int) -> Iterator[tuple[bytes, dict]]:
+    def _records(self, reader: int, readers: int, round_: int, failed: set[int]) -> Iterator[tuple[bytes, dict, int]]:
+        """The reader's (png, meta, shard) records of one pass; a shard that fails to read joins ``failed`` and is
+        skipped from then on (for the epoch)."""
         order = np.random.default_rng([self.seed, self.epoch, round_]).permutation(len(self.shards))
         rng = np.random.default_rng([self.seed, self.epoch, round_, reader])
         position = 0
         for shard in self._my_shards(reader, readers, order):
-            for key, parts in iter_shard(self.shards[shard]):
-                if key in self.exclude:
-                    continue
-                position += 1
-                if not self.by_shard and (position - 1) % readers != reader:
-                    continue
-                meta = json.loads(parts["json"])
-                if self.accept and rng.random() >= self.accept.get(meta["modality"], 0.0):
-                    continue
-                yield parts["png"], meta
+            if shard in failed:
+                continue
+            try:
+                for key, parts in iter_shard(self.shards[shard], self.stored[shard]):
+                    if key in self.exclude:
+                        continue
+                    position += 1
+                    if not self.by_shard and (position - 1) % readers != reader:
+                        continue
+                    meta = json.loads(parts["json"])
+                    if self.accept and rng.random() >= self.accept.get(meta["modality"], 0.0):
+                        continue
+                    yield parts["png"], meta, shard
+            except (ShardError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                self._fail(shard, failed, err)
+
+    def _fail(self, shard: int, failed: set[int], err: Exception) -> None:
+        failed.add(shard)
+        log.warning("%s; skipped for the rest of epoch %d", err if isinstance(err, ShardError) else
+                    f"{self.shards[shard]}: a sample is corrupt ({type(err).__name__}: {err})", self.epoch)
 
     def _shuffled(self, records: Iterator, rng: np.random.Generator) -> Iterator:
         buffer = []
@@ -171,19 +223,27 @@ class CuratedImages(IterableDataset):
         # the loader takes batch j from worker j % workers: this worker has delivered these samples already
         skip = max(0, -(-(self.start_batch - worker) // workers)) * self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch, 10**6 + reader])
-        produced, round_ = 0, 0
+        produced, round_, failed = 0, 0, set()
         while produced < quota:
             before = produced
-            for png, meta in self._shuffled(self._records(reader, readers, round_), rng):
+            for png, meta, shard in self._shuffled(self._records(reader, readers, round_, failed), rng):
                 if produced >= skip:
-                    image = seeded(self.transform, decode_png(png), sample_seed(self.seed, self.epoch, meta["key"]))
-                    yield {"image": image, "modality": MODALITIES.index(meta["modality"]), "key": meta["key"]}
+                    try:
+                        pixels = decode_png(png)
+                    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for corrupt PNG bytes
+                        self._fail(shard, failed, err)
+                        continue
+                    image = seeded(self.transform, pixels, sample_seed(self.seed, self.epoch, meta["key"]))
+                    yield {"image": image, "modality": MODALITIES.index(meta["modality"]), "key": meta["key"],
+                           "bad_shards": ",".join(sorted(self.shards[i].name for i in failed))}
                 produced += 1
                 if produced == quota:
                     return
             if produced == before:
-                raise RuntimeError(f"{self.root}: reader {reader} of {readers} received no samples")
-            round_ += 1  # only when rebalancing modalities or asked for more than one pass: go round again
+                unreadable = sorted(self.shards[i].name for i in failed)
+                raise RuntimeError(f"{self.root}: reader {reader} of {readers} received no samples"
+                                   + (f"; its shards {', '.join(unreadable)} are unreadable" if unreadable else ""))
+            round_ += 1  # a bad shard, rebalanced modalities or more than one pass asked for: go round again
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -42,6 +42,7 @@ from dex.data.dedup import near_duplicate_groups, phash
 from dex.data.journal import read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS
 from dex.data.readers import (
+    Problem,
     ReadError,
     Volume,
     group_dicom_series,
@@ -75,11 +76,18 @@ class Item:
     label: str | None = None  # classification
     mask: np.ndarray | None = None  # segmentation: [H, W] class indices
     split: str | None = None
+    case: str | None = None  # a slice of a volume: the case's name
+    slice: int | None = None  # and its index in the volume
 
 
-def _one(item: Item) -> Callable[[], list[Item]]:
+#: A source unit: called with a list to append the :class:`Problem` of each bad file it skips, it returns the unit's
+#: items (or raises a :class:`ReadError` when the unit cannot be imported at all).
+MakeItems = Callable[[list[Problem]], list[Item]]
+
+
+def _one(item: Item) -> MakeItems:
     """A source unit that is one item known in advance."""
-    return lambda: [item]
+    return lambda problems: [item]
 
 
 @dataclass
@@ -157,7 +165,10 @@ class MaskMapping:
             value, sep, name = pair.partition("=")
             if not sep or name not in classes:
                 raise ValueError(f"--mask-value {pair!r}: expected VALUE=CLASS with CLASS one of {classes}")
-            values[_parse_value(value)] = classes.index(name)
+            try:
+                values[_parse_value(value)] = classes.index(name)
+            except ValueError as err:
+                raise ValueError(f"--mask-value {pair!r}: {err}") from None
         return cls(classes, values)
 
     def __call__(self, path: Path, raw: np.ndarray, volume: bool = False) -> np.ndarray:
@@ -216,12 +227,12 @@ class TaskWriter:
             self.problems.extend(tuple(p) for p in record["problems"])
         self._claimed, self._lock = set(self.items), threading.Lock()
 
-    def run(self, units: Iterable[tuple[str, Callable[[], list[Item]]]]) -> None:
-        """``units``: (source key, function giving the unit's items). A unit that raises a :class:`ReadError` (or
-        ``ValueError``) is recorded as a problem; the others are written and journalled (after their files, so
-        a killed run redoes only units it had not journalled). ``self.workers`` threads read and encode (decoding,
-        PNG encoding and zlib release the GIL); the journal keeps the units' order, so the folder does not depend
-        on the number of workers."""
+    def run(self, units: Iterable[tuple[str, MakeItems]]) -> None:
+        """``units``: (source key, :data:`MakeItems`). A unit that raises a :class:`ReadError` (or ``ValueError``) is
+        recorded as a problem, with every bad file it reported; the others are written and journalled with the bad
+        files they skipped (after their files, so a killed run redoes only units it had not journalled).
+        ``self.workers`` threads read and encode (decoding, PNG encoding and zlib release the GIL); the journal keeps
+        the units' order, so the folder does not depend on the number of workers."""
         with open(self.journal, "a") as journal, ThreadPoolExecutor(self.workers) as pool:
             pending: deque = deque()
             for key, make_items in units:
@@ -233,11 +244,12 @@ class TaskWriter:
             while pending:
                 self._commit(*pending.popleft(), journal)
 
-    def _unit(self, key: str, make_items: Callable[[], list[Item]]) -> tuple[dict, list]:
+    def _unit(self, key: str, make_items: MakeItems) -> tuple[dict, list]:
         items: dict[str, dict] = {}
         claimed: list[str] = []
+        problems: list[Problem] = []
         try:
-            for item in make_items():
+            for item in make_items(problems):
                 with self._lock:
                     if item.id in self._claimed:
                         raise ReadError(key, f"two images would get the id {item.id!r}")
@@ -250,8 +262,8 @@ class TaskWriter:
                 (self.partial / "masks" / f"{item_id}.png").unlink(missing_ok=True)
             with self._lock:
                 self._claimed.difference_update(claimed)
-            return {}, [(getattr(err, "path", key), getattr(err, "reason", str(err)))]
-        return items, []
+            return {}, [*problems, Problem(getattr(err, "path", key), getattr(err, "reason", str(err)))]
+        return items, problems
 
     def _commit(self, key: str, future: Future, journal) -> None:
         items, problems = future.result()
@@ -284,10 +296,11 @@ class TaskWriter:
             dtype = np.uint8 if item.mask.max(initial=0) < 256 else np.uint16
             Image.fromarray(item.mask.astype(dtype)).save(self.partial / "masks" / f"{item.id}.png")
         return {"file": name, "label": item.label, "split": item.split, "size": list(size), "mode": mode,
-                "phash": f"{image_hash:016x}"}
+                "phash": f"{image_hash:016x}", "case": item.case, "slice": item.slice}
 
     def finish(self, spec: TaskSpec, seed: int = 0, duplicate_distance: int = 2) -> ImportSummary:
-        """Write task.yaml, labels.csv, splits.csv, README.md, problems.csv and duplicates.csv; rename to OUT.
+        """Write task.yaml, labels.csv, splits.csv, README.md, problems.csv, duplicates.csv and, for slices of
+        volumes, cases.csv (each image's case and slice index); rename to OUT.
 
         Images whose pHashes lie within ``duplicate_distance`` bits (transitively) form a group: re-exports,
         crops, copies of one scan under two names. Items without a split get one by a seeded 60 / 20 / 20 draw of
@@ -325,6 +338,12 @@ class TaskWriter:
                      else "each within one split")
             notes.append(f"- Near-duplicates (pHash within {duplicate_distance} bits): {len(groups)} group(s) of "
                          f"{sum(map(len, groups))} images in `duplicates.csv`; {where}.")
+        sliced = [i for i in ids if self.items[i].get("case") is not None]
+        if sliced:
+            write_csv(self.partial / "cases.csv", ("id", "case", "slice"),
+                      [(i, self.items[i]["case"], self.items[i]["slice"]) for i in sliced])
+            notes.append(f"- Cases: the images are slices of {len({self.items[i]['case'] for i in sliced})} "
+                         "volume(s); `cases.csv` gives each image's case and slice index (for per-case 3D Dice).")
         with open(self.partial / "README.md", "a") as handle:
             handle.writelines(line + "\n" for line in notes)
         write_csv(self.partial / "duplicates.csv", ("id", "group", "split"),
@@ -437,8 +456,8 @@ def import_csv(csv_path: str | Path, images: str | Path, writer: TaskWriter, id_
     if missing:
         raise ValueError(f"{csv_path}: no column(s) {missing}; the columns are {list(rows[0])}")
 
-    def unit(line: int, row: dict[str, str]) -> Callable[[], list[Item]]:
-        def make() -> list[Item]:
+    def unit(line: int, row: dict[str, str]) -> MakeItems:
+        def make(problems: list[Problem]) -> list[Item]:
             name = row[id_column]
             path = images / name if (images / name).is_file() else by_stem.get(Path(name).stem)
             if path is None:
@@ -510,15 +529,27 @@ def import_pairs(images: str | Path, writer: TaskWriter, mapping: MaskMapping, m
     official = _read_split_file(splits_file)
     wanted = " or ".join(pattern for _, pattern in class_patterns) or mask_pattern
 
-    def labels_of(path: Path) -> np.ndarray:
+    def read_layer(index: int, mask: Path) -> np.ndarray:
+        return np.where(_read_binary_mask(mask), index, 0) if class_patterns else mapping(mask, read_mask_pixels(mask))
+
+    def labels_of(path: Path, problems: list[Problem]) -> np.ndarray:
         if class_patterns:
             found = [(index, m) for index, matched in per_class for m in matched.get(path.stem, [])]
-            layers = [np.where(_read_binary_mask(m), index, 0) for index, m in found]
         else:
             found = [(0, m) for m in mask_files.get(path.stem, [])]
-            layers = [mapping(m, read_mask_pixels(m)) for _, m in found]
         if not found:
             raise ReadError(path, f"no mask named {wanted.replace('{stem}', path.stem)}.* in {masks}")
+        layers, errors = [], []
+        for index, mask in found:  # every bad mask is named, not only the first
+            try:
+                layers.append(read_layer(index, mask))
+            except ReadError as err:
+                errors.append(err)
+        if len(found) == 1 and errors:
+            raise errors[0]
+        if errors:
+            problems.extend(err.problem for err in errors)
+            raise ReadError(path, f"{len(errors)} of its {len(found)} masks could not be read")
         if any(layer.shape != layers[0].shape for layer in layers):
             raise ReadError(found[0][1], f"the masks of {path.name} differ in size")
         out = layers[0]
@@ -526,8 +557,9 @@ def import_pairs(images: str | Path, writer: TaskWriter, mapping: MaskMapping, m
             out = np.where(layer > 0, layer, out) if class_patterns else np.maximum(out, layer)
         return out
 
-    def unit(path: Path) -> Callable[[], list[Item]]:
-        return lambda: [Item(_clean(ids[path]), path, mask=labels_of(path), split=official.get(path.stem))]
+    def unit(path: Path) -> MakeItems:
+        return lambda problems: [Item(_clean(ids[path]), path, mask=labels_of(path, problems),
+                                      split=official.get(path.stem))]
 
     writer.run((str(path), unit(path)) for path in sources)
 
@@ -580,12 +612,12 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
              for n, i in enumerate(np.random.default_rng(seed).permutation(len(order)))}
     dim = AXES[axis]
 
-    def unit(path: Path) -> Callable[[], list[Item]]:
-        def make() -> list[Item]:
+    def unit(path: Path) -> MakeItems:
+        def make(problems: list[Problem]) -> list[Item]:
             case = cases[path]
             if case not in label_files:
                 raise ReadError(path, f"no label volume {case}.nii.gz in {labels}")
-            volume = _read_volume(path, 0 if path in file_channel else channel, normalization)
+            volume = _read_volume(path, 0 if path in file_channel else channel, normalization, problems)
             label_volume = read_nifti(label_files[case])[0]
             if volume.values.shape != label_volume.values.shape:
                 raise ReadError(label_files[case], f"label volume is {label_volume.values.shape}, the image "
@@ -600,22 +632,24 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
             keep = [i for i in range(raw.shape[dim]) if slices == "all" or np.take(classes, i, dim).any()][::stride]
             return [Item(f"{_clean(case)}_{i:04d}",
                          np.round(np.take(normalised, i, dim) * 65535.0).astype(np.uint16),
-                         mask=np.take(classes, i, dim), split=official.get(case, drawn[case])) for i in keep]
+                         mask=np.take(classes, i, dim), split=official.get(case, drawn[case]), case=_clean(case),
+                         slice=i) for i in keep]
         return make
 
     writer.run((str(path), unit(path)) for path in volumes)
 
 
-def _read_volume(path: Path, channel: int, normalization: str) -> Volume:
+def _read_volume(path: Path, channel: int, normalization: str, problems: list[Problem]) -> Volume:
     """A NIfTI file (channel ``channel`` of a 4D one) or a folder with one DICOM series (PET in SUV for
-    ``pet_suv``; NIfTI PET is taken to be in SUV already, as AutoPET ships it)."""
+    ``pet_suv``; NIfTI PET is taken to be in SUV already, as AutoPET ships it). Files of the folder that are not
+    readable DICOM go to ``problems``; the series is read without them."""
     if not path.is_dir():
         frames = read_nifti(path)
         if channel >= len(frames):
             raise ReadError(path, f"has {len(frames)} channel(s); --channel {channel} does not exist")
         return frames[channel]
     files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    series = group_dicom_series(files)
+    series = group_dicom_series(files, problems)
     if len(series) != 1:
         raise ReadError(path, f"holds {len(series)} DICOM series; a case folder must hold exactly one")
     volume = read_dicom_series_display(next(iter(series.values())))

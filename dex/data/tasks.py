@@ -11,21 +11,25 @@ import csv
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
+
+from dex.config import STRICT, read_yaml, validate
 
 TASK_TYPES = ("segmentation", "classification")
 CLASSIFICATION_METRICS = ["f1_macro", "accuracy", "balanced_accuracy", "auroc"]
 SPLITS = ("train", "val", "test")
 
 
+@STRICT
 @dataclass
 class TaskSpec:
     """``task.yaml``: what a task folder holds."""
 
     name: str
-    type: str  # segmentation | classification
+    type: Literal[TASK_TYPES]
     modality: str
     classes: list[str]  # segmentation: index = mask value; classification: the label names
     image_size: list[int]  # [H, W] of the stored images
@@ -89,6 +93,7 @@ class Task:
     images: dict[str, Path]
     masks: dict[str, Path]  # segmentation
     labels: dict[str, int]  # classification: class index
+    cases: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (case, slice index); cases.csv
 
     @property
     def name(self) -> str:
@@ -146,16 +151,9 @@ def load_task(folder: str | Path, overrides: dict | None = None, seed: int = 0) 
     if not (folder / "images").is_dir():
         raise ValueError(f"{folder}: no images/ folder")
     spec_path = folder / "task.yaml"
-    if spec_path.is_file():
-        try:
-            spec = TaskSpec(**{**yaml.safe_load(spec_path.read_text()), **overrides})
-        except (yaml.YAMLError, TypeError) as err:
-            raise ValueError(f"{spec_path}: not a task description ({err})") from err
-    else:
-        spec = _infer_spec(folder, overrides)
-        spec = TaskSpec(**{**dataclasses.asdict(spec), **overrides})
-    if spec.type not in TASK_TYPES:
-        raise ValueError(f"{spec_path}: type must be one of {TASK_TYPES}, got {spec.type!r}")
+    described = (read_yaml(spec_path, "task description") if spec_path.is_file()
+                 else dataclasses.asdict(_infer_spec(folder, overrides)))
+    spec = validate(TaskSpec, {**described, **overrides}, str(spec_path if spec_path.is_file() else folder))
     images = _by_stem(folder / "images")
     masks, labels = {}, {}
     if spec.type == "segmentation":
@@ -178,15 +176,16 @@ def load_task(folder: str | Path, overrides: dict | None = None, seed: int = 0) 
             labels[row["id"]] = spec.classes.index(row["label"])
         images = {i: p for i, p in images.items() if i in labels}
     ids = sorted(images)
-    splits = _splits(folder, ids, seed)
-    task = Task(folder, spec, splits, images, masks, labels)
+    cases = _cases(folder, ids)
+    task = Task(folder, spec, _splits(folder, ids, seed, cases), images, masks, labels, cases)
     if spec.type == "segmentation":
         for item in ids:
             _check_mask(task, item)
     return task
 
 
-def _splits(folder: Path, ids: list[str], seed: int) -> dict[str, list[str]]:
+def _splits(folder: Path, ids: list[str], seed: int, cases: dict[str, tuple[str, int]]) -> dict[str, list[str]]:
+    """The ids of each split; the val split carved out of train (when splits.csv has none) takes whole cases."""
     path = folder / "splits.csv"
     if path.is_file():
         splits: dict[str, list[str]] = {name: [] for name in SPLITS}
@@ -196,14 +195,58 @@ def _splits(folder: Path, ids: list[str], seed: int) -> dict[str, list[str]]:
             if row["id"] in ids:
                 splits[row["split"]].append(row["id"])
         if not splits["val"] and splits["train"]:
-            order = np.random.default_rng(seed).permutation(len(splits["train"]))
-            count = max(1, len(order) // 5)
-            moved = {splits["train"][i] for i in order[:count]}
+            groups: dict[str, list[str]] = {}  # the slices of a case go together
+            for item in splits["train"]:
+                groups.setdefault(cases[item][0] if item in cases else item, []).append(item)
+            units = list(groups.values())
+            order = np.random.default_rng(seed).permutation(len(units))
+            moved = {item for n in order[:max(1, len(units) // 5)] for item in units[n]}
             splits["val"] = sorted(moved)
             splits["train"] = [i for i in splits["train"] if i not in moved]
         return splits
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     return {name: sorted(order[i] for i in range(len(order)) if split_of(i, len(order)) == name) for name in SPLITS}
+
+
+def _cases(folder: Path, ids: list[str]) -> dict[str, tuple[str, int]]:
+    """``cases.csv`` (``id,case,slice``: the volume an image was cut from and its slice index) as id -> (case,
+    slice); empty without the file. Every image needs a row, and ``splits.csv`` must put each case in one split
+    (a split drawn by image would cut cases, so a task with cases needs the file)."""
+    path, split_path = folder / "cases.csv", folder / "splits.csv"
+    if not path.is_file():
+        return {}
+    if not split_path.is_file():
+        raise ValueError(f"{path}: a task with cases needs {split_path.name} (a split drawn by image would put the "
+                         "slices of one case in several splits)")
+    known, split_of_id = set(ids), {row["id"]: row["split"] for row in _rows(split_path)}
+    cases: dict[str, tuple[str, int]] = {}
+    where: dict[str, tuple[str, int]] = {}  # case -> (split, line)
+    seen: dict[tuple[str, int], int] = {}  # (case, slice) -> line
+    for line, row in enumerate(_rows(path), start=2):
+        item, case, index = row.get("id"), row.get("case"), row.get("slice")
+        if not item or not case or index is None:
+            raise ValueError(f"{path}:{line}: expected id,case,slice")
+        if item not in known:
+            raise ValueError(f"{path}:{line}: id {item!r} is not an image of the task")
+        if item in cases:
+            raise ValueError(f"{path}:{line}: id {item!r} is listed twice")
+        if not index.strip().isdigit():
+            raise ValueError(f"{path}:{line}: slice {index!r} is not a non-negative integer")
+        key = (case, int(index))
+        if key in seen:
+            raise ValueError(f"{path}:{line}: slice {key[1]} of case {case!r} is already given on line {seen[key]}")
+        seen[key] = line
+        split = split_of_id.get(item)
+        if split is not None:
+            first = where.setdefault(case, (split, line))
+            if first[0] != split:
+                raise ValueError(f"{path}:{line}: case {case!r} is in {first[0]} (line {first[1]}) and in {split} "
+                                 f"(id {item!r}) by {split_path.name}; a case must lie in one split")
+        cases[item] = key
+    missing = sorted(known - set(cases))
+    if missing:
+        raise ValueError(f"{path}: no row for image {missing[0]!r} ({len(missing)} image(s) without a case)")
+    return cases
 
 
 def _check_mask(task: Task, item: str) -> None:

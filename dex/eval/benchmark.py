@@ -36,18 +36,46 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import yaml
+from typing_extensions import TypedDict
 
+from dex.config import STRICT, ConfigError, read_yaml, validate
 from dex.data.recipe import MODALITIES
-from dex.data.tasks import load_task
+from dex.data.tasks import TaskSpec, load_task
 from dex.eval.encoders import EncoderSpec
 from dex.eval.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger("dex.eval")
 ABLATIONS = ("top_k", "data_fraction", "trainable_blocks", "experts_vs_director", "components")
+DICE_RULE = "an empty prediction on an empty truth scores 1, false positives on empty slices score 0"
+SCORES = f"F1 macro for classification; for segmentation DSC per slice, Decathlon rule: {DICE_RULE}"
+
+
+@STRICT
+class Ablation(TypedDict, total=False):
+    """One ablation of a suite (see the module docstring)."""
+
+    encoder: str
+    encoders: list[str]
+    values: list[int | float]
+    tasks: list[str]
+    seeds: list[int]
+
+
+@STRICT
+@dataclasses.dataclass
+class SuiteFile:
+    """The schema of a suite file; encoders and tasks are checked entry by entry (:meth:`Suite.load`)."""
+
+    encoders: dict[str, Any]  # name: source, or name: {EncoderSpec fields}
+    tasks: list[Any]  # a task folder, or {path: folder, TaskSpec fields to override}
+    out_dir: str | None = None
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    baseline: str | None = None
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    ablations: dict[Literal[ABLATIONS], Ablation] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -59,35 +87,48 @@ class Suite:
     finetune: FinetuneConfig
     encoders: dict[str, EncoderSpec]
     tasks: list[dict[str, Any]]  # {"path": ..., overrides ...}
-    ablations: dict[str, dict[str, Any]]
+    ablations: dict[str, Ablation]
 
     @classmethod
-    def load(cls, path: str | Path, only: list[str] | None = None) -> Suite:
+    def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True) -> Suite:
+        """Read and check a suite: every key and value, the names the ablations refer to and, with
+        ``check_encoders`` (not needed to report on stored runs), every encoder's architecture and files. Errors
+        name the file and the key."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot read the suite ({err})") from err
-        unknown = sorted(set(data) - {"out_dir", "seeds", "baseline", "finetune", "encoders", "tasks", "ablations"})
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}")
-        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        bad = sorted(set(data.get("finetune", {})) - known)
-        if bad:
-            raise ValueError(f"{path}: unknown finetune keys {bad}")
-        encoders = {name: EncoderSpec.parse(name, value) for name, value in (data.get("encoders") or {}).items()}
+        data = validate(SuiteFile, read_yaml(path, "suite"), str(path))
+        encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders)
+                    for name, value in data.encoders.items()}
+        if data.baseline is not None and data.baseline not in encoders:
+            raise ConfigError(f"{path}: baseline {data.baseline!r} is not one of the encoders {sorted(encoders)}")
+        tasks = [_task_entry(entry, f"{path}: tasks[{n}]") for n, entry in enumerate(data.tasks)]
+        for kind, ablation in data.ablations.items():
+            named = ablation.get("encoders") or ([ablation["encoder"]] if "encoder" in ablation else [])
+            if not named or set(named) - set(encoders):
+                raise ConfigError(f"{path}: ablations.{kind}: needs encoder or encoders among {sorted(encoders)}, "
+                                  f"got {named}")
+            if kind in ("top_k", "data_fraction", "trainable_blocks") and not ablation.get("values"):
+                raise ConfigError(f"{path}: ablations.{kind}: needs values")
         if only:
             missing = sorted(set(only) - set(encoders))
             if missing:
-                raise ValueError(f"{path}: --encoders names encoders the suite does not define: {missing}")
+                raise ConfigError(f"{path}: --encoders names encoders the suite does not define: {missing}")
             encoders = {name: encoders[name] for name in only}
-        tasks = [t if isinstance(t, dict) else {"path": t} for t in data.get("tasks") or []]
-        ablations = data.get("ablations") or {}
-        unknown = sorted(set(ablations) - set(ABLATIONS))
-        if unknown:
-            raise ValueError(f"{path}: unknown ablations {unknown}; known: {list(ABLATIONS)}")
-        return cls(path, Path(data.get("out_dir", path.with_suffix(""))), list(data.get("seeds", [0])),
-                   data.get("baseline"), FinetuneConfig(**data.get("finetune", {})), encoders, tasks, ablations)
+        return cls(path, Path(data.out_dir or path.with_suffix("")), data.seeds, data.baseline, data.finetune,
+                   encoders, tasks, dict(data.ablations))
+
+
+def _task_entry(entry: Any, where: str) -> dict[str, Any]:
+    """``folder`` or ``{path: folder, overrides}`` -> ``{"path": folder, **overrides}``, the overrides being fields
+    of a task description."""
+    entry = {"path": entry} if isinstance(entry, str) else entry
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ConfigError(f"{where}: give a task folder, or a mapping with its path, not {entry!r}")
+    known = {f.name for f in dataclasses.fields(TaskSpec)}
+    unknown = sorted(set(entry) - known - {"path"})
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]}: unknown key; a task takes its path and the keys of task.yaml "
+                          f"({', '.join(sorted(known))})")
+    return entry
 
 
 def _record_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
@@ -171,11 +212,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _scores(records, variant="default") -> dict[tuple[str, str], list[float]]:
+def _scores(records, variant="default", metric=None) -> dict[tuple[str, str], list[float]]:
+    """(encoder, task) -> the runs' scores (x100): each run's own score, or ``metric`` where a run has it."""
     out: dict[tuple[str, str], list[float]] = {}
     for r in records:
-        if r["variant"] == variant:
-            out.setdefault((r["encoder"], r["task"]), []).append(r["score"])
+        if r["variant"] == variant and (metric is None or metric in r["test"]):
+            out.setdefault((r["encoder"], r["task"]), []).append(r["score"] if metric is None
+                                                                 else 100 * r["test"][metric])
     return out
 
 
@@ -217,24 +260,20 @@ def report(suite: Suite) -> None:
     tasks = sorted({r["task"] for r in records if r["variant"] == "default"},
                    key=lambda t: (_modality_rank(records, t), t))
     modality = {r["task"]: r["modality"] for r in records}
-    scores = _scores(records)
-    means = {key: _mean_std(values) for key, values in scores.items()}
-
-    def base(task):
-        return means.get((suite.baseline, task), (None,))[0] if suite.baseline else None
-
-    # Table 5: per task, mean ± std over seeds, gain over the baseline
-    rows = []
-    for task in tasks:
-        row = [f"{modality[task]}: {task}"]
-        for encoder in encoders:
-            mean, std = means.get((encoder, task), (None, None))
-            row.append(_cell(mean, None if encoder == suite.baseline else base(task), std))
-        rows.append(row)
+    means = {key: _mean_std(values) for key, values in _scores(records).items()}
     seeds = sorted({r["seed"] for r in records})
-    _write(out, "table5_tasks", ["task"] + encoders, rows,
-           f"Per-task test scores (x100; F1 macro for classification, DSC for segmentation), mean ± std over seeds "
-           f"{seeds}" + (f", gain over {suite.baseline} in brackets" if suite.baseline else ""))
+    over = f"mean ± std over seeds {seeds}" + (f", gain over {suite.baseline} in brackets" if suite.baseline else "")
+    # Table 5: per task, mean ± std over seeds, gain over the baseline
+    _write(out, "table5_tasks", ["task"] + encoders, _task_rows(means, tasks, encoders, suite.baseline, modality),
+           f"Per-task test scores (x100; {SCORES}), {over}")
+    dice_3d = {key: _mean_std(values) for key, values in _scores(records, metric="dice_3d").items()}
+    if dice_3d:
+        tasks_3d = [t for t in tasks if any((e, t) in dice_3d for e in encoders)]
+        _write(out, "table5_tasks_dice3d", ["task"] + encoders,
+               _task_rows(dice_3d, tasks_3d, encoders, suite.baseline, modality),
+               f"Per-task test DSC per case (x100; a case's slices scored as one 3D volume per class, Decathlon "
+               f"rule: an empty prediction on an empty truth scores 1, false positives in a case without the class "
+               f"score 0), {over}")
     # Table 1: per modality and overall
     rows = []
     for mod in [m for m in MODALITIES if m in modality.values()] + sorted(set(modality.values()) - set(MODALITIES)):
@@ -244,10 +283,23 @@ def report(suite: Suite) -> None:
     rows.append([f"Avg. ({len(tasks)} tasks)"] + [_average_cell(means, encoder, tasks, suite.baseline)
                                                  for encoder in encoders])
     _write(out, "table1_modalities", ["modality"] + encoders, rows,
-           "Average test score per modality and overall (x100), gain over the baseline in brackets")
+           f"Average test score per modality and overall (x100; {SCORES}), gain over the baseline in brackets")
     _radar(out, encoders, tasks, means)
     _ablations(out, records, suite)
     _runs_csv(out, records)
+
+
+def _task_rows(means, tasks, encoders, baseline, modality) -> list[list[str]]:
+    """Table 5's rows: per task, each encoder's mean ± std, with the gain over the baseline."""
+    rows = []
+    for task in tasks:
+        base = means.get((baseline, task), (None,))[0] if baseline else None
+        row = [f"{modality[task]}: {task}"]
+        for encoder in encoders:
+            mean, std = means.get((encoder, task), (None, None))
+            row.append(_cell(mean, None if encoder == baseline else base, std))
+        rows.append(row)
+    return rows
 
 
 def _modality_rank(records, task) -> int:
@@ -319,7 +371,7 @@ def _ablations(out: Path, records, suite: Suite) -> None:
         series = sorted({(e, t) for e, t, v in mean if v.startswith(f"{kind}=")})
         rows = [[f"{e} on {t}"] + [_cell(mean.get((e, t, f"{kind}={v}"))) for v in values] for e, t in series]
         _write(out, f"fig5_{kind}", [kind] + [str(v) for v in values], rows,
-               f"Fig. 5 sweep over {kind}: test score (x100), mean over seeds")
+               f"Fig. 5 sweep over {kind}: test score (x100; {SCORES}), mean over seeds")
         fig, ax = plt.subplots(figsize=(6, 4))
         for e, t in series:
             ax.plot(values, [mean.get((e, t, f"{kind}={v}"), np.nan) for v in values], marker="o", label=f"{e}: {t}")
@@ -334,10 +386,11 @@ def _ablations(out: Path, records, suite: Suite) -> None:
         rows = [[t] + [_cell(mean.get((e, t, f"mode={m}"))) for e in names for m in ("experts", "director")]
                 for t in tasks]
         _write(out, "table4_experts_director", ["task"] + [f"{e} {m}" for e in names for m in ("DEX-E", "DEX-D")],
-               rows, "Table 4: adaptation through the experts (DEX-E) or the director (DEX-D), test score (x100)")
+               rows, f"Table 4: adaptation through the experts (DEX-E) or the director (DEX-D), test score (x100; "
+                     f"{SCORES})")
     if "components" in suite.ablations:
         names = suite.ablations["components"]["encoders"]
         tasks = suite.ablations["components"].get("tasks") or sorted({t for _, t, _ in mean})
         rows = [[t] + [_cell(mean.get((e, t, "default"))) for e in names] for t in tasks]
         _write(out, "table6_components", ["task"] + names, rows,
-               "Table 6: components, test score (x100), mean over seeds")
+               f"Table 6: components, test score (x100; {SCORES}), mean over seeds")

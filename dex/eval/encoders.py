@@ -5,51 +5,90 @@
   with ``scratch_experts: true``;
 - a folder written by ``dex export`` / ``save_pretrained`` (a DEX encoder, or a timm ViT such as ``OUT/director``);
 - a ``dex pretrain`` run folder (its final encoder, else its newest checkpoint): DEX or the MAE baseline;
-- ``timm:ARCH:FILE``: a timm ViT checkpoint file on disk (e.g. ImageNet MAE or DINO weights), loaded without
-  unpickling and resized to ``img_size``.
+- ``timm:ARCH:FILE``: a timm ViT checkpoint file on disk (e.g. ImageNet MAE or DINO weights): ARCH is built without
+  weights at ``img_size``, FILE is read without unpickling (``.safetensors``, a PyTorch state dict, or a JAX ``.npz``
+  that the model's own ``load_pretrained`` reads), converted by the architecture's checkpoint filter (MAE, DINO,
+  CLIP layouts; position embeddings resampled to the model's grid), and must then fit the encoder exactly.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from dex.models import DEXViT, load_pretrained
+from dex.config import STRICT, ConfigError, validate
+
+from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
 
 
+@STRICT
 @dataclass
 class EncoderSpec:
     name: str
     source: str = "scratch"
     model: str = "dex_vit_tiny_patch16_256"  # architecture for scratch
     img_size: int | None = None  # scratch and timm files; pretrained DEX encoders keep their own
-    mode: str | None = None  # DEX only: experts (DEX-E) or director (DEX-D); None keeps the saved mode
+    mode: Literal["experts", "director"] | None = None  # DEX only: DEX-E or DEX-D; None keeps the saved mode
     top_k: int | None = None  # DEX-E only
     scratch_experts: bool = False  # scratch: a random DEX encoder instead of a plain ViT
     model_args: dict[str, Any] = field(default_factory=dict)  # scratch: more timm.create_model arguments
 
     @classmethod
-    def parse(cls, name: str, value: Any) -> EncoderSpec:
-        return cls(name=name, **value) if isinstance(value, dict) else cls(name=name, source=str(value))
+    def parse(cls, name: str, value: Any, where: str, check: bool = True) -> EncoderSpec:
+        """A suite's entry: a source, or a mapping of the fields; with ``check``, :func:`check_encoder` too."""
+        fields = {"source": value} if isinstance(value, str) else value
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{where}: encoder {name!r}: give a source or a mapping of its fields, not {value!r}")
+        spec = validate(cls, {"name": name, **fields}, f"{where}: encoders.{name}")
+        if check:
+            check_encoder(spec, where)
+        return spec
+
+
+def _scratch_args(spec: EncoderSpec) -> dict[str, Any]:
+    args = {**spec.model_args, **({} if spec.scratch_experts else {"num_experts": 0})}
+    return {**args, "img_size": spec.img_size} if spec.img_size else args
+
+
+def check_encoder(spec: EncoderSpec, where: str) -> None:
+    """What can be known of an encoder before anything is fine-tuned: the architecture exists and takes the
+    arguments (built on the meta device, which costs no memory), the files are there."""
+    problem = None
+    if spec.source == "scratch":
+        try:
+            with torch.device("meta"):
+                timm.create_model(spec.model, pretrained=False, **_scratch_args(spec))
+        except (RuntimeError, TypeError, ValueError) as err:  # timm: "Unknown model"; the model: an argument
+            problem = f"model {spec.model!r} with model_args {spec.model_args}: {err}"
+    elif spec.source.startswith("timm:"):
+        arch, _, file = spec.source.removeprefix("timm:").partition(":")
+        if not arch or not file:
+            problem = f"{spec.source!r} is not timm:ARCH:FILE"
+        elif not timm.is_model(arch):
+            problem = f"timm has no architecture {arch!r}"
+        elif not Path(file).is_file():
+            problem = f"{file}: no such file"
+    elif not any((Path(spec.source) / name).is_file() for name in ("config.json", "config.yaml")):
+        problem = (f"{spec.source}: neither an exported encoder (config.json) nor a pretraining run (config.yaml)")
+    if problem:
+        raise ConfigError(f"{where}: encoder {spec.name!r}: {problem}")
 
 
 def load_encoder(spec: EncoderSpec) -> nn.Module:
     if spec.source == "scratch":
-        args = {**spec.model_args, **({} if spec.scratch_experts else {"num_experts": 0})}
-        if spec.img_size:
-            args["img_size"] = spec.img_size
-        encoder = timm.create_model(spec.model, pretrained=False, **args)
+        encoder = timm.create_model(spec.model, pretrained=False, **_scratch_args(spec))
     elif spec.source.startswith("timm:"):
-        _, arch, file = spec.source.split(":", 2)
-        args = {"img_size": spec.img_size} if spec.img_size else {}
-        # custom_load: timm's own reader for JAX .npz checkpoints; some default configs (augreg ViTs) set it, which
-        # timm 1.0.26 then applies to any local file
-        overlay = {"file": file, "custom_load": file.endswith(".npz")}
-        encoder = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **args)
+        arch, _, file = spec.source.removeprefix("timm:").partition(":")
+        if not arch or not file:
+            raise ValueError(f"encoder {spec.name!r}: {spec.source!r} is not timm:ARCH:FILE")
+        encoder = timm_file_encoder(arch, file, spec.img_size)
     else:
         path = Path(spec.source)
         if (path / "config.json").is_file():
@@ -69,6 +108,70 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     elif spec.mode or spec.top_k:
         raise ValueError(f"encoder {spec.name!r}: mode and top_k apply to DEX encoders only")
     return encoder
+
+
+def timm_file_encoder(arch: str, file: str | Path, img_size: int | None = None) -> nn.Module:
+    """The timm model ``arch`` (no classifier, at ``img_size`` when given) with the weights of ``file``.
+
+    The file is read by :func:`dex.load_state_dict_file` (safetensors, or a weights-only torch file: nothing is
+    unpickled) and converted by the architecture's own checkpoint filter; classifier keys are dropped and the rest
+    must fit the model exactly. A JAX ``.npz`` file is read by the model's ``load_pretrained`` (timm's ViTs).
+    Raises ``ValueError`` (or ``FileNotFoundError``) naming the file.
+    """
+    if not timm.is_model(arch):
+        raise ValueError(f"timm:{arch}:{file}: timm has no architecture {arch!r}")
+    encoder = timm.create_model(arch, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
+    if str(file).endswith(".npz"):
+        _load_npz(encoder, arch, Path(file))
+        return encoder
+    state_dict = load_state_dict_file(file)
+    convert = _checkpoint_filter(arch, encoder)
+    if convert is not None:
+        try:
+            state_dict = convert(state_dict, encoder)
+        except Exception as err:  # each filter fails in its own way (KeyError, shapes) on a layout it cannot read
+            raise ValueError(f"{file}: {arch}'s checkpoint filter cannot convert it ({type(err).__name__}: {err})"
+                             ) from err
+    classifier = encoder.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    own = encoder.state_dict()
+    problems = []
+    if unexpected := sorted(set(state_dict) - set(own)):
+        problems.append(f"keys the model does not have: {_some(unexpected)}")
+    if wrong_shape := [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items()
+                       if k in own and v.shape != own[k].shape]:
+        problems.append(f"shapes that differ: {_some(wrong_shape)}")
+    if missing := [k for k in own if k not in state_dict]:
+        problems.append(f"encoder tensors missing from the file: {_some(missing)}")
+    if problems:
+        raise ValueError(f"{file}: does not fit {arch}; " + "; ".join(problems))
+    encoder.load_state_dict(state_dict)
+    return encoder
+
+
+def _checkpoint_filter(arch: str, encoder: nn.Module) -> Callable[..., dict[str, Tensor]] | None:
+    """The function timm applies to this architecture's pretrained weights: DEX's ViT conversion for the
+    ``dex_vit_*`` models, else the ``checkpoint_filter_fn`` of the timm module that registers ``arch``."""
+    if isinstance(encoder, DEXViT):
+        return vit_to_dex_state_dict
+    module = sys.modules[timm.models.model_entrypoint(arch).__module__]
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _load_npz(encoder: nn.Module, arch: str, path: Path) -> None:
+    if not hasattr(encoder, "load_pretrained"):
+        raise ValueError(f"{path}: a JAX .npz checkpoint, which {arch} cannot read (timm's ViTs can)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        encoder.load_pretrained(str(path))  # numpy without pickle: an array of Python objects raises
+    except Exception as err:
+        raise ValueError(f"{path}: not a JAX .npz checkpoint that {arch} reads ({type(err).__name__}: {err})") from err
+
+
+def _some(keys: list[str], shown: int = 8) -> str:
+    return str(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def freeze_all_but_last(encoder: nn.Module, blocks: int) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from dex.config import STRICT
 from dex.data.readers import read_picture
 from dex.data.tasks import Task, mask_labels
 from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -28,6 +29,7 @@ from dex.train.reproducibility import seed_everything
 from dex.train.schedules import warmup_cosine
 
 
+@STRICT
 @dataclass
 class FinetuneConfig:
     epochs: int = 100
@@ -95,7 +97,8 @@ def _subset(ids: list[str], fraction: float, seed: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int) -> dict[str, float]:
-    """Classification metrics, or DSC over foreground classes computed at each mask's original resolution."""
+    """Classification metrics, or DSC over foreground classes computed at each mask's original resolution:
+    ``dice`` per slice and, for a task whose images are slices of cases (``cases.csv``), ``dice_3d`` per case."""
     model.eval()
     task = data.task
     loader = DataLoader(data, batch_size=batch_size)
@@ -109,8 +112,12 @@ def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_siz
     for batch in loader:
         logits = model(batch["image"].to(device)).cpu()
         for row, index in zip(logits, batch["index"].tolist()):
-            dice.add(row, torch.from_numpy(mask_labels(task, data.ids[index])))
-    return {"dice": dice.value()}
+            item = data.ids[index]
+            dice.add(row, torch.from_numpy(mask_labels(task, item)), task.cases[item][0] if task.cases else None)
+    scores = {"dice": dice.value()}
+    if task.cases:
+        scores["dice_3d"] = dice.value_3d()
+    return scores
 
 
 def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:

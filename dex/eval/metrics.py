@@ -1,5 +1,12 @@
 """Downstream metrics: macro-F1 (the paper's classification score), accuracy, balanced accuracy and AUROC from
-torchmetrics; DSC (Dice) averaged over foreground classes, at the original mask resolution, with MONAI."""
+torchmetrics; DSC (Dice) of the foreground classes at the original mask resolution, per slice and per case (the
+slices of one volume scored as one 3D volume).
+
+Dice follows the Medical Segmentation Decathlon: 2|P∩T| / (|P| + |T|), so a non-empty prediction on an empty
+ground truth scores 0, and an empty prediction on an empty ground truth scores 1 (MONAI's ``compute_dice`` with
+``ignore_empty=False``, against which it is tested). Scores are averaged over images (or cases) for each class,
+then over classes. nnU-Net's own evaluation differs in one point: it leaves a case out of a class's mean when
+prediction and truth are both empty."""
 
 from __future__ import annotations
 
@@ -7,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice
 from torch import Tensor
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -31,21 +37,38 @@ def classification_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
     }
 
 
+def dice_from_counts(counts: Tensor) -> Tensor:
+    """[3, ...] counts |P∩T|, |P|, |T| -> [...] Dice by the Decathlon rule (1 where prediction and truth are both
+    empty)."""
+    intersection, predicted, truth = counts
+    total = predicted + truth
+    return torch.where(total > 0, 2 * intersection / total.clamp_min(1), 1.0)
+
+
 class DiceAccumulator:
-    """Per-image Dice of each foreground class (NaN where the class is absent from the ground truth), pooled as
-    the mean over images for each class, then over classes."""
+    """Dice of each foreground class by the Decathlon rule, per image (pooled as the mean over images for each
+    class, then over classes) and, for images added with their case, per case: the counts |P∩T|, |P|, |T| summed
+    over a case's slices are those of the stacked volume, so its 3D Dice needs no volume in memory."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes, self.scores = num_classes, []
+        self.cases: dict[str, Tensor] = {}  # case -> [3, C - 1] counts summed over its slices
 
-    def add(self, logits: Tensor, target: Tensor) -> None:
+    def add(self, logits: Tensor, target: Tensor, case: str | None = None) -> None:
         """[C, h, w] logits at the model's resolution and the [H, W] original mask: the logits are resized
-        (bilinear) to the mask's size before the argmax."""
+        (bilinear) to the mask's size before the argmax. ``case``: the volume the slice belongs to, if any."""
         logits = F.interpolate(logits[None].float(), size=target.shape, mode="bilinear", align_corners=False)
-        pred = F.one_hot(logits.argmax(1), self.num_classes).permute(0, 3, 1, 2)
-        truth = F.one_hot(target[None].long(), self.num_classes).permute(0, 3, 1, 2)
-        self.scores.append(compute_dice(pred, truth, include_background=False, ignore_empty=True)[0])
+        classes = torch.arange(1, self.num_classes)[:, None, None]
+        pred, truth = logits.argmax(1) == classes, target[None].long() == classes  # [C - 1, H, W]
+        counts = torch.stack([(pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))]).double()
+        self.scores.append(dice_from_counts(counts))
+        if case is not None:
+            self.cases[case] = self.cases.get(case, 0) + counts
 
     def value(self) -> float:
-        per_class = torch.stack(self.scores).nanmean(0)
-        return float(per_class.nanmean())
+        """Slice Dice: the mean over images for each class, then over classes."""
+        return float(torch.stack(self.scores).mean(0).mean())
+
+    def value_3d(self) -> float:
+        """Per-case 3D Dice: the mean over cases for each class, then over classes."""
+        return float(dice_from_counts(torch.stack(list(self.cases.values()), 1)).mean(0).mean())

@@ -1,5 +1,6 @@
-"""Weights in and out: safe checkpoint loading, warm start from a plain ViT or MAE checkpoint, the director
-path exported as a standard timm ViT, and ``save_pretrained`` / ``load_pretrained`` folders.
+"""Weights in and out: safe checkpoint loading (:func:`load_state_dict_file`, from :mod:`dex.safeload`), warm start
+from a plain ViT or MAE checkpoint, the director path exported as a standard timm ViT, and ``save_pretrained`` /
+``load_pretrained`` folders.
 
 A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg) plus
 ``model.safetensors``, so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads it too.
@@ -8,59 +9,24 @@ A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretra
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import safetensors.torch
 import timm
-import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from dex.models.dex_vit import VIT_SIZES, DEXViT
 from dex.models.mae import MaskedAutoencoderDEX
+from dex.safeload import load_state_dict_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _MLP_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$")
 _DECODER_KEYS = ("mask_token", "decoder_")
 _DROPPED_VIT_KEYS = ("head.", "fc_norm.")  # classifier of a timm / fine-tuned checkpoint
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a checkpoint without unpickling arbitrary objects.
-
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
-    A wrapping dict (``model``, ``state_dict``, ``module``) is unwrapped and a DDP ``module.`` prefix removed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        try:
-            obj: Any = safetensors.torch.load_file(str(path))
-        except Exception as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "global" not in str(err).lower():  # not a refused class: the bytes are not a checkpoint
-                raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-            raise ValueError(
-                f"{path}: holds Python objects other than tensors, and is not unpickled for safety; "
-                f"save its state dict alone (or as .safetensors) and load that ({err})"
-            ) from err
-        except Exception as err:
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _encoder_and_prefix(model: nn.Module) -> tuple[DEXViT, str]:

@@ -12,7 +12,8 @@ from dex.train.pretrain import PretrainConfig, build_mae
 
 
 def run_encoder(run_dir: str | Path) -> DEXViT:
-    """The encoder of a run: its final ``encoder/`` when it finished, else its newest complete checkpoint."""
+    """The encoder of a run: its final ``encoder/`` when it finished, else its newest checkpoint that verifies and
+    loads (when none does, :class:`~dex.train.checkpoint.NoUsableCheckpointError` names every file and why)."""
     run_dir = Path(run_dir)
     if (run_dir / "encoder" / "config.json").is_file():
         return load_pretrained(run_dir / "encoder")

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import timm
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dex import __version__
-from dex.config import save_config
+from dex.config import STRICT, save_config
 from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sample_seed
 from dex.data.transforms import PretrainTransform
 from dex.models import (
@@ -43,6 +43,7 @@ from dex.models import (
     save_pretrained,
     update_directors_,
 )
+from dex.safeload import load_torch_file
 from dex.train.checkpoint import CheckpointManager
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor, normalised_entropy
@@ -52,6 +53,7 @@ from dex.train.schedules import cosine, warmup_cosine
 log = logging.getLogger("dex.train")
 
 
+@STRICT
 @dataclass
 class PretrainConfig:
     """A pretraining run; saved as ``config.yaml`` in the run folder. Defaults are the paper's where it gives
@@ -75,6 +77,7 @@ class PretrainConfig:
     modality_temperature: float | None = None  # None: the natural mix; T: modality m drawn as n_m ** (1/T)
     shuffle_buffer: int = 1000
     samples_per_epoch: int | None = None  # per rank, curated data only; None: the whole collection
+    max_bad_shards: float = 0.01  # curated data: the share of shards that may be unreadable before the run stops
     # optimisation
     epochs: int = 100
     warmup_epochs: int = 10
@@ -86,7 +89,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 1.0
     compile: bool = False
-    distributed: str = "ddp"  # under torchrun: ddp (a full model per process) or fsdp (parameters sharded)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (a full model per process) or fsdp (sharded)
     # DEX objective (Eq. 8) and its schedules (cosine over the whole run)
     lambda_co: float = 0.1
     lambda_bal: float = 0.001
@@ -109,8 +112,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if not 0 <= self.max_bad_shards <= 1:
+            raise ValueError(f"max_bad_shards is a share of the shards, in [0, 1]; got {self.max_bad_shards}")
 
 
 @dataclass
@@ -127,7 +130,10 @@ class PretrainResult(NamedTuple):
 
 
 def build_mae(config: PretrainConfig) -> MaskedAutoencoderDEX:
-    encoder = timm.create_model(config.model, pretrained=False, **config.model_args)
+    try:
+        encoder = timm.create_model(config.model, pretrained=False, **config.model_args)
+    except (TypeError, RuntimeError) as err:  # an unknown architecture or argument
+        raise ValueError(f"model {config.model!r} with model_args {config.model_args}: {err}") from err
     model = MaskedAutoencoderDEX(
         encoder, config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads,
         norm_pix_loss=config.norm_pix_loss, mask_ratio=config.mask_ratio,
@@ -172,6 +178,20 @@ def usage_entropy(model: nn.Module) -> list[float]:
 class _Data(NamedTuple):
     steps_per_epoch: int
     loader: Any  # (epoch, batches_done) -> iterable of micro-batches
+    shards: CuratedImages | None = None  # curated data: what knows its bad shards
+
+
+def _bad_shards(data: _Data, unreadable: set[str], ctx: DistContext) -> list[str]:
+    """The shards left out or found unreadable this epoch, by any loader worker of any rank; raises a ValueError
+    (on every rank alike) when they are more than ``max_bad_shards`` of the collection."""
+    if data.shards is None:
+        return []
+    if ctx.distributed:
+        found: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(found, sorted(unreadable))
+        unreadable = set().union(*map(set, found))
+    data.shards.check_bad_shards(unreadable)
+    return sorted(set(data.shards.missing) | unreadable)
 
 
 def _data(config: PretrainConfig, ctx: DistContext, img_size: int, micro_batch: int) -> _Data:
@@ -187,13 +207,13 @@ def _data(config: PretrainConfig, ctx: DistContext, img_size: int, micro_batch: 
                                 modality_temperature=config.modality_temperature,
                                 loader_workers=config.num_workers, batch_size=micro_batch,
                                 samples_per_epoch=config.samples_per_epoch, rank=ctx.rank,
-                                world_size=ctx.world_size)
+                                world_size=ctx.world_size, max_bad_shards=config.max_bad_shards)
 
         def loader(epoch: int, batches_done: int):
             dataset.resume_at(epoch, batches_done)
             return dataloader(dataset, batch_size=micro_batch)
 
-        return _Data(len(dataset) // (micro_batch * config.accum_steps), loader)
+        return _Data(len(dataset) // (micro_batch * config.accum_steps), loader, dataset)
     if root.is_dir():
         dataset = FolderImages(root, transform, seed=config.seed)
         global_micro = micro_batch * ctx.world_size
@@ -313,8 +333,9 @@ def pretrain(config: PretrainConfig, resume: str | None = None) -> PretrainResul
     """Run the pretraining described by ``config`` (under torchrun: on every rank); returns the run folder and
     the model.
 
-    ``resume``: None for a fresh run, ``"auto"`` for the newest complete checkpoint in the run folder (a fresh run
-    when there is none), or a checkpoint path. The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
+    ``resume``: None for a fresh run, ``"auto"`` for the newest checkpoint in the run folder that verifies and loads
+    (a fresh run when there is none, but an error when there are checkpoints and none loads, or when the log records
+    steps and there is no checkpoint), or a checkpoint path. The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
     ``checkpoints/`` and, at the end, ``encoder/`` (the pretrained DEX encoder, see :func:`dex.load_pretrained`).
     """
     ctx = init_distributed(config.device)
@@ -339,18 +360,21 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     optimizer = make_optimizer(model, config)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_checkpoints)
     state = TrainState()
-    if resume:
+    if resume:  # every refusal comes before anything in the run folder is written
         checkpoint = manager.load_latest() if resume == "auto" else _load_file(resume)
         if checkpoint is not None:
             state = _restore(checkpoint, model, optimizer, config, ctx)
             if ctx.is_main:
                 log.info("resumed from %s at step %d", checkpoint["path"], state.step)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
+        elif (out_dir / "log.jsonl").is_file() and (out_dir / "log.jsonl").read_text().strip():
+            raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
+                             "from; not starting over in this folder silently (run without --resume to start over)")
     data = _data(config, ctx, model.encoder.patch_embed.img_size[0], micro_batch)
     if data.steps_per_epoch < 1:
         raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
     total = config.epochs * data.steps_per_epoch
     warmup = config.warmup_epochs * data.steps_per_epoch
     peak_lr = config.base_lr * config.batch_size / 512
@@ -368,58 +392,65 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     global_micro = micro_batch * ctx.world_size
     window = {"start": time.perf_counter(), "images": 0}
     bar = tqdm(total=total, initial=state.step, desc="pretrain", unit="step", disable=not ctx.is_main)
-    while state.epoch < config.epochs:
-        batches = iter(data.loader(state.epoch, state.batches_done))
-        while state.batches_done + config.accum_steps <= data.steps_per_epoch * config.accum_steps:
-            values = _schedules(config, state.step, warmup, total, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = values["lr"]
-            losses = torch.zeros(4, device=ctx.device)
-            for micro in range(config.accum_steps):
-                images = next(batches)["image"].to(ctx.device, non_blocking=True)
-                # the step's noise for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
-                start = micro * global_micro + ctx.rank * micro_batch
-                noise = model.draw_noise(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
-                                         config.batch_size, slice(start, start + micro_batch))
-                last = micro == config.accum_steps - 1
-                if sharded:
-                    model.set_requires_gradient_sync(last)
-                sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
-                with sync, torch.autocast(**autocast):
-                    out = forward(images, noise_std=values["noise_std"], lambda_co=config.lambda_co,
-                                  lambda_bal=values["lambda_bal"], **noise)
-                    (out.loss / config.accum_steps).backward()
-                losses += torch.stack([out.loss, out.reconstruction, out.alignment, out.balance]).detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            finite = all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx)
-            if finite:
-                optimizer.step()
-                loads = update_directors_(model, values["momentum"])
-            else:
-                discard_usage_(model)
-                state.skipped += 1
-                loads = []
-                if ctx.is_main:
-                    log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", state.step,
-                                state.skipped)
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batches_done += config.accum_steps
-            window["images"] += config.batch_size
-            bar.update()
-            if state.step % config.log_every == 0 or state.step == total:
-                row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, loads, window, ctx)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
-                                skipped=state.skipped)
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                _checkpoint(manager, model, optimizer, state, config, ctx)
-        state.epoch, state.batches_done = state.epoch + 1, 0
-        milestone = bool(config.milestone_every) and state.epoch % config.milestone_every == 0
-        _checkpoint(manager, model, optimizer, state, config, ctx, milestone)
-    bar.close()
-    monitor.close()
+    try:
+        while state.epoch < config.epochs:
+            batches = iter(data.loader(state.epoch, state.batches_done))
+            unreadable: set[str] = set()  # shards this rank's readers could not read this epoch
+            while state.batches_done + config.accum_steps <= data.steps_per_epoch * config.accum_steps:
+                values = _schedules(config, state.step, warmup, total, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = values["lr"]
+                losses = torch.zeros(4, device=ctx.device)
+                for micro in range(config.accum_steps):
+                    batch = next(batches)
+                    unreadable.update(n for names in batch.get("bad_shards", ()) for n in names.split(",") if n)
+                    images = batch["image"].to(ctx.device, non_blocking=True)
+                    # the step's noise for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
+                    start = micro * global_micro + ctx.rank * micro_batch
+                    noise = model.draw_noise(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
+                                             config.batch_size, slice(start, start + micro_batch))
+                    last = micro == config.accum_steps - 1
+                    if sharded:
+                        model.set_requires_gradient_sync(last)
+                    sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
+                    with sync, torch.autocast(**autocast):
+                        out = forward(images, noise_std=values["noise_std"], lambda_co=config.lambda_co,
+                                      lambda_bal=values["lambda_bal"], **noise)
+                        (out.loss / config.accum_steps).backward()
+                    losses += torch.stack([out.loss, out.reconstruction, out.alignment, out.balance]).detach().float()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()
+                finite = all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx)
+                if finite:
+                    optimizer.step()
+                    loads = update_directors_(model, values["momentum"])
+                else:
+                    discard_usage_(model)
+                    state.skipped += 1
+                    loads = []
+                    if ctx.is_main:
+                        log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", state.step,
+                                    state.skipped)
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batches_done += config.accum_steps
+                window["images"] += config.batch_size
+                bar.update()
+                if state.step % config.log_every == 0 or state.step == total:
+                    row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, loads, window,
+                               ctx, _bad_shards(data, unreadable, ctx))
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
+                                    skipped=state.skipped)
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    _checkpoint(manager, model, optimizer, state, config, ctx)
+            _bad_shards(data, unreadable, ctx)
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            milestone = bool(config.milestone_every) and state.epoch % config.milestone_every == 0
+            _checkpoint(manager, model, optimizer, state, config, ctx, milestone)
+    finally:  # a run stopped by an error closes its progress bar and log files first
+        bar.close()
+        monitor.close()
     if sharded:  # gather the shards into a plain model on the main rank
         full, _ = _full_states(model, optimizer, sharded)
         if ctx.is_main:
@@ -433,17 +464,15 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
 
 
 def _load_file(path: str) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from err
-    except Exception as err:
-        raise ValueError(f"{path}: not a loadable checkpoint ({err})") from err
+    checkpoint = load_torch_file(path)  # errors name the file: missing, refused as unsafe, unreadable
+    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "train", "rng", "config"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a dex pretrain checkpoint (one holds model, optimizer, train, rng and config)")
     checkpoint["path"] = str(path)
     return checkpoint
 
 
-def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_norm, loads, window, ctx) -> dict:
+def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_norm, loads, window, ctx,
+         bad_shards: list[str]) -> dict:
     if ctx.distributed:  # the logged losses are the global batch's
         dist.all_reduce(losses)
         losses /= ctx.world_size
@@ -454,6 +483,7 @@ def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_nor
         **values, "grad_norm": float(grad_norm), "skipped": state.skipped,
         "images_per_s": window["images"] / max(elapsed, 1e-9),
         "usage_entropy": usage_entropy(model), "load": [load.tolist() for load in loads],
+        "bad_shards": len(bad_shards), **({"bad_shard_names": bad_shards} if bad_shards else {}),
     }
     window.update(start=time.perf_counter(), images=0)
     monitor.log(row)

@@ -30,13 +30,19 @@ from dex.data.recipe import MODALITIES, Recipe, Source
 from dex.data.shards import iter_shard
 from dex.data.stream import CuratedImages, decode_png, modality_weights
 from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform
+from tests.conftest import ct_series
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 OPTIONS = CurateOptions(min_size=16, shard_samples=40)
 
 
 def manifest(folder: Path) -> list[dict]:
-    return list(csv.DictReader(open(folder / "manifest.csv")))
+    """The manifest's rows, each with the ``path`` and ``where`` of its source file from the curator's private map
+    (the manifest itself names no file)."""
+    origin = {r["key"]: r for r in csv.DictReader(open(folder / "private/paths.csv"))}
+    rows = list(csv.DictReader(open(folder / "manifest.csv")))
+    assert "path" not in rows[0] if rows else True
+    return [{**r, "path": origin[r["key"]]["path"], "where": origin[r["key"]]["where"]} for r in rows]
 
 
 def shard_samples(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -73,7 +79,7 @@ def test_ct_slices_are_normalised_as_table_2(phantom_collection):
     volume = read_dicom_series(sorted((raw / "sources/ct-dicom/case_0000").glob("*.dcm")))
     expected = ct_hu(volume.values)
     samples = shard_samples(curated)
-    rows = [r for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"] == "case_0000"]
+    rows = [r for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"].startswith("case_0000/")]
     assert rows
     for row in rows:
         image = decode_png(samples[row["key"]]["png"])[0].numpy()
@@ -101,12 +107,13 @@ def test_no_identifying_dicom_attribute_reaches_the_outputs(phantom_collection):
     ds = pydicom.dcmread(next((raw / "sources/ct-dicom").rglob("*.dcm")))
     secrets_ = [str(ds.PatientName), ds.PatientID, ds.InstitutionName, ds.AccessionNumber, ds.PatientBirthDate,
                 ds.StudyDate, str(ds.ReferringPhysicianName), ds.StudyInstanceUID, ds.SeriesInstanceUID]
-    outputs = [p for p in curated.rglob("*") if p.is_file() and p.name != "salt.txt"]
+    outputs = [p for p in curated.rglob("*") if p.is_file() and "private" not in p.relative_to(curated).parts]
     for path in outputs:
         data = path.read_bytes()
         for secret in secrets_:
             assert secret.encode() not in data, (path.name, secret)
-    studies = {r["study"] for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"] == "case_0000"}
+    studies = {r["study"] for r in manifest(curated)
+               if r["source"] == "ct-dicom" and r["path"].startswith("case_0000/")}
     assert len(studies) == 1 and len(next(iter(studies))) == 16  # one salted hash per study, kept for splits
 
 
@@ -175,7 +182,8 @@ def test_bad_files_are_quarantined_and_the_run_goes_on(tmp_path, capsys):
     assert status == 3  # something was quarantined
     output = capsys.readouterr().out
     assert "quarantined files: 6" in output and "without a root: missing" in output
-    rows = {(r["source"], r["path"]): r["reason"] for r in csv.DictReader(open(tmp_path / "out/quarantine.csv"))}
+    rows = {(r["source"], r["path"]): r["reason"]
+            for r in csv.DictReader(open(tmp_path / "out/private/quarantine.csv"))}
     assert set(rows) == {("ct", "bad/cut.dcm"), ("photos", "zero.png"), ("photos", "cut.png"),
                          ("mr", "nan.nii.gz"), ("mr", "flat2d.nii.gz"), ("us", "cut.mp4")}
     assert "NaN" in rows[("mr", "nan.nii.gz")] and "3D or 4D" in rows[("mr", "flat2d.nii.gz")]
@@ -253,11 +261,19 @@ def test_csv_index_names_the_modality_per_file(tmp_path):
 
 # --- resume, partitions ------------------------------------------------------------------------------------------
 
+def _share_salt(curated: Path, other: Path) -> None:
+    """Give ``other`` the salt of ``curated``, so that both name the same images alike (as parts of one collection
+    do by sharing their folder)."""
+    (other / "private").mkdir(parents=True)
+    shutil.copy(curated / "private/salt.txt", other / "private/salt.txt")
+
+
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, phantom_collection):
     recipe = phantom_collection / "raw" / "recipe.yaml"
     clean = tmp_path / "clean"
     curate(recipe, clean, options=CurateOptions(min_size=16, shard_samples=10), progress=False)
     killed = tmp_path / "killed"
+    _share_salt(clean, killed)
     command = [sys.executable, "-m", "dex", "curate", str(recipe), "--out", str(killed), "--workers", "1",
                "--min-size", "16", "--shard-samples", "10"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -275,11 +291,14 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, phantom_collect
     assert shard_samples(killed).keys() == shard_samples(clean).keys()
     assert sorted(r["key"] for r in manifest(killed)) == sorted(r["key"] for r in manifest(clean))
     assert json.loads((killed / "stats.json").read_text()) == json.loads((clean / "stats.json").read_text())
+    for report in ("paths.csv", "dropped.csv", "quarantine.csv"):  # the private journal resumed as well
+        assert (killed / "private" / report).read_text() == (clean / "private" / report).read_text()
 
 
 def test_partitions_merge_into_one_collection(tmp_path, phantom_collection):
     recipe = phantom_collection / "raw" / "recipe.yaml"
     whole = phantom_collection / "curated"
+    _share_salt(whole, tmp_path / "parts")
     for part in ("0/3", "1/3", "2/3"):
         curate(recipe, tmp_path / "parts", part=part, options=OPTIONS, progress=False)
     assert not (tmp_path / "parts/index.json").exists()  # parts do not finalise
@@ -389,7 +408,7 @@ def test_npy_pictures_volumes_and_bad_arrays(tmp_path):
     recipe = _recipe(tmp_path, Source("pics", "Photo", "arrays", "npy", "scale_255", pattern="*.npy"),
                      Source("mr", "MR", "vols", "npy", "mr_percentile", pattern="*.npy"))
     summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
-    reasons = {r["path"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out/quarantine.csv"))}
+    reasons = {r["path"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out/private/quarantine.csv"))}
     assert set(reasons) == {"object.npy", "nan.npy", "four_d.npy"} and summary.quarantined == 3
     samples, rows = shard_samples(tmp_path / "out"), manifest(tmp_path / "out")
     grey = next(r for r in rows if r["path"] == "grey8.npy")
@@ -416,3 +435,184 @@ def test_volumes_slice_along_the_chosen_axis(tmp_path, axis, shape):
     image = decode_png(shard_samples(tmp_path / "out")[row["key"]]["png"])[0].numpy()
     expected = np.take(ct_hu(volume), int(row["index"]), axis=1 if axis == "coronal" else 2)
     np.testing.assert_allclose(image, expected, atol=1 / 65535)
+
+
+# --- per-file quarantine, salt, privacy, dropped images, shard hashes, workers -------------------------------------
+
+def test_bad_files_in_a_dicom_folder_cost_only_themselves(tmp_path):
+    import pydicom
+
+    study = tmp_path / "dicom/study"
+    ct_series(study, "a", "1.2.826.0.1.3680043.8.498.1", 4, 0)
+    ct_series(study, "b", "1.2.826.0.1.3680043.8.498.2", 4, 4)
+    (study / "empty.dcm").write_bytes(b"")
+    (study / "garbage.dcm").write_bytes(np.random.default_rng(0).bytes(4000))
+    cut = pydicom.dcmread(study / "a_0.dcm")
+    cut.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    cut.ImagePositionPatient = [-158.0, -179.0, -67.0]
+    cut.PixelData = cut.PixelData[:1000]  # the header reads, the pixels do not decode
+    cut.save_as(study / "a_cut.dcm")
+    recipe = _recipe(tmp_path, Source("ct", "CT", "dicom", "dicom", "ct_hu", pattern="**/*.dcm"))
+    summary = curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert summary.quarantined == 3
+    written = {r["path"] for r in manifest(tmp_path / "out")}
+    assert written == {f"study/{s}_{i}.dcm" for s in "ab" for i in range(4)}  # both series, every good slice
+    rows = {r["path"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out/private/quarantine.csv"))}
+    assert set(rows) == {"study/empty.dcm", "study/garbage.dcm", "study/a_cut.dcm"}
+    assert "not a readable DICOM file" in rows["study/empty.dcm"]
+    assert "not a readable DICOM file" in rows["study/garbage.dcm"]
+    assert "cannot decode the pixel data" in rows["study/a_cut.dcm"]
+
+
+def _one_image_source(tmp_path: Path) -> Path:
+    _image(tmp_path / "images/a.png", 0)
+    return _recipe(tmp_path, Source("photos", "Photo", "images", "image", "scale_255", pattern="*.png"))
+
+
+@pytest.mark.parametrize("content", ["", "not-a-salt\n", "0123456789abcdef\n"])
+def test_an_empty_or_malformed_salt_is_refused(tmp_path, content):
+    recipe = _one_image_source(tmp_path)
+    (tmp_path / "out/private").mkdir(parents=True)
+    (tmp_path / "out/private/salt.txt").write_text(content)
+    with pytest.raises(ValueError, match="salt is (empty|malformed)"):
+        curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert not (tmp_path / "out/manifest.csv").exists()
+
+
+def test_a_kill_while_the_salt_is_made_leaves_no_salt_and_a_race_keeps_the_first(tmp_path, monkeypatch):
+    import dex.data.curate as curation
+
+    recipe = _one_image_source(tmp_path)
+    token_hex = curation.secrets.token_hex
+
+    def killed_while_writing(length: int) -> str:
+        if length == 16:  # the salt itself: the process dies here
+            raise KeyboardInterrupt
+        return token_hex(length)
+
+    monkeypatch.setattr(curation.secrets, "token_hex", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert list((tmp_path / "out/private").iterdir()) == []  # no salt, empty or whole, and no temporary file
+    monkeypatch.setattr(curation.secrets, "token_hex", token_hex)
+
+    winner = "ab" * 16
+    link = os.link
+
+    def another_part_first(source, target):  # another part links its salt between our check and our link
+        Path(target).write_text(winner + "\n")
+        link(source, target)
+
+    monkeypatch.setattr(curation.os, "link", another_part_first)
+    curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
+    assert (tmp_path / "out/private/salt.txt").read_text() == winner + "\n"
+    assert [p.name for p in (tmp_path / "out/private").glob(".salt-*")] == []
+
+
+CANARIES = ("DOE^JOHN", "MRN12345678", "SMITH_JANE", "19700101", "ID987654")
+
+
+def test_identifiers_in_folder_and_file_names_reach_nothing_outside_private(tmp_path):
+    raw = tmp_path / "raw"
+    _image(raw / "photos/DOE^JOHN_MRN12345678/DOE_JOHN_19700101.png", 0)
+    _image(raw / "photos/DOE^JOHN_MRN12345678/SMITH_JANE_tiny.png", 1, size=8)  # dropped: too small
+    (raw / "photos/DOE^JOHN_MRN12345678/ID987654_cut.png").write_bytes(b"\x89PNG")  # quarantined
+    ct_series(raw / "ct/SMITH_JANE_ID987654", "SMITH_JANE_slice", "1.2.826.0.1.3680043.8.498.4", 3, 0)
+    recipe = _recipe(tmp_path, Source("photos", "Photo", "raw/photos", "image", "scale_255", pattern="**/*.png"),
+                     Source("ct", "CT", "raw/ct/SMITH_JANE_ID987654", "dicom", "ct_hu", pattern="*.dcm"))
+    out = tmp_path / "out"
+    assert main(["curate", str(recipe), "--out", str(out), "--workers", "1", "--min-size", "16"]) == 3
+    assert main(["data", "stats", str(out)]) == 0
+    shared = [p for p in out.rglob("*") if p.is_file() and "private" not in p.relative_to(out).parts]
+    assert {"manifest.csv", "index.json", "stats.md", "stats.json", "journal-0-of-1.jsonl"} <= {p.name for p in shared}
+    for path in shared:
+        data = path.read_bytes().lower()
+        for canary in CANARIES:
+            assert canary.lower().encode() not in data, (path.relative_to(out), canary)
+    private = b"".join(p.read_bytes() for p in (out / "private").rglob("*") if p.is_file())
+    assert all(canary.encode() in private for canary in CANARIES)  # the curator can still find every file
+    assert {"salt.txt", "paths.csv", "dropped.csv", "quarantine.csv", "curate.log"} <= {
+        p.name for p in (out / "private").iterdir()}
+    assert (out / "private").stat().st_mode & 0o077 == 0 and (out / "private/salt.txt").stat().st_mode & 0o077 == 0
+
+
+def test_every_dropped_image_is_listed_with_its_path_and_reason(phantom_collection):
+    raw, curated = phantom_collection / "raw", phantom_collection / "curated"
+    recipe = Recipe.load(raw / "recipe.yaml")
+    stats = json.loads((curated / "stats.json").read_text())
+    rows = list(csv.DictReader(open(curated / "private/dropped.csv")))
+    for source in stats["sources"]:
+        listed = Counter(r["reason"] for r in rows if r["source"] == source["name"])
+        assert listed == Counter(source["dropped"]), source["name"]
+    assert Counter(r["reason"] for r in rows) == Counter(stats["dropped"]) and rows
+    roots = {s.name: recipe.root_of(s) for s in recipe.sources}
+    assert all((roots[r["source"]] / r["path"]).exists() for r in rows)
+    foreground = next(r for r in rows if r["reason"] == "foreground" and r["source"] == "ct-nifti")
+    assert foreground["where"].startswith("axial slice ")
+    text = (curated / "stats.md").read_text()
+    assert "| Dropped because | Images |" in text
+    assert f"| too little foreground (volume slices) | {stats['dropped']['foreground']:,} |" in text
+
+
+def test_the_index_records_each_shard_and_verify_finds_a_damaged_one(tmp_path, phantom_collection, capsys):
+    from dex.files import file_sha256
+
+    folder = tmp_path / "curated"
+    shutil.copytree(phantom_collection / "curated", folder)
+    index = json.loads((folder / "index.json").read_text())
+    for shard in index["shards"]:
+        path = folder / "shards" / shard["name"]
+        assert (shard["bytes"], shard["sha256"]) == (path.stat().st_size, file_sha256(path))
+        assert shard["stored"] == sum(1 for _ in iter_shard(path))
+    assert main(["data", "verify", str(folder)]) == 0
+    capsys.readouterr()
+    first, second = (folder / "shards" / s["name"] for s in index["shards"][:2])
+    first.write_bytes(first.read_bytes()[:-4096])  # cut short
+    data = bytearray(second.read_bytes())
+    data[600:610] = b"0123456789"  # same size, other bytes
+    second.write_bytes(bytes(data))
+    (folder / "shards/9-of-9-000001.tar").write_bytes(b"")
+    assert main(["data", "verify", str(folder)]) == 3
+    output = capsys.readouterr().out
+    assert f"{first.name}: " in output and "cut short" in output
+    assert f"{second.name}: its SHA-256 differs" in output
+    assert "9-of-9-000001.tar: not in index.json" in output
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every live process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> set[int]:
+    table, found, frontier = _processes(), set(), {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_a_killed_curation_leaves_no_worker_behind(tmp_path, phantom_collection):
+    command = [sys.executable, "-m", "dex", "curate", str(phantom_collection / "raw" / "recipe.yaml"), "--out",
+               str(tmp_path / "out"), "--workers", "2", "--min-size", "16"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and len(workers) < 2 and process.poll() is None:
+        workers = _descendants(process.pid)
+        time.sleep(0.01)
+    assert len(workers) >= 2, "the workers never started"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_processes().get(pid, (0, "Z"))[1] != "Z" for pid in workers):
+        time.sleep(0.05)
+    alive = [pid for pid in workers if _processes().get(pid, (0, "Z"))[1] != "Z"]
+    assert not alive, f"worker processes {alive} outlived their parent"

@@ -47,11 +47,17 @@ def test_recipe_round_trip_and_relative_roots(tmp_path):
 
 
 @pytest.mark.parametrize("entry,message", [
-    ("{name: a, modality: CAT, root: x, format: nifti, normalization: ct_hu}", "modality 'CAT'"),
-    ("{name: a, modality: CT, root: x, format: mhd, normalization: ct_hu}", "format 'mhd'"),
-    ("{name: a, modality: CT, root: x, format: nifti, normalization: zscore}", "normalization 'zscore'"),
-    ("{name: a, modality: CT, root: x, format: nifti, normalization: ct_hu, colour: red}", "unknown keys"),
-    ("{name: a, modality: CT}", "sources\\[0\\]"),
+    ("{name: a, modality: CAT, root: x, format: nifti, normalization: ct_hu}",
+     r"sources\[0\]\.modality: input should be 'CT', .* or 'Photo', got 'CAT'"),
+    ("{name: a, modality: CT, root: x, format: mhd, normalization: ct_hu}", r"sources\[0\]\.format: .*got 'mhd'"),
+    ("{name: a, modality: CT, root: x, format: nifti, normalization: zscore}", "normalization: .*got 'zscore'"),
+    ("{name: a, modality: CT, root: x, format: nifti, normalization: ct_hu, colour: red}",
+     r"sources\[0\]\.colour: unknown key; the known keys are name, modality"),
+    ("{name: a, modality: CT}", r"sources\[0\]\.root: missing"),
+    ("{name: a, modality: US, root: x, format: video, normalization: scale_255, frame_stride: thirty}",
+     r"sources\[0\]\.frame_stride: input should be a valid integer.*got 'thirty'"),
+    ("{name: a, modality: US, root: x, format: video, normalization: scale_255, frame_stride: 0}",
+     "frame_stride must be at least 1"),
 ])
 def test_recipe_errors_name_the_file_and_source(tmp_path, entry, message):
     path = tmp_path / "bad.yaml"

@@ -19,7 +19,7 @@ from dex.data.normalize import ct_hu
 from dex.data.phantoms.writers import write_nifti
 from dex.data.readers import read_dicom_series, read_picture
 from dex.data.task_import import ImportOptions, Item, TaskWriter, import_task
-from dex.data.tasks import load_task, mask_labels
+from dex.data.tasks import load_task, mask_labels, write_csv
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
@@ -265,6 +265,7 @@ def test_volumes_nnunet_layout_normalised_slices_split_by_case(tmp_path, real_ct
         np.testing.assert_allclose(picture.pixels / 65535.0, ct_hu(volume[int(index)]), atol=0.5 / 65535)
         np.testing.assert_array_equal(mask_labels(task, item), label[int(index)])
         split_of_case.setdefault(case, set()).update(s for s in task.splits if item in task.splits[s])
+        assert task.cases[item] == (case, int(index))
     assert all(len(s) == 1 for s in split_of_case.values())  # no case in two splits
     assert sorted(int(i.rsplit("_", 1)[1]) for i in task.images if i.startswith("ct_000")) == list(range(3, 12))
     every = import_task("volumes", images, tmp_path / "all", ImportOptions(
@@ -332,6 +333,45 @@ def test_volume_problems_name_the_file(tmp_path):
     assert summary.images == 4
 
 
+def test_volumes_write_cases_csv_and_the_loader_checks_it(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    rng = np.random.default_rng(0)
+    cases = [f"liver_{n}" for n in range(5)]
+    for case in cases:
+        label = np.zeros((6, 8, 8), np.uint8)
+        label[1:5, 2:6, 2:6] = 1
+        write_nifti(images / f"{case}.nii.gz", rng.normal(0, 100, (6, 8, 8)).astype(np.float32), (1.0, 1.0, 1.0))
+        write_nifti(labels / f"{case}.nii.gz", label, (1.0, 1.0, 1.0))
+    import_task("volumes", images, tmp_path / "task", ImportOptions(labels=str(labels), slices="all", stride=2))
+    with open(tmp_path / "task" / "cases.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["case"], int(r["slice"])) for r in rows} == {(case, z) for case in cases for z in (0, 2, 4)}
+    assert all(r["id"] == f"{r['case']}_{int(r['slice']):04d}" for r in rows)
+    assert "`cases.csv` gives each image's case and slice index" in (tmp_path / "task" / "README.md").read_text()
+    task = load_task(tmp_path / "task")
+    assert task.cases == {r["id"]: (r["case"], int(r["slice"])) for r in rows} and len(task.cases) == 15
+    split = {i: name for name, members in task.splits.items() for i in members}
+    line, moved = next((n, r) for n, r in reversed(list(enumerate(rows, start=2)))
+                       if split[r["id"]] != split[rows[0]["id"]])
+
+    def refused(edited: list[dict[str, str]], message: str) -> None:
+        write_csv(tmp_path / "task" / "cases.csv", ("id", "case", "slice"),
+                  [(r["id"], r["case"], r["slice"]) for r in edited])
+        with pytest.raises(ValueError, match=message):
+            load_task(tmp_path / "task")
+
+    spread = [{**r, "case": rows[0]["case"], "slice": "9"} if r is moved else r for r in rows]
+    refused(spread, rf"task/cases.csv:{line}: case '{rows[0]['case']}' is in {split[rows[0]['id']]} \(line 2\) and "
+                    rf"in {split[moved['id']]} \(id '{moved['id']}'\) by splits.csv; a case must lie in one split")
+    refused([{**rows[0], "slice": "two"}] + rows[1:], r"task/cases.csv:2: slice 'two' is not a non-negative integer")
+    refused(rows + [{"id": "nowhere", "case": "x", "slice": "0"}], "cases.csv:17: id 'nowhere' is not an image")
+    refused(rows[1:], rf"task/cases.csv: no row for image '{rows[0]['id']}' \(1 image\(s\) without a case\)")
+    refused(rows[:2] + [{**rows[2], "case": rows[1]["case"], "slice": rows[1]["slice"]}] + rows[3:],
+            rf"cases.csv:4: slice {rows[1]['slice']} of case '{rows[1]['case']}' is already given on line 3")
+    (tmp_path / "task" / "splits.csv").unlink()
+    refused(rows, "task/cases.csv: a task with cases needs splits.csv")
+
+
 def test_medmnist_npz_keeps_its_split_and_label_indices(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {}
@@ -344,6 +384,7 @@ def test_medmnist_npz_keeps_its_split_and_label_indices(tmp_path):
                           ImportOptions(modality="pathology"))
     task = load_task(tmp_path / "task")
     assert summary.splits == {"train": 10, "val": 4, "test": 5}
+    assert not task.cases and not (tmp_path / "task" / "cases.csv").exists()  # only slices of volumes have cases
     assert task.spec.classes == [str(n) for n in range(11)]  # numeric order: label 10 is class 10, not 2
     for split in ("train", "val", "test"):
         for n in range(len(arrays[f"{split}_images"])):
@@ -362,7 +403,7 @@ def _units(count: int, stop_at: int | None = None):
     rng = np.random.default_rng(1)
     pixels = [rng.integers(0, 256, (6, 6), dtype=np.uint8) for _ in range(count)]
     for n in range(count):
-        def make(n=n):
+        def make(problems, n=n):
             if n == stop_at:
                 raise KeyboardInterrupt  # the job is killed here
             return [Item(f"i{n}", pixels[n], label="a" if n % 2 else "b")]
@@ -436,3 +477,66 @@ def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs():
         expected = sorted((g for g in expected.values() if len(g) > 1), key=lambda g: g[0])
         assert near_duplicate_groups(hashes, distance) == expected
         assert expected  # the case is not trivial
+
+
+def _label_in_display_space(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
+    """Write [Z, Y, X] labels as the NIfTI that :func:`read_nifti` reads back as these labels with this display
+    affine (the inverse of its reorientation)."""
+    x, y, z = labels.shape[::-1]
+    flip = np.array([[0, 0, -1, x - 1], [0, -1, 0, y - 1], [-1, 0, 0, z - 1], [0, 0, 0, 1]], dtype=float)
+    data = np.ascontiguousarray(labels[::-1, ::-1, ::-1].transpose(2, 1, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), affine @ np.linalg.inv(flip)), path)
+
+
+def test_bad_files_in_a_dicom_case_folder_are_named_and_the_series_is_imported(tmp_path):
+    from dex.data.readers import read_dicom_series_display, read_nifti
+    from tests.conftest import ct_series
+
+    case = tmp_path / "images/case_a"
+    ct_series(case, "slice", "1.2.826.0.1.3680043.8.498.7", 4, 0)
+    volume = read_dicom_series_display(sorted(case.glob("*.dcm")))
+    (case / "empty.dcm").write_bytes(b"")
+    (case / "garbage.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    labels = (volume.values > 0).astype(np.uint8)
+    _label_in_display_space(tmp_path / "labels/case_a.nii.gz", labels, volume.meta["affine"])
+    assert np.array_equal(read_nifti(tmp_path / "labels/case_a.nii.gz")[0].values, labels)
+    summary = import_task("volumes", tmp_path / "images", tmp_path / "task",
+                          ImportOptions(modality="CT", labels=str(tmp_path / "labels"), slices="all"))
+    assert summary.images == 4  # the series, whole
+    problems = dict(summary.problems)
+    assert set(problems) == {str(case / "empty.dcm"), str(case / "garbage.dcm")}
+    assert all("not a readable DICOM file" in reason for reason in problems.values())
+    task = load_task(tmp_path / "task")
+    assert sorted(task.cases.values()) == [("case_a", z) for z in range(4)]
+
+
+def test_a_dicom_case_with_a_missing_slice_is_refused(tmp_path):
+    from dex.data.readers import read_dicom_series_display
+    from tests.conftest import ct_series
+
+    for name, uid in (("case_a", "1.2.826.0.1.3680043.8.498.8"), ("case_b", "1.2.826.0.1.3680043.8.498.9")):
+        ct_series(tmp_path / "images" / name, "slice", uid, 5, 0)
+        volume = read_dicom_series_display(sorted((tmp_path / "images" / name).glob("*.dcm")))
+        _label_in_display_space(tmp_path / "labels" / f"{name}.nii.gz", np.ones(volume.values.shape, np.uint8),
+                                volume.meta["affine"])
+    (tmp_path / "images/case_a/slice_2.dcm").unlink()  # a gap: the geometry of the rest would misplace labels
+    summary = import_task("volumes", tmp_path / "images", tmp_path / "task",
+                          ImportOptions(modality="CT", labels=str(tmp_path / "labels")))
+    assert summary.images == 5
+    ((path, reason),) = summary.problems
+    assert path == str(tmp_path / "images/case_a") and "not evenly spaced" in reason
+
+
+def test_every_unreadable_mask_of_an_image_is_named(tmp_path):
+    src = tmp_path / "busi"
+    _picture(src / "a.png", np.zeros((20, 24), np.uint8))
+    _picture(src / "a_mask.png", np.zeros((20, 24), np.uint8))
+    _picture(src / "b.png", np.zeros((20, 24), np.uint8))
+    (src / "b_mask.png").write_bytes(b"not a png")
+    (src / "b_mask_1.png").write_bytes(b"")
+    summary = import_task("pairs", src, tmp_path / "task", ImportOptions(mask_pattern="{stem}_mask*"))
+    problems = dict(summary.problems)
+    assert set(problems) == {str(src / "b_mask.png"), str(src / "b_mask_1.png"), str(src / "b.png")}
+    assert "2 of its 2 masks could not be read" in problems[str(src / "b.png")]
+    assert summary.images == 1

@@ -77,6 +77,52 @@ def test_suite_errors(suite, tmp_path, capsys):
     assert main(["benchmark", str(suite), "--encoders", "scratch,mae"]) == 2
     assert "does not define: ['mae']" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("tasks: []\nfinetune: {epoch: 3}\n")
-    with pytest.raises(ValueError, match="unknown finetune keys \\['epoch'\\]"):
-        benchmark.Suite.load(bad)
+    cases = {
+        "finetune: {epoch: 3}": r"finetune\.epoch: unknown key; the known keys are epochs, warmup_epochs",
+        "finetune: {epochs: ten}": r"finetune\.epochs: input should be a valid integer.*got 'ten'",
+        "encoders: {a: {source: scratch, model: vit_nonexistent}}": r"encoder 'a': model 'vit_nonexistent'.*Unknown",
+        "encoders: {a: {source: scratch, model_args: {depht: 2}}}": r"encoder 'a': .*unexpected keyword.*'depht'",
+        "encoders: {a: 'timm:vit_nonexistent:x.pth'}": "encoder 'a': timm has no architecture 'vit_nonexistent'",
+        "encoders: {a: {source: scratch, mode: expert}}": r"encoders\.a: mode: input should be 'experts' or",
+        "encoders: {a: scratch}\nablations: {top_k: {encoder: b, values: [1]}}": r"ablations\.top_k: needs encoder",
+        "encoders: {a: scratch}\nablations: {topk: {encoder: a}}": r"ablations\.topk: input should be 'top_k'",
+        "encoders: {a: scratch}\ntasks: [{path: x, modalty: CT}]": r"tasks\[0\]: modalty: unknown key",
+    }
+    for text, message in cases.items():
+        bad.write_text(("tasks: []\n" if "tasks:" not in text else "") + ("encoders: {a: scratch}\n" if "encoders:"
+                       not in text else "") + text + "\n")
+        with pytest.raises(ValueError, match=f"bad.yaml: .*{message}"):
+            benchmark.Suite.load(bad)
+
+
+def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
+    def store(encoder, task, seed, test):
+        path = tmp_path / "runs" / encoder / task / "default" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": task, "modality": "CT", "type": "segmentation", "variant": "default",
+                                    "seed": seed, "score_name": "dice", "test": test}))
+
+    for seed, (a, b) in enumerate([(0.5, 0.3), (0.7, 0.5)]):
+        store("scratch", "kipa", seed, {"dice": 0.8, "dice_3d": a})
+        store("dex", "kipa", seed, {"dice": 0.9, "dice_3d": b})
+        store("scratch", "polyp", seed, {"dice": 0.6})
+        store("dex", "polyp", seed, {"dice": 0.6})
+    suite = benchmark.Suite(tmp_path / "suite.yaml", tmp_path, [0, 1], "scratch", benchmark.FinetuneConfig(), {}, [],
+                            {})
+    benchmark.report(suite)
+    report = tmp_path / "report"
+    assert "DSC per slice, Decathlon rule: an empty prediction on an empty truth scores 1" in \
+        (report / "table5_tasks.md").read_text()
+    table = (report / "table5_tasks_dice3d.md").read_text()
+    assert table.startswith("# Per-task test DSC per case (x100; a case's slices scored as one 3D volume per class")
+    assert "| CT: kipa | 60.0 ± 14.1 | 40.0 ± 14.1 (-20.0) |" in table and "polyp" not in table
+    assert (report / "table5_tasks_dice3d.csv").read_text().splitlines()[1] == \
+        "CT: kipa,60.0 ± 14.1,40.0 ± 14.1 (-20.0)"
+    for path in (tmp_path / "runs").glob("*/kipa/default/*.json"):
+        record = json.loads(path.read_text())
+        del record["test"]["dice_3d"]
+        path.write_text(json.dumps(record))
+    for path in report.iterdir():
+        path.unlink()
+    benchmark.report(suite)
+    assert not (report / "table5_tasks_dice3d.md").exists() and (report / "table5_tasks.md").exists()

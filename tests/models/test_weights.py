@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -11,7 +12,9 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import dex
+from dex.eval.encoders import EncoderSpec, load_encoder
 from dex.models import (
+    DEXViT,
     MaskedAutoencoderDEX,
     director_state_dict,
     export_director,
@@ -20,6 +23,7 @@ from dex.models import (
     load_state_dict_file,
     save_pretrained,
 )
+from dex.safeload import RefusedFileError
 from tests.conftest import tiny_vit
 from tests.models.test_dex_vit import timm_twin
 
@@ -44,8 +48,15 @@ def test_load_state_dict_file_formats(tmp_path):
 def test_checkpoint_with_python_objects_is_not_unpickled(tmp_path):
     path = tmp_path / "with_args.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, path)
-    with pytest.raises(ValueError, match="with_args.pth.*not unpickled"):
+    with pytest.raises(RefusedFileError, match=r"with_args.pth: refused: it holds Python objects other than tensors "
+                                               r"\(argparse.Namespace\), which are not unpickled"):
         load_state_dict_file(path)
+
+
+def test_every_torch_load_of_the_package_is_the_safe_one():
+    package = Path(dex.__file__).parent
+    calls = [str(p.relative_to(package)) for p in package.rglob("*.py") if "torch.load" in p.read_text()]
+    assert calls == ["safeload.py"]
 
 
 @pytest.mark.parametrize("content,message", [(b"", "not a readable"), (b"garbage" * 10, "not a readable")])
@@ -126,13 +137,13 @@ def test_init_from_mismatched_checkpoint_is_a_clear_error(tmp_path):
         init_from_vit_checkpoint(tiny_vit(), tmp_path / "deep.pth")
 
 
-def test_timm_pretrained_file_overlay_converts_a_vit(tmp_path):
-    vit = plain_vit()
+def test_timm_file_of_a_vit_converts_into_a_dex_encoder(tmp_path):
+    """``timm:dex_vit_*:FILE`` reads a plain ViT file through DEX's own conversion, as timm's loader would."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    model = timm.create_model(
-        "dex_vit_tiny_patch16_256", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "vit.pth")),
-        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_experts=4, mode="director",
-    ).eval()
+    model = load_encoder(EncoderSpec("dex", f"timm:dex_vit_tiny_patch16_256:{tmp_path / 'vit.pth'}", img_size=32,
+                                     mode="director")).eval()
+    assert isinstance(model, DEXViT) and model.mode == "director"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.forward_features(x), vit.forward_features(x), rtol=1e-5, atol=1e-5)
 

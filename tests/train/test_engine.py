@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import dex
 from dex.config import load_config
 from dex.models import MaskedAutoencoderDEX
-from dex.train.checkpoint import CheckpointManager
+from dex.train.checkpoint import CheckpointManager, NoUsableCheckpointError
 from dex.train.monitor import RunMonitor, normalised_entropy
 from dex.train.pretrain import PretrainConfig, pretrain
 from tests.train.test_pretrain import TINY_ARGS
@@ -61,6 +61,42 @@ def test_checkpoints_keep_last_n_plus_milestones_and_skip_corrupt_ones(tmp_path,
     assert any("SHA-256" in r.getMessage() for r in caplog.records)
     (tmp_path / "index.json").write_text("{broken")  # even without the index, files that load are used
     assert int(manager.load_latest()["value"]) == 4
+
+
+class Payload:
+    """Unpickling it opens ``marker`` for writing, which creates the file: what a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_checkpoints_that_all_fail_are_an_error_naming_each_and_why(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.load_latest() is None  # no folder
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("no checkpoint here")
+    assert manager.load_latest() is None  # no checkpoint files
+    for step in (1, 2):
+        manager.save({"value": torch.tensor([step])}, step)
+    first, second = (tmp_path / "checkpoints" / f"step-0000000{step}.pt" for step in (1, 2))
+    second.write_bytes(second.read_bytes()[:100])
+    torch.save({"value": Payload(tmp_path / "unpickled")}, tmp_path / "checkpoints" / "step-00000003.pt")
+    assert int(manager.load_latest()["value"]) == 1  # the newest two fail: the previous one is used
+    assert "step-00000003.pt is refused as unsafe" in caplog.text
+    assert "step-00000002.pt fails its SHA-256" in caplog.text
+    first.write_bytes(b"garbage")
+    (tmp_path / "checkpoints" / "index.json").unlink()  # without hashes, the files are loaded and fail there
+    with pytest.raises(NoUsableCheckpointError) as error:
+        manager.load_latest()
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'checkpoints'}: no checkpoint verifies and loads: ")
+    assert "step-00000003.pt is refused as unsafe (it holds io.open, which is not unpickled)" in message
+    assert "step-00000002.pt does not load (not a readable PyTorch file" in message
+    assert "step-00000001.pt does not load (not a readable PyTorch file" in message
+    assert not (tmp_path / "unpickled").exists()
 
 
 def test_checkpoints_hold_no_pickled_objects(tmp_path, curated):
@@ -126,6 +162,40 @@ def test_resume_from_a_given_checkpoint_file_and_bad_paths(tmp_path, curated):
     assert weights(tmp_path / "b") == weights(tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         pretrain(again, resume=str(tmp_path / "nowhere.pt"))
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_and_writes_nothing(tmp_path, curated, capsys):
+    run = tmp_path / "run"
+    command = ["pretrain", "configs/pretrain_demo.yaml", "--set", *curated, f"out_dir={run}", "epochs=1",
+               "keep_checkpoints=2"]
+    assert dex.cli.main(command) == 0
+    shutil.rmtree(run / "encoder")  # as if killed before the end
+    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == 2
+    for path in checkpoints:
+        path.write_bytes(path.read_bytes()[:1000])
+    before = {name: (run / name).read_bytes() for name in ("log.jsonl", "config.yaml")}
+    capsys.readouterr()
+    assert dex.cli.main([*command, "--resume", "auto"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("dex pretrain: error: ")
+    assert all(f"{path.name} fails its SHA-256 check" in errors[0] for path in checkpoints)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "encoder").exists()
+
+
+def test_resume_auto_refuses_to_start_over_on_a_run_with_logged_steps(tmp_path, curated):
+    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'run'}", "epochs=1"])
+    pretrain(config, resume="auto")  # a brand-new folder starts fresh
+    log_rows = (tmp_path / "run" / "log.jsonl").read_bytes()
+    assert log_rows
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'run'}: log.jsonl records training steps but there is no "
+                                         "checkpoint"):
+        pretrain(config, resume="auto")
+    assert (tmp_path / "run" / "log.jsonl").read_bytes() == log_rows
+    (tmp_path / "run" / "log.jsonl").write_text("")  # no rows: nothing to lose
+    assert pretrain(config, resume="auto").run_dir == tmp_path / "run"
 
 
 # --- skipped steps -----------------------------------------------------------------------------------------------
@@ -213,6 +283,22 @@ def test_export_round_trip(tmp_path, curated):
     shutil.rmtree(run / "encoder")  # an unfinished run exports from its newest checkpoint
     assert dex.cli.main(["export", str(run), str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_export_names_checkpoints_refused_as_unsafe(tmp_path, curated, capsys):
+    run = tmp_path / "run"
+    pretrain(load_config(PretrainConfig, None, [*curated, f"out_dir={run}", "epochs=1", "keep_checkpoints=2"]))
+    shutil.rmtree(run / "encoder")
+    (run / "checkpoints" / "index.json").unlink()
+    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
+    for path in checkpoints:  # a checkpoint that would run code when unpickled
+        torch.save({"model": {}, "train": Payload(tmp_path / "unpickled")}, path)
+    capsys.readouterr()
+    assert dex.cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nor a checkpoint" not in err
+    assert all(f"{path.name} is refused as unsafe" in err for path in checkpoints)
+    assert not (tmp_path / "unpickled").exists() and not (tmp_path / "out").exists()
 
 
 # --- monitoring --------------------------------------------------------------------------------------------------

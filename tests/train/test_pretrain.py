@@ -55,10 +55,17 @@ def test_config_from_yaml_and_overrides(tmp_path):
 def test_config_errors_name_the_problem(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("epoch: 3\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown config keys \['epoch'\]"):
+    with pytest.raises(ValueError, match=r"bad.yaml: epoch: unknown key; the known keys are out_dir, seed"):
         load_config(PretrainConfig, path)
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_overrides(["epochs"])
+    path.write_text("epochs: two\nbetas: [0.9]\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: epochs: input should be a valid integer.*got 'two'; betas\[1\]"):
+        load_config(PretrainConfig, path)
+    with pytest.raises(ValueError, match=r"batch_size: .*got 'eight' \(--set batch_size=eight\)"):
+        load_config(PretrainConfig, None, ["batch_size=eight"])
+    with pytest.raises(ValueError, match=r"distributed: input should be 'ddp' or 'fsdp', got 'x'"):
+        load_config(PretrainConfig, None, ["distributed=x"])
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         PretrainConfig(batch_size=0)
 
@@ -108,7 +115,7 @@ def test_same_seed_reproduces_bit_for_bit(tmp_path, tiny):
 
 def test_cli_reports_bad_config(tmp_path, capsys):
     assert main(["pretrain", "configs/pretrain_demo.yaml", "--set", "epoch=1"]) == 2
-    assert "unknown config keys ['epoch']" in capsys.readouterr().err
+    assert "epoch: unknown key (--set epoch=1)" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
 
@@ -125,3 +132,38 @@ def test_shipped_configs_load_and_build(path):
         assert all(b.dex is not None for b in blocks)
         assert ("tokenwise" in path.stem) == (blocks[0].dex.router.activation == "token")
         assert ("experts" in path.stem) == (blocks[0].dex.alignment == "none")
+
+
+def test_bad_shards_are_skipped_named_in_the_log_and_stop_the_run_above_the_threshold(tmp_path, phantom_collection,
+                                                                                       capsys):
+    import shutil
+    import tarfile
+
+    data = tmp_path / "curated"
+    shutil.copytree(phantom_collection / "curated", data)
+    shards = sorted((data / "shards").glob("*.tar"))
+    assert len(shards) == 5
+    cut, corrupt = shards[1], shards[3]
+    cut.write_bytes(cut.read_bytes()[:-3000])  # cut short: left out from the start
+    with tarfile.open(corrupt) as tar:
+        offset = tar.getmembers()[4].offset
+    raw = bytearray(corrupt.read_bytes())
+    raw[offset:offset + 512] = b"x" * 512  # a garbled header, same size: found only when read
+    corrupt.write_bytes(bytes(raw))
+    args = ["pretrain", "configs/pretrain_demo.yaml", "--set", *TINY_ARGS, f"data={data}", "epochs=1"]
+
+    assert main([*args, "max_bad_shards=0.5", f"out_dir={tmp_path / 'run'}"]) == 0
+    last = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[-1])
+    assert last["bad_shards"] == 2 and last["bad_shard_names"] == [cut.name, corrupt.name]
+    capsys.readouterr()
+
+    assert main([*args, "max_bad_shards=0.2", f"out_dir={tmp_path / 'strict'}"]) == 2  # one of five may be bad
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("dex pretrain: error: ")
+    assert "2 of 5 shards are missing or unreadable" in error and cut.name in error and corrupt.name in error
+    assert main([*args, "max_bad_shards=0", f"out_dir={tmp_path / 'none'}"]) == 2  # found before the first step
+    assert "1 of 5 shards" in capsys.readouterr().err
+
+    assert main(["data", "verify", str(data)]) == 3
+    report = capsys.readouterr().out
+    assert f"{cut.name}: " in report and f"{corrupt.name}: its SHA-256 differs" in report
