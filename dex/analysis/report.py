@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from dex.analysis import plots
+from dex.config import read_yaml
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -77,7 +78,7 @@ def markdown_to_html(text: str, folder: Path) -> str:
 
 def _run_section(folder: Path) -> str:
     rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = read_yaml(folder / "config.yaml")
     parts = [f"<h2>Pretraining run {html.escape(folder.name)}</h2>"]
     if rows:
         first, last = rows[0], rows[-1]
