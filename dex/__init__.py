@@ -3,9 +3,8 @@
 Importing ``dex`` registers the DEX encoders in timm (``dex_vit_{tiny,small,base,large}_patch16_256``).
 """
 
-__version__ = "0.1.0"
-
-from dex.models import (  # noqa: E402  (the version must exist before the models import it)
+from dex._version import __version__
+from dex.models import (
     DEXViT,
     DirectorExperts,
     MaskedAutoencoderDEX,

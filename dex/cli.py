@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Fig. 6); k-means pattern layout of patch features (Fig. 7); FLOPs of image-wise vs token-wise "
                     "activation (Fig. 8); per-layer modality probe and between-modality variance (App. A) next to "
                     "the --compare encoders. Writes analysis.md, analysis.json and the figures to --out.")
-    analyze.add_argument("encoder", help="an exported encoder folder, a pretraining run, a .safetensors file, "
-                                         "'scratch' or timm:ARCH:FILE")
+    analyze.add_argument("encoder", help="an exported encoder folder, a pretraining run, 'scratch' or "
+                                         "timm:ARCH:FILE (a weights file with its architecture)")
     analyze.add_argument("data", help="a dex curate output folder, or a folder of images in modality sub-folders")
     analyze.add_argument("--out", required=True, help="output folder")
     analyze.add_argument("--compare", nargs="+", default=[], metavar="NAME=SOURCE",
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("layout", choices=["class-folders", "csv", "pairs", "volumes", "medmnist"])
     imports.add_argument("src", help="the dataset folder, CSV or .npz")
     imports.add_argument("out", help="the task folder to write")
-    imports.add_argument("--modality", required=True, help="imaging modality (CT, MR, X-ray, fundus, ...)")
+    imports.add_argument("--modality", required=True, help="imaging modality: CT, PET, MR, X-ray, US, Fundus, OCT, Pathology, Endoscopy, "
+                                                         "Photo (any case), or another name")
     imports.add_argument("--name", help="task name (default: the output folder's name)")
     imports.add_argument("--classes", type=lambda text: text.split(","),
                          help="comma-separated class names; segmentation: in mask index order (default "

@@ -52,7 +52,7 @@ from dex.data.readers import (
     read_video_frames,
     suv_values,
 )
-from dex.data.recipe import MODALITIES, Recipe, Source
+from dex.data.recipe import MODALITIES, Recipe, Source, canonical_modality
 from dex.data.shards import ShardWriter
 from dex.files import file_sha256, write_json
 from dex.parallel import ordered_map
@@ -134,9 +134,10 @@ def _units_from_csv(root: Path, source: Source) -> list[Unit]:
         raise ValueError(f"{path}: cannot read the index CSV of source {source.name!r} ({err})") from err
     units = []
     for line, row in enumerate(rows, start=2):
-        if not row.get("path") or row.get("modality") not in MODALITIES:
+        modality = canonical_modality(row.get("modality") or "")
+        if not row.get("path") or modality not in MODALITIES:
             raise ValueError(f"{path}:{line}: needs a path and a modality in {list(MODALITIES)}, got {row}")
-        units.append(Unit(source.name, row["path"], row["modality"], row.get("anatomy") or source.anatomy))
+        units.append(Unit(source.name, row["path"], modality, row.get("anatomy") or source.anatomy))
     return sorted(units, key=lambda u: u.key)
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import pydantic
 import yaml
 
 from dex.config import STRICT, ConfigError, read_yaml, validate
@@ -39,7 +40,16 @@ NORMALIZATIONS = ("ct_hu", "mr_percentile", "pet_raw", "pet_suv", "scale_255")
 SLICE_AXES = ("axial", "coronal", "sagittal")
 
 
-Modality = Literal[MODALITIES]
+
+
+def canonical_modality(name: str) -> str:
+    """The :data:`MODALITIES` spelling of ``name``, matched regardless of case, spaces, hyphens and underscores
+    ("fundus", "xray", "x_ray" -> "Fundus", "X-ray"); any other name comes back as it is."""
+    key = "".join(c for c in str(name).lower() if c.isalnum())
+    return next((m for m in MODALITIES if "".join(c for c in m.lower() if c.isalnum()) == key), name)
+
+
+Modality = Annotated[Literal[MODALITIES], pydantic.BeforeValidator(canonical_modality)]
 
 
 @STRICT
@@ -59,6 +69,7 @@ class Source:
     index_csv: str = ""
 
     def __post_init__(self) -> None:
+        self.modality = canonical_modality(self.modality)
         if self.index_csv and self.format != "image":
             raise ValueError(f"source {self.name!r}: index_csv is only for format: image")
         if self.frame_stride < 1:

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from dex.config import STRICT, read_yaml, validate
+from dex.data.recipe import canonical_modality
 
 TASK_TYPES = ("segmentation", "classification")
 CLASSIFICATION_METRICS = ["f1_macro", "accuracy", "balanced_accuracy", "auroc"]
@@ -40,6 +41,9 @@ class TaskSpec:
     licence: str = ""
     metrics: list[str] = field(default_factory=list)
     mask_threshold: int | None = None  # binary masks stored as 0 / 255 (or lossy JPEG): foreground above this
+
+    def __post_init__(self) -> None:
+        self.modality = canonical_modality(self.modality)
 
     def save(self, folder: Path) -> None:
         (folder / "task.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))

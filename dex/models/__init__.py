@@ -1,5 +1,6 @@
 """DEX models: the Director-Experts module, the DEX ViT encoder (registered in timm), MAE pretraining."""
 
+from dex.models.conversions import director_state_dict, vit_to_dex_state_dict
 from dex.models.dex_vit import DEXBlock, DEXViT
 from dex.models.director_experts import (
     DEXAux,
@@ -21,13 +22,11 @@ from dex.models.director_experts import (
 from dex.models.mae import MaskedAutoencoderDEX, MAEOutput, patchify, random_masking, unpatchify
 from dex.models.pos_embed import sincos_2d
 from dex.models.weights import (
-    director_state_dict,
     export_director,
     init_from_vit_checkpoint,
     load_pretrained,
     load_state_dict_file,
     save_pretrained,
-    vit_to_dex_state_dict,
 )
 
 __all__ = [

@@ -18,6 +18,7 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from dex.models.conversions import vit_to_dex_state_dict
 from dex.models.director_experts import MODES, DEXAux, DirectorExperts, Mode, Routing
 from dex.models.pos_embed import sincos_2d
 
@@ -340,8 +341,6 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 
 
 def _create_dex_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> DEXViT:
-    from dex.models.weights import vit_to_dex_state_dict
-
     return build_model_with_cfg(
         DEXViT, variant, pretrained, pretrained_filter_fn=vit_to_dex_state_dict, **kwargs
     )

@@ -1,6 +1,6 @@
-"""Weights in and out: safe checkpoint loading (:func:`load_state_dict_file`, from :mod:`dex.safeload`), warm start
-from a plain ViT or MAE checkpoint, the director path exported as a standard timm ViT, and ``save_pretrained`` /
-``load_pretrained`` folders.
+"""Weights in and out: warm start from a plain ViT or MAE checkpoint (read by :func:`dex.safeload.load_state_dict_file`,
+converted by :mod:`dex.models.conversions`), the director path exported as a standard timm ViT, and
+``save_pretrained`` / ``load_pretrained`` folders.
 
 A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg) plus
 ``model.safetensors``, so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads it too.
@@ -9,80 +9,20 @@ A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretra
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import safetensors.torch
 import timm
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from dex._version import __version__
+from dex.models.conversions import director_state_dict, vit_to_dex_state_dict
 from dex.models.dex_vit import VIT_SIZES, DEXViT
-from dex.models.mae import MaskedAutoencoderDEX
 from dex.safeload import load_state_dict_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_MLP_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$")
-_DECODER_KEYS = ("mask_token", "decoder_")
-_DROPPED_VIT_KEYS = ("head.", "fc_norm.")  # classifier of a timm / fine-tuned checkpoint
-
-
-def _encoder_and_prefix(model: nn.Module) -> tuple[DEXViT, str]:
-    if isinstance(model, MaskedAutoencoderDEX):
-        return model.encoder, "encoder."
-    if isinstance(model, DEXViT):
-        return model, ""
-    raise TypeError(f"expected a DEXViT or MaskedAutoencoderDEX, got {type(model).__name__}")
-
-
-def vit_to_dex_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Map a plain ViT / MAE state dict onto ``model`` (a :class:`DEXViT` or :class:`MaskedAutoencoderDEX`).
-
-    Each block's ``mlp`` becomes the director and every expert (the reference code's initialisation, D10);
-    attention, embeddings and norms are copied; positional embeddings are interpolated (bicubic) when the
-    grid differs; MAE decoder keys are kept for an MAE target and dropped otherwise; a classifier head is
-    dropped. The routers have no counterpart and keep the model's initialisation. A state dict that is
-    already in DEX layout is returned unchanged.
-    """
-    encoder, prefix = _encoder_and_prefix(model)
-    if any(".dex." in k for k in state_dict):
-        return dict(state_dict)
-    own = model.state_dict()
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("encoder.")
-        if key.startswith(_DECODER_KEYS):
-            if prefix:
-                if key == "decoder_pos_embed":
-                    value = _resample(value, model.grid_size)
-                out[key] = value
-            continue
-        if key.startswith(_DROPPED_VIT_KEYS):
-            continue
-        match = _MLP_KEY.match(key)
-        if match and prefix + key not in own:  # a DEX block (a plain block keeps its mlp)
-            block, layer, kind = match.groups()
-            dex = f"{prefix}blocks.{block}.dex"
-            out[f"{dex}.director.{layer}.{kind}"] = value
-            experts = own.get(f"{dex}.experts.{layer}_{kind}")
-            num_experts = experts.shape[0] if experts is not None else 1
-            out[f"{dex}.experts.{layer}_{kind}"] = value.unsqueeze(0).repeat(num_experts, *([1] * value.dim()))
-            continue
-        if key == "pos_embed":
-            value = _resample(value, tuple(encoder.patch_embed.grid_size))
-        out[prefix + key] = value
-    for key, value in own.items():
-        if ".dex.router." in key and key not in out:
-            out[key] = value
-    return out
-
-
-def _resample(pos_embed: Tensor, grid_size: tuple[int, int]) -> Tensor:
-    return resample_abs_pos_embed(pos_embed, list(grid_size), num_prefix_tokens=1)
-
-
 class LoadReport(NamedTuple):
     """What :func:`init_from_vit_checkpoint` left at the model's initialisation."""
 
@@ -114,16 +54,6 @@ def init_from_vit_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
         raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
     model.load_state_dict(converted, strict=False)
     return LoadReport(sorted(set(missing) | {k for k in own if ".dex.router." in k}))
-
-
-def director_state_dict(model: DEXViT) -> dict[str, Tensor]:
-    """The director path of ``model`` as a timm ``VisionTransformer`` state dict (block MLP = director)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if ".dex.router." in key or ".dex.experts." in key:
-            continue
-        out[key.replace(".dex.director.", ".mlp.")] = value
-    return out
 
 
 def timm_vit_config(model: DEXViT) -> tuple[str, dict[str, Any]]:
@@ -167,7 +97,7 @@ def _write_folder(directory: str | Path, architecture: str, model_args: dict[str
         "global_pool": model_args.get("global_pool", "token"),
         "model_args": model_args,
         "pretrained_cfg": _pretrained_cfg(model_args),
-        "library": f"dex-medvision {_version()}",
+        "library": f"dex-medvision {__version__}",
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
@@ -177,12 +107,6 @@ def _write_folder(directory: str | Path, architecture: str, model_args: dict[str
     config_tmp.write_text(json.dumps(config, indent=2) + "\n")
     config_tmp.replace(directory / CONFIG_NAME)
     return directory
-
-
-def _version() -> str:
-    from dex import __version__
-
-    return __version__
 
 
 def save_pretrained(model: DEXViT, directory: str | Path) -> Path:

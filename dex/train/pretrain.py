@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dex import __version__
+from dex._version import __version__
 from dex.config import STRICT, save_config
 from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sample_seed
 from dex.data.transforms import PretrainTransform

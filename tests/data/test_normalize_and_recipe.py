@@ -68,3 +68,16 @@ def test_recipe_errors_name_the_file_and_source(tmp_path, entry, message):
                     "  - {name: a, modality: MR, root: y, format: nifti, normalization: mr_percentile}\n")
     with pytest.raises(ValueError, match="used twice"):
         Recipe.load(path)
+
+
+def test_modality_names_match_the_canonical_ones_whatever_the_case(tmp_path):
+    from dex.data.recipe import canonical_modality
+    from dex.data.tasks import TaskSpec
+
+    assert [canonical_modality(n) for n in ("fundus", "XRAY", "x_ray", "X ray", "pet", "mr", "Dermatology")] == [
+        "Fundus", "X-ray", "X-ray", "X-ray", "PET", "MR", "Dermatology"]
+    path = tmp_path / "r.yaml"
+    path.write_text("sources:\n  - {name: a, modality: fundus, root: x, format: image, normalization: scale_255}\n")
+    assert Recipe.load(path).sources[0].modality == "Fundus"
+    spec = TaskSpec(name="t", type="classification", modality="oct", classes=["a"], image_size=[8, 8], channels=1)
+    assert spec.modality == "OCT"  # one table row per modality, however a task folder spells it
