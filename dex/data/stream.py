@@ -233,7 +233,10 @@ class CuratedImages(IterableDataset):
                     except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for corrupt PNG bytes
                         self._fail(shard, failed, err)
                         continue
-                    image = seeded(self.transform, pixels, sample_seed(self.seed, self.epoch, meta["key"]))
+                    # seeded by the image's bytes, not its key: keys are salted per collection, and two curations
+                    # of the same data must train alike
+                    content = hashlib.blake2b(png, digest_size=8).hexdigest()
+                    image = seeded(self.transform, pixels, sample_seed(self.seed, self.epoch, content))
                     yield {"image": image, "modality": MODALITIES.index(meta["modality"]), "key": meta["key"],
                            "bad_shards": ",".join(sorted(self.shards[i].name for i in failed))}
                 produced += 1

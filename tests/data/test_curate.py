@@ -354,6 +354,17 @@ def test_epochs_reshuffle_and_seeds_reproduce(phantom_collection):
     assert sorted(first) == sorted(second) and first != second
 
 
+def test_two_curations_of_the_same_data_train_alike(tmp_path, phantom_collection):
+    """Keys are salted per collection; what training sees (order, images, augmentation) must not depend on it."""
+    again = tmp_path / "again"
+    curate(phantom_collection / "raw" / "recipe.yaml", again, options=OPTIONS, progress=False)
+    assert (again / "private/salt.txt").read_text() != (phantom_collection / "curated/private/salt.txt").read_text()
+    first, second = (CuratedImages(folder, PretrainTransform(32), seed=3, shuffle_buffer=16)
+                     for folder in (phantom_collection / "curated", again))
+    for a, b, _ in zip(first, second, range(40)):
+        assert a["key"] != b["key"] and torch.equal(a["image"], b["image"]) and a["modality"] == b["modality"]
+
+
 def test_modality_balancing(phantom_collection):
     counts = {"CT": 400, "US": 100, "OCT": 25}
     weights = modality_weights(counts, temperature=1.0)
