@@ -53,8 +53,8 @@ from dex.data.readers import (
     suv_values,
 )
 from dex.data.recipe import MODALITIES, Recipe, Source, canonical_modality
-from dex.data.shards import ShardWriter
-from dex.files import file_sha256, write_json
+from dex.data.shards import INDEX, ShardWriter, read_index, shard_problem
+from dex.files import write_json
 from dex.parallel import ordered_map
 
 log = logging.getLogger("dex.curate")
@@ -68,7 +68,11 @@ FOREGROUND = {
     "pet_suv": (lambda raw, norm: raw > 0.1, 0.01),  # SUV above a few counts of noise
 }
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
-DROP_REASONS = ("foreground", "empty", "constant", "small", "near-duplicate")
+#: Why an image is dropped, with the words stats.md uses.
+DROP_LABELS = {"foreground": "too little foreground (volume slices)", "empty": "empty (all zero)",
+               "constant": "constant", "small": "smaller than --min-size",
+               "near-duplicate": "near-duplicate of a kept image"}
+DROP_REASONS = tuple(DROP_LABELS)
 QUARANTINED_EXIT = 3
 PRIVATE = "private"  # the output's folder for what names source files; nothing else reads from it
 #: Source fields that may name folders (roots, patterns, index files): kept out of the collection's journal.
@@ -414,7 +418,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     salt = _salt(out)
     shards_dir = out / "shards"
     records = read_journal(journal_path, repair=True)
-    read_journal(private_journal, repair=True)
+    read_journal(private_journal, repair=True)  # only to cut a record a kill left half-written
     committed = _recover_shards(shards_dir, tag, records)
     done_units = {(o["source"], o["unit"]) for r in records for o in r["units"]}
     committed_keys = {row["key"] for r in records for row in r["rows"]}
@@ -588,10 +592,10 @@ def finalize(out: str | Path) -> dict[str, Any]:
     stats = _stats(sources, kept, outcomes, len(excluded))
     index = {"shards": shards, "samples": len(kept), "exclude": sorted(excluded),
              "modalities": stats["modalities"]}
-    write_json(out / "index.json", index)
+    write_json(out / INDEX, index)
     write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(stats_markdown(stats))
-    _write_private_reports(out / PRIVATE, private, excluded)
+    _write_private_reports(private_folder(out), private, excluded)
     return stats
 
 
@@ -599,24 +603,9 @@ def verify(out: str | Path) -> tuple[int, list[Problem]]:
     """Check every shard of a finished collection against ``index.json``: there, of its recorded size and SHA-256,
     and no other shard beside it. Returns the number of shards listed and the problems (shard, reason)."""
     out = Path(out)
-    index_path = out / "index.json"
-    try:
-        shards = json.loads(index_path.read_text())["shards"]
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{index_path}: missing; finish the curation first (dex curate, or dex data stats "
-                                "after a partitioned run)") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path}: not a collection index ({type(err).__name__}: {err})") from err
-    problems = []
-    for shard in shards:
-        path = out / "shards" / shard["name"]
-        if not path.is_file():
-            problems.append(Problem(shard["name"], "missing"))
-        elif path.stat().st_size != shard["bytes"]:
-            problems.append(Problem(shard["name"], f"{path.stat().st_size} bytes where the index records "
-                                                   f"{shard['bytes']} (cut short or replaced)"))
-        elif file_sha256(path) != shard["sha256"]:
-            problems.append(Problem(shard["name"], "its SHA-256 differs from the index's (corrupt)"))
+    shards = read_index(out)["shards"]
+    problems = [Problem(shard["name"], problem) for shard in shards
+                if (problem := shard_problem(out, shard, check_hash=True))]
     listed = {shard["name"] for shard in shards}
     problems += [Problem(path.name, "not in index.json (left by an unfinished part? run dex data stats)")
                  for path in sorted((out / "shards").glob("*.tar")) if path.name not in listed]
@@ -635,7 +624,6 @@ def _private_records(out: Path, journals: list[Path], committed: set[str]) -> li
 
 
 def _write_private_reports(folder: Path, records: list[dict[str, Any]], excluded: set[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     written, dropped, quarantined = [], [], []
     for record in sorted(records, key=lambda r: (r["source"], r["path"])):
         source = record["source"]
@@ -697,9 +685,6 @@ NORMALIZATION_LABELS = {
     "pet_raw": "clip(x, [p1, p99]), z-score, min-max", "pet_suv": "clip(x, [0, 20]) / 20",
     "scale_255": "x / 255 (16-bit: x / 65535)",
 }
-DROP_LABELS = {"foreground": "too little foreground (volume slices)", "empty": "empty (all zero)",
-               "constant": "constant", "small": "smaller than --min-size",
-               "near-duplicate": "near-duplicate of a kept image"}
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:

@@ -45,8 +45,10 @@ SLICE_AXES = ("axial", "coronal", "sagittal")
 def canonical_modality(name: str) -> str:
     """The :data:`MODALITIES` spelling of ``name``, matched regardless of case, spaces, hyphens and underscores
     ("fundus", "xray", "x_ray" -> "Fundus", "X-ray"); any other name comes back as it is."""
-    key = "".join(c for c in str(name).lower() if c.isalnum())
-    return next((m for m in MODALITIES if "".join(c for c in m.lower() if c.isalnum()) == key), name)
+    def letters(text: str) -> str:
+        return "".join(c for c in str(text).lower() if c.isalnum())
+
+    return next((m for m in MODALITIES if letters(m) == letters(name)), name)
 
 
 Modality = Annotated[Literal[MODALITIES], pydantic.BeforeValidator(canonical_modality)]

@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from dex.files import file_sha256
+
+INDEX = "index.json"  # a collection's list of shards, with each one's sample counts, size and SHA-256
+
 
 class ShardError(ValueError):
     """A shard that cannot be read, or holds other samples than the index says; ``str()`` names it."""
@@ -85,6 +89,34 @@ class ShardWriter:
                              self._file.digest.hexdigest())
         self._tar, self._file, self.seq = None, None, self.seq + 1
         return closed
+
+
+def read_index(folder: str | Path) -> dict[str, Any]:
+    """A finished collection's ``index.json``; errors name the file."""
+    path = Path(folder) / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: missing; finish the curation first (dex curate, or dex data stats after a "
+                                "partitioned run)") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a collection index ({type(err).__name__}: {err})") from err
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path}: not a collection index (no list of shards)")
+    return index
+
+
+def shard_problem(folder: str | Path, entry: dict[str, Any], check_hash: bool = False) -> str | None:
+    """What is wrong with the shard an index ``entry`` describes: missing, not of its recorded size, or (with
+    ``check_hash``, which reads the whole file) not of its recorded SHA-256; None when nothing is."""
+    path = Path(folder) / "shards" / entry["name"]
+    if not path.is_file():
+        return "missing"
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return f"{path.stat().st_size} bytes where the index records {entry['bytes']} (cut short or replaced)"
+    if check_hash and file_sha256(path) != entry.get("sha256"):
+        return "its SHA-256 differs from the index's (corrupt)"
+    return None
 
 
 def iter_shard(path: str | Path, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

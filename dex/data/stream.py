@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from dex.data.recipe import MODALITIES
-from dex.data.shards import ShardError, iter_shard
+from dex.data.shards import INDEX, ShardError, iter_shard, read_index, shard_problem
 from dex.data.transforms import PretrainTransform
 
 log = logging.getLogger("dex.data")
@@ -96,18 +96,14 @@ class CuratedImages(IterableDataset):
                  loader_workers: int = 0, batch_size: int = 1, samples_per_epoch: int | None = None,
                  rank: int | None = None, world_size: int | None = None, max_bad_shards: float = 0.01) -> None:
         self.root = Path(root)
-        index_path = self.root / "index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: missing; finish the curation first (dex curate, or dex data "
-                                    "stats after a partitioned run)")
-        index = json.loads(index_path.read_text())
+        index = read_index(self.root)
         if not index["samples"]:
-            raise ValueError(f"{index_path}: the curated collection is empty")
+            raise ValueError(f"{self.root / INDEX}: the curated collection is empty")
         self.total_shards, self.max_bad_shards = len(index["shards"]), max_bad_shards
         self.missing: list[str] = []  # shards left out from the start
         entries = []
         for entry in index["shards"]:
-            problem = self._missing(entry)
+            problem = shard_problem(self.root, entry)
             if problem:
                 log.warning("%s/shards/%s: %s; left out of the run", self.root, entry["name"], problem)
                 self.missing.append(entry["name"])
@@ -138,14 +134,6 @@ class CuratedImages(IterableDataset):
         self.samples_per_epoch, self.batch_size = per_worker * self.workers, batch_size
         self.transform = transform if transform is not None else PretrainTransform()
         self.seed, self.shuffle_buffer, self.epoch, self.start_batch = seed, shuffle_buffer, 0, 0
-
-    def _missing(self, entry: dict) -> str | None:
-        path = self.root / "shards" / entry["name"]
-        if not path.is_file():
-            return "missing"
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-            return f"{path.stat().st_size} bytes where the index records {entry['bytes']} (cut short or replaced)"
-        return None
 
     def check_bad_shards(self, unreadable: Iterable[str] = ()) -> None:
         """Raise a ValueError when the shards left out and ``unreadable`` (names found so far, by any reader) are

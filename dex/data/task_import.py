@@ -262,7 +262,7 @@ class TaskWriter:
                 (self.partial / "masks" / f"{item_id}.png").unlink(missing_ok=True)
             with self._lock:
                 self._claimed.difference_update(claimed)
-            return {}, [*problems, Problem(getattr(err, "path", key), getattr(err, "reason", str(err)))]
+            return {}, [*problems, err.problem if isinstance(err, ReadError) else Problem(key, str(err))]
         return items, problems
 
     def _commit(self, key: str, future: Future, journal) -> None:

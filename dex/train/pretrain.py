@@ -335,8 +335,9 @@ def pretrain(config: PretrainConfig, resume: str | None = None) -> PretrainResul
 
     ``resume``: None for a fresh run, ``"auto"`` for the newest checkpoint in the run folder that verifies and loads
     (a fresh run when there is none, but an error when there are checkpoints and none loads, or when the log records
-    steps and there is no checkpoint), or a checkpoint path. The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
-    ``checkpoints/`` and, at the end, ``encoder/`` (the pretrained DEX encoder, see :func:`dex.load_pretrained`).
+    steps and there is no checkpoint), or a checkpoint path. The folder holds ``config.yaml``, ``log.jsonl``,
+    ``tensorboard/``, ``checkpoints/`` and, at the end, ``encoder/`` (the pretrained DEX encoder, see
+    :func:`dex.load_pretrained`).
     """
     ctx = init_distributed(config.device)
     try:
