@@ -22,7 +22,7 @@ import numpy as np
 
 from dex.data.phantoms.writers import write_nifti
 from dex.data.readers import read_dicom_series
-from dex.data.task_import import ImportOptions, import_task
+from dex.data.importers import ImportOptions, import_task
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

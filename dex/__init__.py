@@ -5,6 +5,7 @@ Importing ``dex`` registers the DEX encoders in timm (``dex_vit_{tiny,small,base
 
 from dex._version import __version__
 from dex.models import (
+    DEXSettings,
     DEXViT,
     DirectorExperts,
     MaskedAutoencoderDEX,
@@ -16,6 +17,6 @@ from dex.models import (
 )
 
 __all__ = [
-    "DEXViT", "DirectorExperts", "MaskedAutoencoderDEX", "__version__", "export_director",
+    "DEXSettings", "DEXViT", "DirectorExperts", "MaskedAutoencoderDEX", "__version__", "export_director",
     "init_from_vit_checkpoint", "load_pretrained", "save_pretrained", "update_directors_",
 ]

@@ -10,11 +10,11 @@ import sys
 def _pretrain(args: argparse.Namespace) -> int:
     import logging
 
-    from dex.config import load_config
-    from dex.train.pretrain import PretrainConfig, pretrain, summary
+    from dex.train.objectives import load_pretrain_config
+    from dex.train.pretrain import pretrain, summary
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    config = load_config(PretrainConfig, args.config, args.set)
+    config = load_pretrain_config(args.config, args.set)
     result = pretrain(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(result.run_dir))
@@ -68,7 +68,7 @@ def _import_task(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dex.data.curate import QUARANTINED_EXIT
-    from dex.data.task_import import ImportOptions, import_task
+    from dex.data.importers import ImportOptions, import_task
 
     fields = {f.name for f in dataclasses.fields(ImportOptions)}
     options = ImportOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -86,6 +86,27 @@ def _import_task(args: argparse.Namespace) -> int:
               f"(first: {summary.problems[0][0]}: {summary.problems[0][1]})", file=sys.stderr)
         return QUARANTINED_EXIT
     return 0
+
+
+def _option_flags(parser: argparse.ArgumentParser, options: type) -> None:
+    """A flag per field of the dataclass ``options``: ``--field-name`` (or the field's ``flag``) with the ``help``,
+    ``choices``, ``metavar`` and ``required`` of the field's metadata; an int field takes an int, a list field is a
+    repeated flag (or, with a ``separator``, one value split at it). A flag not given is None, which leaves the
+    field's own default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(options)
+    for option in dataclasses.fields(options):
+        settings = dict(option.metadata)
+        flag = settings.pop("flag", "--" + option.name.replace("_", "-"))
+        separator = settings.pop("separator", None)
+        kind = hints[option.name]
+        if typing.get_origin(kind) is list:
+            settings.update({"type": lambda text, at=separator: text.split(at)} if separator else {"action": "append"})
+        elif kind in (int, float):
+            settings["type"] = kind
+        parser.add_argument(flag, dest=option.name, **settings)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -166,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dex", description="DEX: Director-Experts medical vision foundation model")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pretrain = _command(commands, "pretrain", help="MAE-DEX pretraining from a YAML config",
-                        description="MAE-DEX pretraining from a YAML config (see configs/).")
+    pretrain = _command(commands, "pretrain", help="pretraining (MAE-DEX by default) from a YAML config",
+                        description="Pretraining from a YAML config (see configs/); its objective key picks the "
+                                    "method (mae_dex, the default).")
     pretrain.add_argument("config", help="YAML config file")
     pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                           help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
@@ -258,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--task-images", type=int, default=60, help="images per downstream task (60)")
     phantoms.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (all cores)")
     phantoms.set_defaults(func=_make_phantoms)
+    from dex.data.importers import LAYOUTS, ImportOptions
+
     imports = _command(
         data, "import-task", help="turn a public dataset's layout into a task folder",
         description="Import a dataset as it was released into a dex task folder (images/, masks/ or labels.csv, "
@@ -266,46 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "holds NIfTI volumes or DICOM series folders, --labels their NIfTI label volumes; cut into "
                     "normalised 2D slices, split by case), medmnist (SRC is a MedMNIST .npz). Items that cannot be imported are listed in "
                     "OUT/problems.csv and the command exits with status 3.")
-    imports.add_argument("layout", choices=["class-folders", "csv", "pairs", "volumes", "medmnist"])
+    imports.add_argument("layout", choices=LAYOUTS)
     imports.add_argument("src", help="the dataset folder, CSV or .npz")
     imports.add_argument("out", help="the task folder to write")
-    imports.add_argument("--modality", required=True, help="imaging modality: CT, PET, MR, X-ray, US, Fundus, OCT, Pathology, Endoscopy, "
-                                                         "Photo (any case), or another name")
-    imports.add_argument("--name", help="task name (default: the output folder's name)")
-    imports.add_argument("--classes", type=lambda text: text.split(","),
-                         help="comma-separated class names; segmentation: in mask index order (default "
-                              "background,foreground); classification: fixes the order (default: sorted)")
-    imports.add_argument("--images", help="csv: the image folder (default: the CSV's folder)")
-    imports.add_argument("--masks", help="pairs: the mask folder (default: the image folder)")
-    imports.add_argument("--labels", help="volumes: the folder of label volumes")
-    imports.add_argument("--mask-pattern", help="pairs: a mask's name from its image's stem, e.g. {stem}_mask* "
-                                                "(* for several masks per image, merged); default {stem}")
-    imports.add_argument("--mask-value", dest="mask_values", action="append", metavar="VALUE=CLASS",
-                         help="a mask value (255, or R,G,B for colour masks) and its class; repeat for each")
-    imports.add_argument("--class-mask", dest="class_masks", action="append", metavar="CLASS=PATTERN",
-                         help="pairs, one binary mask per class: the class and its masks' name pattern below "
-                              "--masks, e.g. 'microaneurysm=1. Microaneurysms/{stem}_MA'; repeat for each class "
-                              "(later ones painted over earlier ones)")
-    imports.add_argument("--id-column", help="csv: the column naming the image (id)")
-    imports.add_argument("--label-column", help="csv: the label column (label), or onehot:A,B,C for one-hot "
-                                                "columns")
-    imports.add_argument("--split-column", help="csv: a column with the split (train / val / test)")
-    imports.add_argument("--normalization", choices=["ct_hu", "mr_percentile", "pet_suv", "pet_raw"],
-                         help="volumes: Table 2 normalisation (ct_hu)")
-    imports.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="volumes: slice axis (axial)")
-    imports.add_argument("--slices", choices=["foreground", "all"],
-                         help="volumes: keep slices with a label (foreground, the default) or all")
-    imports.add_argument("--stride", type=int, help="volumes: keep every n-th slice (1)")
-    imports.add_argument("--channel", type=int, help="volumes: the channel of 4D or nnU-Net multi-file images (0)")
-    imports.add_argument("--splits", help="an id,split CSV with the dataset's own split (ids: image stems or "
-                                          "volume case names)")
-    imports.add_argument("--seed", type=int, help="seed of the 60/20/20 split where the source has none (0)")
-    imports.add_argument("--duplicate-distance", type=int,
-                         help="pHash bits within which images count as near-duplicates and share a split (2; "
-                              "-1: off)")
-    imports.add_argument("--description", help="one line on the task for its README")
-    imports.add_argument("--source", help="where the data comes from (citation or address)")
-    imports.add_argument("--licence", help="the data's licence")
+    _option_flags(imports, ImportOptions)
     imports.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads (all cores)")
     imports.add_argument("--resume", action="store_true", help="go on with an import that was interrupted")
     imports.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader
 import dex
 from dex.analysis.plots import routing_heatmaps, run_top_k, training_curves
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
-from dex.config import load_config
 from dex.data.stream import CuratedImages
-from dex.data.transforms import EvalTransform
-from dex.train.pretrain import PretrainConfig, build_mae
+from dex.models.weights import load_preprocessing
+from dex.train.objectives import build_objective, load_pretrain_config
 
 
 def main() -> None:
@@ -32,15 +31,15 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (args.run_dir / "log.jsonl").read_text().splitlines()]
-    config = load_config(PretrainConfig, args.run_dir / "config.yaml")
+    config = load_pretrain_config(args.run_dir / "config.yaml")
     training_curves(rows, args.out / "curves.png", run_top_k(config.model_args))
     trained = dex.load_pretrained(args.run_dir / "encoder")
     torch.manual_seed(config.seed)
-    initial = build_mae(config).encoder
-    size = trained.patch_embed.img_size[0]
+    initial = build_objective(config).kept()["encoder"]
+    preprocessing = load_preprocessing(args.run_dir / "encoder")
 
     def batches():
-        data = CuratedImages(args.data, EvalTransform(size), seed=1, batch_size=64)
+        data = CuratedImages(args.data, preprocessing, seed=1, batch_size=64)
         return DataLoader(data, batch_size=64)
 
     tables = {name: routing_tables(model, batches(), max_images=args.images)

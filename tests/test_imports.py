@@ -104,3 +104,17 @@ sys.exit(1 if failed else 0)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_layers_point_one_way():
+    """models and data import nothing above them; eval uses train only to read a pretraining run's encoder
+    (``dex.train.export.run_encoder``); the pretraining loop imports no method, only the objective registry."""
+    graph = import_graph()
+    above = {"dex.train", "dex.eval", "dex.analysis", "dex.cli"}
+    for module, imported in graph.items():
+        upward = {name for name in imported if any(name == a or name.startswith(a + ".") for a in above)}
+        if module.startswith(("dex.models", "dex.data")):
+            assert not upward, (module, upward)
+        if module.startswith("dex.eval"):
+            assert {name for name in upward if name.startswith("dex.train")} <= {"dex.train.export"}, module
+    assert not {name for name in graph["dex.train.pretrain"] if name.startswith("dex.train.objectives.")}

@@ -17,16 +17,18 @@ from dex.analysis.patterns import pattern_layout, patch_features
 from dex.analysis.probes import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.data.recipe import MODALITIES
+from dex.data.preprocess import Preprocessing
 from dex.data.stream import CuratedImages, FolderImages
-from dex.data.transforms import EvalTransform
-from dex.eval.encoders import EncoderSpec, load_encoder
+from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 
 
-def labelled_images(data: str | Path, size: int, per_modality: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``per_modality`` images of each modality ([N, 3, size, size], z-scored) and their modality indices."""
+def labelled_images(data: str | Path, preprocessing: Preprocessing, per_modality: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``per_modality`` images of each modality (model inputs by ``preprocessing``: [N, 3, H, W], z-scored)
+    and their modality indices."""
     data = Path(data)
-    dataset = (CuratedImages(data, EvalTransform(size), seed=0, shuffle_buffer=4096) if (data / "index.json").is_file()
-               else FolderImages(data, EvalTransform(size)))
+    dataset = (CuratedImages(data, preprocessing, seed=0, shuffle_buffer=4096) if (data / "index.json").is_file()
+               else FolderImages(data, preprocessing))
     images, labels, counts = [], [], {}
     iterator = iter(dataset) if isinstance(dataset, CuratedImages) else (dataset[i] for i in range(len(dataset)))
     for sample in iterator:
@@ -66,9 +68,11 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    encoder = load_encoder(EncoderSpec("analysed", encoder_source)).eval()
+    spec = EncoderSpec("analysed", encoder_source)
+    encoder = load_encoder(spec).eval()
     size = encoder.patch_embed.img_size[0]
-    images, labels = labelled_images(data, size, per_modality)
+    preprocessing = encoder_preprocessing(spec, encoder)
+    images, labels = labelled_images(data, preprocessing, per_modality)
     present = sorted(set(labels.tolist()))
     result: dict[str, Any] = {"encoder": str(encoder_source), "data": str(data), "images": len(images),
                               "modalities": {MODALITIES[m]: int((labels == m).sum()) for m in present}}
@@ -86,14 +90,14 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
     attention = last_layer_attention(encoder, images[firsts], query)
     plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
-                         size // grid[1], out / "attention.png")
+                         size // grid[1], out / "attention.png", preprocessing)
     # pattern layout per modality
     patch = size // grid[1]
     rows = []
     for m in present:
         members = images[labels == m]
         _, representatives = pattern_layout(patch_features(encoder, members), clusters, 3, seed)
-        crops = [[plots.display(members[i])[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
+        crops = [[plots.display(members[i], preprocessing)[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
                                             (p % grid[1]) * patch:(p % grid[1] + 1) * patch]
                   for i, p in cluster] for cluster in representatives]
         rows.append((MODALITIES[m], crops))

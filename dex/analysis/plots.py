@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import matplotlib
@@ -13,24 +12,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dex.data.recipe import MODALITIES  # noqa: E402
-from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from dex.models import DEXViT  # noqa: E402
+from dex.data.preprocess import Preprocessing  # noqa: E402
+from dex.models import DEXSettings  # noqa: E402
 
 SAVE = dict(dpi=100, metadata={"Software": None})
 
 
-def display(image: torch.Tensor) -> np.ndarray:
-    """A z-scored [3, H, W] tensor back to an [H, W, 3] picture in [0, 1]."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+def display(image: torch.Tensor, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """A z-scored [3, H, W] model input (by ``preprocessing``, the default one if None) back to an [H, W, 3]
+    picture in [0, 1]."""
+    return (preprocessing or Preprocessing()).unnormalize(image.cpu()).permute(1, 2, 0).numpy()
 
 
 def run_top_k(model_args: dict) -> int | None:
     """The K of a pretraining run's ``model_args`` when one K serves every block; None for per-block K or no experts."""
-    defaults = inspect.signature(DEXViT).parameters
-    top_k = model_args.get("top_k", defaults["top_k"].default)
-    experts = model_args.get("num_experts", defaults["num_experts"].default)
-    return top_k if isinstance(top_k, int) and experts else None
+    settings = DEXSettings.from_model_args(model_args)
+    return settings.top_k if isinstance(settings.top_k, int) and settings.num_experts else None
 
 
 def training_curves(rows: list[dict], path: Path, top_k: int | None = None) -> None:
@@ -84,11 +81,12 @@ def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:
 
 
 def attention_grid(examples: list[tuple[str, torch.Tensor, torch.Tensor]], query: tuple[int, int], patch: int,
-                   path: Path) -> None:
-    """Fig. 6: per modality, the image and the last block's attention of the query patch (star) over it."""
+                   path: Path, preprocessing: Preprocessing | None = None) -> None:
+    """Fig. 6: per modality, the image (a model input by ``preprocessing``, shown by :func:`display`) and the last
+    block's attention of the query patch (star) over it."""
     fig, axes = plt.subplots(len(examples), 2, figsize=(5, 2.5 * len(examples)), squeeze=False)
     for (name, image, attention), (left, right) in zip(examples, axes):
-        picture = display(image)
+        picture = display(image, preprocessing)
         for ax in (left, right):
             ax.imshow(picture)
             ax.plot((query[1] + 0.5) * patch, (query[0] + 0.5) * patch, marker="*", color="yellow", markersize=12)

@@ -42,6 +42,7 @@ from dex.data.dedup import NearDuplicateIndex, phash
 from dex.data.journal import append_record, append_records, read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS, scale_255
 from dex.data.readers import (
+    SLICE_AXES,
     Problem,
     ReadError,
     group_dicom_series,
@@ -67,7 +68,6 @@ FOREGROUND = {
     "pet_raw": (lambda raw, norm: norm > 0.05, 0.01),
     "pet_suv": (lambda raw, norm: raw > 0.1, 0.01),  # SUV above a few counts of noise
 }
-AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 #: Why an image is dropped, with the words stats.md uses.
 DROP_LABELS = {"foreground": "too little foreground (volume slices)", "empty": "empty (all zero)",
                "constant": "constant", "small": "smaller than --min-size",
@@ -235,7 +235,7 @@ class _UnitWork:
             raise ReadError(self.root / self.unit.key, f"a volume needs a volume normalisation, not {normalization!r}")
         normalised = VOLUME_NORMALIZERS[normalization](values)
         is_foreground, min_ratio = FOREGROUND[normalization]
-        axis = AXES[self.source.slice_axis]
+        axis = SLICE_AXES[self.source.slice_axis]
         for index in range(values.shape[axis]):
             if slice_files and axis == 0:
                 origin = (_relative(slice_files[index], self.root), "")

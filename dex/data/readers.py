@@ -51,6 +51,11 @@ class Volume:
     slice_files: tuple[Path, ...] = ()  # single-frame DICOM series: the file of each slice, in slice order
 
 
+#: The slice axes by name, each with the axis of a :class:`Volume`'s ``[Z, Y, X]`` values it cuts across: axial
+#: slices are ``values[z]``, coronal ``values[:, y]``, sagittal ``values[:, :, x]``.
+SLICE_AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
 @dataclass
 class Picture:
     pixels: np.ndarray  # [H, W] or [H, W, 3], the stored integer (or float) values

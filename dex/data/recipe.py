@@ -31,15 +31,13 @@ import pydantic
 import yaml
 
 from dex.config import STRICT, ConfigError, read_yaml, validate
+from dex.data.readers import SLICE_AXES
 
 MODALITIES = ("CT", "PET", "MR", "X-ray", "US", "Fundus", "OCT", "Pathology", "Endoscopy", "Photo")
 FORMATS = ("dicom", "nifti", "image", "npy", "video")
 #: Table 2's normalisations: CT clip [-200, 400] HU then [0, 1]; MR volume 1-99th percentile clip then min-max;
 #: PET raw percentile clip, z-score, min-max; PET SUV clip [0, 20] / 20; everything else x / (2^bits - 1).
 NORMALIZATIONS = ("ct_hu", "mr_percentile", "pet_raw", "pet_suv", "scale_255")
-SLICE_AXES = ("axial", "coronal", "sagittal")
-
-
 
 
 def canonical_modality(name: str) -> str:
@@ -64,7 +62,7 @@ class Source:
     normalization: Literal[NORMALIZATIONS]
     anatomy: str = ""
     pattern: str = "**/*"
-    slice_axis: Literal[SLICE_AXES] = "axial"
+    slice_axis: Literal[tuple(SLICE_AXES)] = "axial"
     frame_stride: int = 30
     licence: str = ""
     reported_count: int | None = None

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
+from dex.data.preprocess import full_scale
 from dex.data.recipe import MODALITIES
 from dex.data.shards import INDEX, ShardError, iter_shard, read_index, shard_problem
 from dex.data.transforms import PretrainTransform
@@ -242,8 +243,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class FolderImages(Dataset):
     """Every image under a folder, for small experiments without curation: pixels scaled by their bit depth
-    (``x / 255``, 16-bit ``x / 65535``), the modality from ``modalities.csv`` (``path,modality``) when present,
-    else from a first-level folder named after a modality, else unknown (-1).
+    (``x / 255``, 16-bit ``x / 65535``: :func:`dex.data.preprocess.full_scale`, the intensity rule of
+    :class:`~dex.data.preprocess.Preprocessing`), the modality from ``modalities.csv`` (``path,modality``) when
+    present, else from a first-level folder named after a modality, else unknown (-1).
 
     Items are dicts like :class:`CuratedImages`'; each image's augmentation is seeded by (seed, epoch, index).
     """
@@ -274,9 +276,7 @@ class FolderImages(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
-        picture = self._read(self.files[index])
-        pixels = torch.from_numpy(picture.pixels.astype(np.float32) / picture.max_value)
-        image = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+        image = full_scale(self._read(self.files[index]))
         return {"image": seeded(self.transform, image, sample_seed(self.seed, self.epoch, index)),
                 "modality": self.modalities[index], "key": self.files[index].relative_to(self.root).as_posix()}
 

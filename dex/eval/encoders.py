@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from dex.config import STRICT, ConfigError, validate
-
+from dex.data.preprocess import Preprocessing
 from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
+from dex.models.weights import load_preprocessing
 
 
 @STRICT
@@ -108,6 +109,21 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     elif spec.mode or spec.top_k:
         raise ValueError(f"encoder {spec.name!r}: mode and top_k apply to DEX encoders only")
     return encoder
+
+
+def encoder_preprocessing(spec: EncoderSpec, encoder: nn.Module) -> Preprocessing:
+    """How images are fed to ``encoder`` (loaded from ``spec``): what its model folder records
+    (:func:`dex.models.weights.load_preprocessing`), else the default :class:`Preprocessing` at its input size.
+    A folder whose recorded size is not the model's raises a ``ValueError`` naming it."""
+    size = tuple(encoder.patch_embed.img_size)
+    folder = Path(spec.source)
+    if spec.source == "scratch" or spec.source.startswith("timm:") or not (folder / "config.json").is_file():
+        return Preprocessing(size=size)
+    preprocessing = load_preprocessing(folder)
+    if preprocessing.size != size:
+        raise ValueError(f"{folder / 'config.json'}: preprocessing size {list(preprocessing.size)} is not the model's "
+                         f"input size {list(size)}")
+    return preprocessing
 
 
 def timm_file_encoder(arch: str, file: str | Path, img_size: int | None = None) -> nn.Module:

@@ -19,14 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from dex.config import STRICT
-from dex.data.readers import read_picture
+from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task, mask_labels
-from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dex.eval.encoders import EncoderSpec, freeze_all_but_last, load_encoder
+from dex.eval.encoders import EncoderSpec, encoder_preprocessing, freeze_all_but_last, load_encoder
 from dex.eval.metrics import DiceAccumulator, classification_metrics
 from dex.models.unetr import UNETR2D
-from dex.train.reproducibility import seed_everything
-from dex.train.schedules import warmup_cosine
+from dex.seeding import seed_everything
+from dex.schedules import warmup_cosine
 
 
 @STRICT
@@ -47,29 +46,28 @@ class FinetuneConfig:
 
 
 class TaskImages(Dataset):
-    """A split of a task: images resized to ``size`` and z-scored; masks resized with nearest neighbours."""
+    """A split of a task: images read by ``preprocessing`` (a :class:`Preprocessing`, or an int: the default one at
+    that square size); masks resized to the same size with nearest neighbours."""
 
-    def __init__(self, task: Task, ids: list[str], size: int, flip: bool = False, seed: int = 0) -> None:
-        self.task, self.ids, self.size, self.flip, self.seed, self.epoch = task, ids, size, flip, seed, 0
+    def __init__(self, task: Task, ids: list[str], preprocessing: Preprocessing | int, flip: bool = False,
+                 seed: int = 0) -> None:
+        self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(
+            size=preprocessing)
+        self.task, self.ids, self.flip, self.seed, self.epoch = task, ids, flip, seed, 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def image(self, item: str) -> torch.Tensor:
-        picture = read_picture(self.task.images[item])
-        pixels = torch.from_numpy(picture.pixels.astype(np.float32) / picture.max_value)
-        image = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-        image = TF.resize(image, [self.size, self.size], antialias=True).clamp(0, 1)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        return self.preprocessing.read(self.task.images[item])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.ids[index]
         image = self.image(item)
         if self.task.spec.type == "segmentation":
             target = torch.from_numpy(mask_labels(self.task, item))
-            target = TF.resize(target[None], [self.size, self.size], interpolation=TF.InterpolationMode.NEAREST)[0]
+            target = TF.resize(target[None], list(self.preprocessing.size),
+                               interpolation=TF.InterpolationMode.NEAREST)[0]
         else:
             target = torch.tensor(self.task.labels[item])
         if self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
@@ -132,9 +130,10 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
         freeze_all_but_last(encoder, config.trainable_blocks)
     torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
     model = build_model(encoder, task, config).to(device)
-    size = encoder.patch_embed.img_size[0]
-    train = TaskImages(task, _subset(task.splits["train"], config.data_fraction, seed), size, config.flip, seed)
-    val, test = TaskImages(task, task.splits["val"], size), TaskImages(task, task.splits["test"], size)
+    preprocessing = encoder_preprocessing(encoder_spec, encoder)
+    train = TaskImages(task, _subset(task.splits["train"], config.data_fraction, seed), preprocessing, config.flip,
+                       seed)
+    val, test = (TaskImages(task, task.splits[split], preprocessing) for split in ("val", "test"))
     if not len(train) or not len(val) or not len(test):
         raise ValueError(f"{task.root}: every split needs images (train {len(train)}, val {len(val)}, "
                          f"test {len(test)})")

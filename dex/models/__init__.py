@@ -4,6 +4,7 @@ from dex.models.conversions import director_state_dict, vit_to_dex_state_dict
 from dex.models.dex_vit import DEXBlock, DEXViT
 from dex.models.director_experts import (
     DEXAux,
+    DEXSettings,
     DirectorExperts,
     ExpertBank,
     ExpertRouter,
@@ -30,7 +31,7 @@ from dex.models.weights import (
 )
 
 __all__ = [
-    "DEXAux", "DEXBlock", "DEXViT", "DirectorExperts", "ExpertBank", "ExpertRouter", "LayerLosses",
+    "DEXAux", "DEXBlock", "DEXSettings", "DEXViT", "DirectorExperts", "ExpertBank", "ExpertRouter", "LayerLosses",
     "MAEOutput", "MaskedAutoencoderDEX", "Routing", "alignment_loss", "alignment_loss_kd", "balance_loss",
     "balance_loss_reference", "director_state_dict", "discard_usage_", "export_director", "group_ema_", "init_from_vit_checkpoint",
     "layer_losses", "layer_weights", "load_pretrained", "load_state_dict_file", "patchify", "random_masking",

@@ -10,8 +10,9 @@ plain timm ViT (see :func:`dex.models.weights.export_director`).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed
@@ -19,7 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from dex.models.conversions import vit_to_dex_state_dict
-from dex.models.director_experts import MODES, DEXAux, DirectorExperts, Mode, Routing
+from dex.models.director_experts import MODES, DEXAux, DEXSettings, DirectorExperts, Mode, Routing, per_block
 from dex.models.pos_embed import sincos_2d
 
 
@@ -27,8 +28,8 @@ layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class DEXBlock(nn.Module):
-    """Pre-norm self-attention followed by a pre-norm DEX module, or by a plain MLP when ``num_experts`` is 0 (the
-    block is then a timm ViT block, as the plain-MAE baseline needs).
+    """Pre-norm self-attention followed by a pre-norm DEX module with the settings ``dex`` (one R and one K), or by a
+    plain MLP when ``dex`` is None (the block is then a timm ViT block, as the plain-MAE baseline needs).
 
     ``forward(x [B, N, C], noise_std, eps) -> (x [B, N, C], DEXAux)``.
     """
@@ -40,9 +41,9 @@ class DEXBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path: float = 0.0,
-        num_experts: int = 8,
-        top_k: int = 2,
-        **dex_kwargs: Any,
+        dex: DEXSettings | None = None,
+        num_prefix_tokens: int = 1,
+        mode: Mode = "pretrain",
     ) -> None:
         super().__init__()
         self.norm1 = layer_norm(dim)
@@ -50,10 +51,10 @@ class DEXBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = layer_norm(dim)
         hidden = int(dim * mlp_ratio)
-        if num_experts == 0:
+        if dex is None:
             self.mlp, self.dex = Mlp(dim, hidden, act_layer=nn.GELU), None
         else:
-            self.dex = DirectorExperts(dim, hidden, num_experts, top_k, **dex_kwargs)
+            self.dex = DirectorExperts(dim, hidden, dex, num_prefix_tokens, mode)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, noise_std: float = 0.0, eps: Tensor | None = None) -> tuple[Tensor, DEXAux]:
@@ -62,15 +63,6 @@ class DEXBlock(nn.Module):
             return x + self.drop_path2(self.mlp(self.norm2(x))), DEXAux(None, None, None)
         out, aux = self.dex(self.norm2(x), noise_std, eps)
         return x + self.drop_path2(out), aux
-
-
-def _per_layer(value: int | Sequence[int], depth: int, name: str) -> list[int]:
-    if isinstance(value, int):
-        return [value] * depth
-    values = list(value)
-    if len(values) != depth:
-        raise ValueError(f"{name} lists one value per block: expected {depth} values, got {len(values)}")
-    return values
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -85,15 +77,12 @@ class DEXViT(nn.Module):
 
     Args:
         img_size: input size (int or (H, W)); must be divisible by ``patch_size``.
-        num_experts: R, one value for all blocks or one per block; 0 makes a block a plain ViT block.
-        top_k: K, one value for all blocks or one per block (ignored where R is 0).
-        activation: ``image`` (one expert set per image, the paper's) or ``token`` (per-token routing).
-        pooling: the image's routing feature: ``cls`` (class token) or ``mean`` (mean patch token).
-        router_temperature: tau of ``softmax(logits / tau)``: 1 in the paper, 0.5 in the reference code.
-        balance: ``switch`` (Eq. 18) or ``reference`` (R * sum P * stopgrad(P)).
-        alignment: ``cosine`` (Eq. 15), ``kd`` (the reference's softmax cross-entropy) or ``none`` (no director).
-        expert_init: ``independent`` (every expert and the director drawn separately) or ``copy`` (every
-            expert starts as a copy of the director, as the reference code's warm start does).
+        dex: the DEX modules' settings (:class:`~dex.models.director_experts.DEXSettings`: R and K, one value for
+            all blocks or one per block, R = 0 making a block a plain ViT block; activation, pooling, router
+            temperature, balance and alignment forms, usage momentum, expert initialisation), or the same as a
+            mapping (the ``dex`` block of a model folder's ``config.json``); None: the defaults.
+        **dex_overrides: fields of :class:`DEXSettings` given one by one (``num_experts=4, top_k=1``, as
+            ``timm.create_model`` passes them), replacing those of ``dex``.
         mode: ``pretrain``, ``experts`` or ``director`` (see :class:`DirectorExperts`).
     """
 
@@ -110,16 +99,9 @@ class DEXViT(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
-        num_experts: int | Sequence[int] = 8,
-        top_k: int | Sequence[int] = 2,
-        activation: Literal["image", "token"] = "image",
-        pooling: Literal["cls", "mean"] = "cls",
-        router_temperature: float = 1.0,
-        balance: Literal["switch", "reference"] = "switch",
-        alignment: Literal["cosine", "kd", "none"] = "cosine",
-        usage_momentum: float = 0.99,
-        expert_init: Literal["independent", "copy"] = "independent",
+        dex: DEXSettings | Mapping[str, Any] | None = None,
         mode: Mode = "pretrain",
+        **dex_overrides: Any,
     ) -> None:
         super().__init__()
         img_size = _pair(img_size)
@@ -129,19 +111,14 @@ class DEXViT(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        if expert_init not in ("independent", "copy"):
-            raise ValueError(f"expert_init must be 'independent' or 'copy', got {expert_init!r}")
-        experts = _per_layer(num_experts, depth, "num_experts")
-        top_ks = [k if r else 0 for r, k in zip(experts, _per_layer(top_k, depth, "top_k"))]
-        if any(r < 0 for r in experts):
-            raise ValueError(f"num_experts (R) must be at least 1, or 0 for a plain MLP block, got {experts}")
+        settings = DEXSettings.resolve(dex, **dex_overrides)
+        experts, top_ks = settings.per_layer(depth)
         self._init_args = dict(
             img_size=list(img_size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, num_experts=experts, top_k=top_ks,
-            activation=activation, pooling=pooling, router_temperature=router_temperature, balance=balance,
-            alignment=alignment, usage_momentum=usage_momentum, expert_init=expert_init, mode=mode,
+            qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, mode=mode,
         )
+        self._settings = dataclasses.replace(settings, num_experts=tuple(experts), top_k=tuple(top_ks))
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
@@ -155,20 +132,16 @@ class DEXViT(nn.Module):
         )
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
         self.blocks = nn.ModuleList(
-            DEXBlock(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], num_experts=experts[i], top_k=top_ks[i],
-                activation=activation, pooling=pooling, router_temperature=router_temperature, balance=balance,
-                alignment=alignment, num_prefix_tokens=self.num_prefix_tokens, usage_momentum=usage_momentum,
-                mode=mode,
-            )
+            DEXBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], settings.layer(i, depth),
+                     self.num_prefix_tokens, mode)
             for i in range(depth)
         )
         self.norm = layer_norm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.last_routing: list[Routing | None] = []
-        self._init_weights(expert_init)
+        self._init_weights()
 
-    def _init_weights(self, expert_init: str) -> None:
+    def _init_weights(self) -> None:
         """MAE's initialisation: xavier-uniform linears (patch projection as a linear), N(0, 0.02) class token."""
         proj = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
@@ -176,14 +149,20 @@ class DEXViT(nn.Module):
         self.apply(init_linear_and_norm)
         for module in self.dex_modules():
             module.experts.reset_parameters()
-            if expert_init == "copy":
+            if module.expert_init == "copy":
                 module.experts.copy_from_mlp_(module.director)
 
     @property
+    def dex_settings(self) -> DEXSettings:
+        """The DEX settings of the model as it is now: R and K per block (K changed by :meth:`set_mode` included)."""
+        top_ks = tuple(b.dex.top_k if b.dex is not None else 0 for b in self.blocks)
+        return dataclasses.replace(self._settings, top_k=top_ks)
+
+    @property
     def model_args(self) -> dict[str, Any]:
-        """The constructor arguments that rebuild this model as it is now (current mode and K included)."""
-        return {**self._init_args, "mode": self.mode,
-                "top_k": [b.dex.top_k if b.dex is not None else 0 for b in self.blocks]}
+        """The constructor arguments that rebuild this model as it is now (current mode and K included), the DEX
+        settings as one ``dex`` block."""
+        return {**self._init_args, "mode": self.mode, "dex": self.dex_settings.to_dict()}
 
     def dex_modules(self) -> list[DirectorExperts]:
         return [block.dex for block in self.blocks if block.dex is not None]
@@ -197,7 +176,7 @@ class DEXViT(nn.Module):
         """Switch every DEX module to ``mode`` (``pretrain``, ``experts``, ``director``), optionally with new K."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        top_ks = [None] * len(self.blocks) if top_k is None else _per_layer(top_k, len(self.blocks), "top_k")
+        top_ks = [None] * len(self.blocks) if top_k is None else per_block(top_k, len(self.blocks), "top_k")
         for block, k in zip(self.blocks, top_ks, strict=True):
             if block.dex is not None:
                 block.dex.set_mode(mode, k)
@@ -312,7 +291,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "input_size": (3, 256, 256),
         "pool_size": None,
         "crop_pct": 1.0,
-        "interpolation": "bicubic",
+        "interpolation": "bilinear",  # what dex.data.preprocess.Preprocessing does (with antialias)
         "fixed_input_size": True,
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),

@@ -7,7 +7,9 @@ differs, the paper is the default and the reference's choice is an option (see d
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,91 @@ EPS = 1e-6  # the epsilon of Eq. 19 and of delta_r in Eq. 21
 # Device types with autocast, asked once here: torch 2.11 raises when asked about autocast on other devices (meta),
 # and torch.compile of 2.11 breaks the graph on is_autocast_available inside a forward.
 AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
+@dataclass(frozen=True)
+class DEXSettings:
+    """The settings of the DEX modules of a model: the one definition that :class:`DirectorExperts`,
+    :class:`ExpertRouter`, :class:`~dex.models.dex_vit.DEXViT` and a model folder's ``config.json`` (the ``dex``
+    block of ``model_args``) share.
+
+    ``num_experts`` (R) and ``top_k`` (K) are one value for every block or, for a whole model, one per block (R = 0
+    makes a block a plain ViT block); :meth:`layer` gives one block's settings. The strength of the router noise,
+    sigma of Eq. 21, is not a setting of the model: it is a schedule of training (``noise_std`` of the pretraining
+    config), passed to every forward.
+    """
+
+    num_experts: int | tuple[int, ...] = 8  # R
+    top_k: int | tuple[int, ...] = 2  # K
+    activation: Literal["image", "token"] = "image"  # one expert set per image (the paper's) or per token
+    pooling: Literal["cls", "mean"] = "cls"  # the image's routing feature: class token or mean patch token
+    router_temperature: float = 1.0  # tau of softmax(logits / tau): 1 in the paper, 0.5 in the reference code (D3)
+    balance: Literal["switch", "reference"] = "switch"  # Eq. 18, or the reference's R * sum P * stopgrad(P) (D2)
+    alignment: Literal["cosine", "kd", "none"] = "cosine"  # Eq. 15, the reference's KD (D1), or no director
+    usage_momentum: float = 0.99  # mu of Eq. 20: the long-term usage c that the frequency-aware noise follows
+    expert_init: Literal["independent", "copy"] = "independent"  # experts drawn apart, or copies of the director (D10)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        choices = {"activation": ("image", "token"), "pooling": ("cls", "mean"), "balance": ("switch", "reference"),
+                   "alignment": ("cosine", "kd", "none"), "expert_init": ("independent", "copy")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.router_temperature <= 0:
+            raise ValueError(f"router temperature must be positive, got {self.router_temperature}")
+        if not 0 <= self.usage_momentum <= 1:
+            raise ValueError(f"usage_momentum must be in [0, 1], got {self.usage_momentum}")
+
+    @classmethod
+    def resolve(cls, settings: DEXSettings | Mapping[str, Any] | None = None, **overrides: Any) -> DEXSettings:
+        """Settings from a :class:`DEXSettings`, a mapping (a ``config.json`` block) or None (the defaults), with
+        ``overrides`` (e.g. ``num_experts=4``) replacing fields; an unknown name is a TypeError, as for any
+        constructor argument."""
+        if isinstance(settings, Mapping):
+            settings = cls(**settings)
+        return dataclasses.replace(settings or cls(), **overrides)
+
+    @classmethod
+    def from_model_args(cls, model_args: Mapping[str, Any]) -> DEXSettings:
+        """The settings in a model's arguments (a run's ``model_args``, a ``config.json``'s): its ``dex`` block and
+        any fields given one by one, which win."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls.resolve(model_args.get("dex"), **{k: v for k, v in model_args.items() if k in fields})
+
+    def per_layer(self, depth: int) -> tuple[list[int], list[int]]:
+        """R and K of each of ``depth`` blocks (K is 0 where R is 0), checked."""
+        experts = per_block(self.num_experts, depth, "num_experts")
+        if any(r < 0 for r in experts):
+            raise ValueError(f"num_experts (R) must be at least 1, or 0 for a plain MLP block, got {experts}")
+        top_ks = [k if r else 0 for r, k in zip(experts, per_block(self.top_k, depth, "top_k"))]
+        for r, k in zip(experts, top_ks):
+            if r:
+                _check_experts(r, k)
+        return experts, top_ks
+
+    def layer(self, index: int, depth: int) -> DEXSettings | None:
+        """The settings of block ``index`` of ``depth`` (scalar R and K), or None where the block has no experts."""
+        experts, top_ks = self.per_layer(depth)
+        if not experts[index]:
+            return None
+        return dataclasses.replace(self, num_experts=experts[index], top_k=top_ks[index])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (per-block values as lists) that :meth:`resolve` reads back."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def per_block(value: int | Sequence[int], depth: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * depth
+    values = list(value)
+    if len(values) != depth:
+        raise ValueError(f"{name} lists one value per block: expected {depth} values, got {len(values)}")
+    return values
 
 
 class Routing(NamedTuple):
@@ -172,38 +259,24 @@ class ExpertRouter(nn.Module):
     ``usage_sum`` accumulates the batch-summed activation weights between two :meth:`update_usage_` calls.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        top_k: int,
-        activation: Literal["image", "token"] = "image",
-        pooling: Literal["cls", "mean"] = "cls",
-        temperature: float = 1.0,
-        balance: Literal["switch", "reference"] = "switch",
-        num_prefix_tokens: int = 1,
-        usage_momentum: float = 0.99,
-    ) -> None:
+    def __init__(self, dim: int, settings: DEXSettings | None = None, num_prefix_tokens: int = 1,
+                 **overrides: Any) -> None:
         super().__init__()
-        _check_experts(num_experts, top_k)
-        if activation not in ("image", "token"):
-            raise ValueError(f"activation must be 'image' or 'token', got {activation!r}")
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        if pooling == "cls" and num_prefix_tokens < 1:
+        settings = DEXSettings.resolve(settings, **overrides)
+        if not isinstance(settings.num_experts, int) or not isinstance(settings.top_k, int):
+            raise ValueError(f"a router takes one R and one K, got {settings.num_experts} and {settings.top_k}")
+        _check_experts(settings.num_experts, settings.top_k)
+        if settings.pooling == "cls" and num_prefix_tokens < 1:
             raise ValueError("pooling='cls' needs a class token (num_prefix_tokens >= 1)")
-        if temperature <= 0:
-            raise ValueError(f"router temperature must be positive, got {temperature}")
-        if balance not in ("switch", "reference"):
-            raise ValueError(f"balance must be 'switch' or 'reference', got {balance!r}")
+        num_experts = settings.num_experts
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.activation = activation
-        self.pooling = pooling
-        self.temperature = temperature
-        self.balance = balance
+        self.top_k = settings.top_k
+        self.activation = settings.activation
+        self.pooling = settings.pooling
+        self.temperature = settings.router_temperature
+        self.balance = settings.balance
         self.num_prefix_tokens = num_prefix_tokens
-        self.usage_momentum = usage_momentum
+        self.usage_momentum = settings.usage_momentum
         self.proj = nn.Linear(dim, num_experts, bias=False)  # pi, stored as [R, C]
         self.register_buffer("usage", torch.zeros(num_experts))
         self.register_buffer("usage_sum", torch.zeros(num_experts), persistent=False)
@@ -365,29 +438,14 @@ class DirectorExperts(nn.Module):
     ``pretrain`` mode it changes only through :meth:`update_director_`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        num_experts: int = 8,
-        top_k: int = 2,
-        activation: Literal["image", "token"] = "image",
-        pooling: Literal["cls", "mean"] = "cls",
-        router_temperature: float = 1.0,
-        balance: Literal["switch", "reference"] = "switch",
-        alignment: Literal["cosine", "kd", "none"] = "cosine",
-        num_prefix_tokens: int = 1,
-        usage_momentum: float = 0.99,
-        mode: Mode = "pretrain",
-    ) -> None:
+    def __init__(self, dim: int, hidden_dim: int, settings: DEXSettings | None = None, num_prefix_tokens: int = 1,
+                 mode: Mode = "pretrain", **overrides: Any) -> None:
         super().__init__()
-        if alignment not in ("cosine", "kd", "none"):
-            raise ValueError(f"alignment must be 'cosine', 'kd' or 'none', got {alignment!r}")
-        self.alignment = alignment
-        self.router = ExpertRouter(
-            dim, num_experts, top_k, activation, pooling, router_temperature, balance, num_prefix_tokens,
-            usage_momentum,
-        )
+        settings = DEXSettings.resolve(settings, **overrides)
+        self.alignment = settings.alignment
+        self.expert_init = settings.expert_init
+        self.router = ExpertRouter(dim, settings, num_prefix_tokens)
+        num_experts = settings.num_experts
         self.experts = ExpertBank(dim, hidden_dim, num_experts)
         self.director = Mlp(dim, hidden_dim, act_layer=nn.GELU)
         self.mode: Mode = "pretrain"
@@ -396,6 +454,13 @@ class DirectorExperts(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.router.num_experts
+
+    @property
+    def settings(self) -> DEXSettings:
+        """This module's settings as they are now (K included, which :meth:`set_mode` may change)."""
+        router = self.router
+        return DEXSettings(router.num_experts, router.top_k, router.activation, router.pooling, router.temperature,
+                           router.balance, self.alignment, router.usage_momentum, self.expert_init)
 
     @property
     def top_k(self) -> int:

@@ -2,8 +2,10 @@
 converted by :mod:`dex.models.conversions`), the director path exported as a standard timm ViT, and
 ``save_pretrained`` / ``load_pretrained`` folders.
 
-A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg) plus
-``model.safetensors``, so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads it too.
+A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg; plus dex's
+``preprocessing`` block, a :class:`dex.data.preprocess.Preprocessing`) and ``model.safetensors``, so
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` reads it too. :func:`load_preprocessing` reads the
+preprocessing back.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import timm
 from torch import Tensor, nn
 
 from dex._version import __version__
+from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from dex.models.conversions import director_state_dict, vit_to_dex_state_dict
 from dex.models.dex_vit import VIT_SIZES, DEXViT
 from dex.safeload import load_state_dict_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
 class LoadReport(NamedTuple):
     """What :func:`init_from_vit_checkpoint` left at the model's initialisation."""
 
@@ -70,15 +75,28 @@ def timm_vit_config(model: DEXViT) -> tuple[str, dict[str, Any]]:
     return architecture, vit_args
 
 
-def _pretrained_cfg(model_args: dict[str, Any]) -> dict[str, Any]:
-    size = model_args["img_size"]
-    size = [size, size] if isinstance(size, int) else list(size)
+def model_preprocessing(model_args: dict[str, Any]) -> Preprocessing:
+    """The preprocessing of a model built with ``model_args``: the default :class:`Preprocessing` at its
+    ``img_size``; for a one-channel model (``in_chans=1``), the ImageNet statistics averaged over the channels, as
+    timm does. Other channel counts have no default statistics: a ValueError."""
+    channels = model_args.get("in_chans", 3)
+    if channels == 1:
+        return Preprocessing(size=model_args["img_size"], channels=1, mean=(sum(IMAGENET_MEAN) / 3,),
+                             std=(sum(IMAGENET_STD) / 3,))
+    if channels != 3:
+        raise ValueError(f"a model of in_chans={channels}: the default preprocessing (ImageNet z-score) is defined "
+                         "for 1 or 3 input channels")
+    return Preprocessing(size=model_args["img_size"])
+
+
+def _pretrained_cfg(preprocessing: Preprocessing, num_classes: int) -> dict[str, Any]:
+    """timm's pretrained_cfg, its input size and z-score taken from ``preprocessing``."""
     return {
-        "input_size": [model_args.get("in_chans", 3), *size],
-        "num_classes": model_args.get("num_classes", 0),
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "interpolation": "bicubic",
+        "input_size": [preprocessing.channels, *preprocessing.size],
+        "num_classes": num_classes,
+        "mean": list(preprocessing.mean),
+        "std": list(preprocessing.std),
+        "interpolation": preprocessing.interpolation,
         "crop_pct": 1.0,
         "fixed_input_size": True,
         "first_conv": "patch_embed.proj",
@@ -89,6 +107,7 @@ def _pretrained_cfg(model_args: dict[str, Any]) -> dict[str, Any]:
 def _write_folder(directory: str | Path, architecture: str, model_args: dict[str, Any],
                   tensors: dict[str, Tensor]) -> Path:
     directory = Path(directory)
+    preprocessing = model_preprocessing(model_args)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "architecture": architecture,
@@ -96,7 +115,8 @@ def _write_folder(directory: str | Path, architecture: str, model_args: dict[str
         "num_features": model_args["embed_dim"],
         "global_pool": model_args.get("global_pool", "token"),
         "model_args": model_args,
-        "pretrained_cfg": _pretrained_cfg(model_args),
+        "pretrained_cfg": _pretrained_cfg(preprocessing, model_args.get("num_classes", 0)),
+        "preprocessing": preprocessing.to_dict(),
         "library": f"dex-medvision {__version__}",
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -131,15 +151,12 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     Works for :func:`save_pretrained` folders (a :class:`DEXViT`) and :func:`export_director` folders (a timm
     ``VisionTransformer``). ``overrides`` replace saved model arguments (e.g. ``mode="experts"``).
     """
-    directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; not a folder written by save_pretrained or export_director")
+    config_path, config = _read_config(directory)
     try:
-        config = json.loads(config_path.read_text())
         architecture, model_args = config["architecture"], dict(config["model_args"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{config_path}: not a model config ({err})") from err
+    directory = Path(directory)
     model = timm.create_model(architecture, pretrained=False, **{**model_args, **overrides})
     state_dict = load_state_dict_file(directory / WEIGHTS_NAME)
     try:
@@ -147,3 +164,31 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"{directory / WEIGHTS_NAME}: does not match {config_path} ({err})") from err
     return model
+
+
+def _read_config(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; not a folder written by save_pretrained or export_director")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not a model config ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    return config_path, config
+
+
+def load_preprocessing(directory: str | Path) -> Preprocessing:
+    """The :class:`Preprocessing` of a :func:`save_pretrained` / :func:`export_director` folder: its config.json's
+    ``preprocessing`` block, or, for a folder written before models recorded it, the default at the model's
+    ``img_size`` (what every dex model was fed). A bad block raises a ``ValueError`` naming the file and the key."""
+    config_path, config = _read_config(directory)
+    try:
+        if "preprocessing" in config:
+            return Preprocessing.from_dict(config["preprocessing"])
+        return model_preprocessing(dict(config["model_args"]))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a model config ({err})") from err
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from err

@@ -1,5 +1,6 @@
-"""Training: MAE-DEX pretraining and its schedules."""
+"""Training: the pretraining loop, its objectives (MAE-DEX first) and their hooks."""
 
+from dex.train.objective import Objective, RunConfig, StepHook, StepOutput
 from dex.train.pretrain import PretrainConfig, pretrain
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["Objective", "PretrainConfig", "RunConfig", "StepHook", "StepOutput", "pretrain"]

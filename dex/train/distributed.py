@@ -42,8 +42,9 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, local, target)
 
 
-def shard_model(model: nn.Module) -> None:
-    """FSDP (``fully_shard``, in place): every encoder and decoder block is a unit, then the whole model.
+def shard_model(model: nn.Module, units: list[nn.Module]) -> None:
+    """FSDP (``fully_shard``, in place): every module of ``units`` (an objective's encoder and decoder blocks) is a
+    unit, then the whole model.
 
     Parameters are sharded along their first dimension, except the stacked expert tensors ([R, out, in] and
     [R, out]), which are sharded along their second: then a rank holds the same rows of every expert and of the
@@ -59,7 +60,7 @@ def shard_model(model: nn.Module) -> None:
     def placement(param: nn.Parameter) -> Shard:
         return Shard(1) if id(param) in stacked else Shard(0)
 
-    for block in [*model.encoder.blocks, *model.decoder_blocks]:
+    for block in units:
         fully_shard(block, shard_placement_fn=placement)
     fully_shard(model, shard_placement_fn=placement)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dex.config import load_config
 from dex.models import DEXViT, export_director, load_pretrained, save_pretrained
 from dex.train.checkpoint import CheckpointManager
-from dex.train.pretrain import PretrainConfig, build_mae
+from dex.train.objectives import build_objective, load_pretrain_config
 
 
 def run_encoder(run_dir: str | Path) -> DEXViT:
@@ -20,10 +19,12 @@ def run_encoder(run_dir: str | Path) -> DEXViT:
     checkpoint = CheckpointManager(run_dir / "checkpoints").load_latest()
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: neither a finished encoder/ nor a checkpoint to export")
-    model = build_mae(PretrainConfig(**{**load_config(PretrainConfig, run_dir / "config.yaml").__dict__,
-                                        "init_checkpoint": None}))
-    model.load_state_dict(checkpoint["model"])
-    return model.encoder
+    config = load_pretrain_config(run_dir / "config.yaml")
+    if hasattr(config, "init_checkpoint"):  # the checkpoint holds every weight: no warm start to read
+        config.init_checkpoint = None
+    objective = build_objective(config)
+    objective.load_state_dict(checkpoint["model"])
+    return objective.kept()["encoder"]
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:

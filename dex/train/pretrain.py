@@ -1,10 +1,12 @@
-"""MAE-DEX pretraining (Sec. 3.4, 4.1, App. C.2.1), from one CPU to many GPUs (``torchrun ... -m dex pretrain``).
+"""The pretraining loop, from one CPU to many GPUs (``torchrun ... -m dex pretrain``), for any objective
+(:mod:`dex.train.objective`; MAE-DEX, Sec. 3.4, is the default).
 
-One step: ``accum_steps`` micro-batches of forward and backward, gradient clipping, AdamW, then the director update
-(group EMA, Eq. 6-7) from the activation weights of the whole global batch. The step's random inputs (mask noise,
-router noise) are drawn for the global batch from a generator seeded by (seed, step), each rank using its own rows,
-and augmentation is seeded per image: a run is the same whatever the number of ranks, and a resumed run continues
-exactly where the checkpoint left it. A step whose loss or gradient is not finite on any rank is skipped and counted.
+One step: ``accum_steps`` micro-batches of forward and backward, gradient clipping, AdamW, then the objective's hooks
+(for MAE-DEX the director update, group EMA Eq. 6-7, from the activation weights of the whole global batch). The
+step's random inputs (for MAE-DEX mask noise and router noise) are drawn for the global batch from a generator seeded
+by (seed, step), each rank using its own rows, and augmentation is seeded per image: a run is the same whatever the
+number of ranks, and a resumed run continues exactly where the checkpoint left it. A step whose loss or gradient is
+not finite on any rank is skipped and counted.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,88 +33,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dex._version import __version__
-from dex.config import STRICT, save_config
+from dex.config import read_yaml, save_config
 from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sample_seed
-from dex.data.transforms import PretrainTransform
-from dex.models import (
-    DirectorExperts,
-    MaskedAutoencoderDEX,
-    discard_usage_,
-    init_from_vit_checkpoint,
-    save_pretrained,
-    update_directors_,
-)
+from dex.models import save_pretrained
 from dex.safeload import load_torch_file
+from dex.schedules import warmup_cosine
+from dex.seeding import seed_everything
 from dex.train.checkpoint import CheckpointManager
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
-from dex.train.monitor import RunMonitor, normalised_entropy
-from dex.train.reproducibility import seed_everything
-from dex.train.schedules import cosine, warmup_cosine
+from dex.train.monitor import RunMonitor
+from dex.train.objective import Objective, RunConfig
+from dex.train.objectives import MAEDEXConfig, build_objective, objective_class
 
 log = logging.getLogger("dex.train")
 
 
-@STRICT
-@dataclass
-class PretrainConfig:
-    """A pretraining run; saved as ``config.yaml`` in the run folder. Defaults are the paper's where it gives
-    them (lr, warm-up, schedules, coefficients, mask ratio, decoder) and MAE's otherwise (betas, weight decay)."""
-
-    out_dir: str = "runs/pretrain"
-    seed: int = 0
-    device: str = "auto"  # auto (cuda if present), cpu or cuda
-    # model
-    model: str = "dex_vit_base_patch16_256"
-    model_args: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    init_checkpoint: str | None = None  # a plain ViT / MAE checkpoint to warm-start from (reference: D10)
-    # data: a curated folder (dex curate) or any folder of images
-    data: str = "runs/medverse"
-    num_workers: int = 0
-    modality_temperature: float | None = None  # None: the natural mix; T: modality m drawn as n_m ** (1/T)
-    shuffle_buffer: int = 1000
-    samples_per_epoch: int | None = None  # per rank, curated data only; None: the whole collection
-    max_bad_shards: float = 0.01  # curated data: the share of shards that may be unreadable before the run stops
-    # optimisation
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 64  # global: images per optimizer step over all ranks and accumulation steps
-    accum_steps: int = 1
-    base_lr: float = 1e-4  # lr = base_lr * batch_size / 512
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = 1.0
-    compile: bool = False
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (a full model per process) or fsdp (sharded)
-    # DEX objective (Eq. 8) and its schedules (cosine over the whole run)
-    lambda_co: float = 0.1
-    lambda_bal: float = 0.001
-    lambda_bal_final: float = 0.0
-    momentum: float = 0.99  # GEMA m, Eq. 7
-    momentum_final: float = 1.0
-    noise_std: float = 1.0  # sigma, Eq. 21
-    noise_std_final: float = 0.0
-    # run
-    log_every: int = 10
-    checkpoint_every: int = 500  # steps; 0: only at the end of each epoch
-    keep_checkpoints: int = 3
-    milestone_every: int = 0  # epochs whose final checkpoint is kept for good; 0: none
-    tensorboard: bool = True
-    collapse_threshold: float = 0.5  # routing collapse: usage entropy under this fraction of log R ...
-    collapse_patience: int = 5  # ... for this many logged steps in a row
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.max_bad_shards <= 1:
-            raise ValueError(f"max_bad_shards is a share of the shards, in [0, 1]; got {self.max_bad_shards}")
+#: The config of the default objective, MAE-DEX (any objective's config is a :class:`RunConfig` with its keys).
+PretrainConfig = MAEDEXConfig
 
 
 @dataclass
@@ -126,21 +62,7 @@ class TrainState:
 
 class PretrainResult(NamedTuple):
     run_dir: Path
-    model: MaskedAutoencoderDEX
-
-
-def build_mae(config: PretrainConfig) -> MaskedAutoencoderDEX:
-    try:
-        encoder = timm.create_model(config.model, pretrained=False, **config.model_args)
-    except (TypeError, RuntimeError) as err:  # an unknown architecture or argument
-        raise ValueError(f"model {config.model!r} with model_args {config.model_args}: {err}") from err
-    model = MaskedAutoencoderDEX(
-        encoder, config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads,
-        norm_pix_loss=config.norm_pix_loss, mask_ratio=config.mask_ratio,
-    )
-    if config.init_checkpoint:
-        init_from_vit_checkpoint(model, config.init_checkpoint)
-    return model
+    model: Objective  # the trained objective (for MAE-DEX, the MaskedAutoencoderDEX with the encoder)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -158,7 +80,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with PyTorch's fused kernel (one kernel for all tensors: 2.6x the
     per-tensor loop on this project's CPU, and the fast path on GPUs)."""
     groups = param_groups(model, config.weight_decay)
@@ -166,11 +88,6 @@ def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Adam
         return torch.optim.AdamW(groups, lr=0.0, betas=config.betas, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype the fused kernel does not support
         return torch.optim.AdamW(groups, lr=0.0, betas=config.betas)
-
-
-def usage_entropy(model: nn.Module) -> list[float]:
-    """Per DEX layer, the normalised entropy of the long-term expert usage c (1 balanced, 0 collapsed)."""
-    return [normalised_entropy(m.router.usage.tolist()) for m in model.modules() if isinstance(m, DirectorExperts)]
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -194,9 +111,8 @@ def _bad_shards(data: _Data, unreadable: set[str], ctx: DistContext) -> list[str
     return sorted(set(data.shards.missing) | unreadable)
 
 
-def _data(config: PretrainConfig, ctx: DistContext, img_size: int, micro_batch: int) -> _Data:
+def _data(config: RunConfig, ctx: DistContext, transform, micro_batch: int) -> _Data:
     root = Path(config.data)
-    transform = PretrainTransform(img_size)
 
     def dataloader(dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=config.num_workers, persistent_workers=False,
@@ -264,7 +180,7 @@ def _gather_rng(ctx: DistContext) -> list[dict[str, Any]]:
     return states
 
 
-def _sharded(config: PretrainConfig, ctx: DistContext) -> bool:
+def _sharded(config: RunConfig, ctx: DistContext) -> bool:
     return ctx.distributed and config.distributed == "fsdp"
 
 
@@ -282,8 +198,8 @@ def _full_states(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def _checkpoint(manager: CheckpointManager, model: MaskedAutoencoderDEX, optimizer, state: TrainState,
-                config: PretrainConfig, ctx: DistContext, milestone: bool = False) -> None:
+def _checkpoint(manager: CheckpointManager, model: Objective, optimizer, state: TrainState, config: RunConfig,
+                ctx: DistContext, milestone: bool = False) -> None:
     rng = _gather_rng(ctx)
     model_state, optimizer_state = _full_states(model, optimizer, _sharded(config, ctx))
     if ctx.is_main:
@@ -294,9 +210,11 @@ def _checkpoint(manager: CheckpointManager, model: MaskedAutoencoderDEX, optimiz
     barrier(ctx)
 
 
-def _restore(checkpoint: dict[str, Any], model, optimizer, config: PretrainConfig, ctx: DistContext) -> TrainState:
+def _restore(checkpoint: dict[str, Any], model, optimizer, config: RunConfig, ctx: DistContext) -> TrainState:
     saved, current = (json.loads(json.dumps(c)) for c in (checkpoint["config"], dataclasses.asdict(config)))
-    changed = sorted(k for k in current if k not in ("out_dir", "num_workers", "log_every") and saved.get(k) != current[k])
+    # a key the checkpoint's version did not have yet (objective) counts as unchanged
+    changed = sorted(k for k in current if k not in ("out_dir", "num_workers", "log_every") and k in saved
+                     and saved[k] != current[k])
     if changed:
         log.warning("resuming %s with changed settings %s: the run will differ from an uninterrupted one",
                     checkpoint["path"], changed)
@@ -320,16 +238,12 @@ def _restore(checkpoint: dict[str, Any], model, optimizer, config: PretrainConfi
 
 # --- the step ----------------------------------------------------------------------------------------------------
 
-def _schedules(config: PretrainConfig, step: int, warmup: int, total: int, peak_lr: float) -> dict[str, float]:
-    return {
-        "lr": warmup_cosine(peak_lr, config.min_lr, step, warmup, total),
-        "momentum": cosine(config.momentum, config.momentum_final, step, total),
-        "noise_std": cosine(config.noise_std, config.noise_std_final, step, total),
-        "lambda_bal": cosine(config.lambda_bal, config.lambda_bal_final, step, total),
-    }
+def _schedule(objective: Objective, config: RunConfig, step: int, warmup: int, total: int,
+              peak_lr: float) -> dict[str, float]:
+    return {"lr": warmup_cosine(peak_lr, config.min_lr, step, warmup, total), **objective.schedule(step, total)}
 
 
-def pretrain(config: PretrainConfig, resume: str | None = None) -> PretrainResult:
+def pretrain(config: RunConfig, resume: str | None = None) -> PretrainResult:
     """Run the pretraining described by ``config`` (under torchrun: on every rank); returns the run folder and
     the model.
 
@@ -346,7 +260,7 @@ def pretrain(config: PretrainConfig, resume: str | None = None) -> PretrainResul
         shutdown(ctx)
 
 
-def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> PretrainResult:
+def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> PretrainResult:
     out_dir = Path(config.out_dir)
     per_rank = config.batch_size // ctx.world_size
     micro_batch = per_rank // config.accum_steps
@@ -354,10 +268,14 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
         raise ValueError(f"batch_size {config.batch_size} does not split into {ctx.world_size} ranks x "
                          f"{config.accum_steps} accumulation steps")
     seed_everything(config.seed, ctx.device)
-    model = build_mae(config).to(ctx.device).train()
+    model = build_objective(config).to(ctx.device).train()
+    for name, teacher in model.teachers().items():  # teachers follow by their hooks, never by the optimiser
+        if any(p.requires_grad for p in teacher.parameters()):
+            raise ValueError(f"objective {config.objective}: its teacher {name} has parameters that require "
+                             "gradients (a teacher follows the trained modules by a hook, not by the optimiser)")
     sharded = _sharded(config, ctx)
     if sharded:
-        shard_model(model)
+        shard_model(model, model.sharded_units())
     optimizer = make_optimizer(model, config)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_checkpoints)
     state = TrainState()
@@ -370,7 +288,10 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
         elif (out_dir / "log.jsonl").is_file() and (out_dir / "log.jsonl").read_text().strip():
             raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
                              "from; not starting over in this folder silently (run without --resume to start over)")
-    data = _data(config, ctx, model.encoder.patch_embed.img_size[0], micro_batch)
+    if model.batch == "image_text":
+        raise ValueError(f"{config.data}: objective {config.objective} trains on image-text pairs, and dex curate "
+                         "collections and image folders hold images only (no reports)")
+    data = _data(config, ctx, model.transform(), micro_batch)
     if data.steps_per_epoch < 1:
         raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
     if ctx.is_main:
@@ -380,13 +301,14 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     warmup = config.warmup_epochs * data.steps_per_epoch
     peak_lr = config.base_lr * config.batch_size / 512
     wrapped: nn.Module = model
-    if ctx.distributed and not sharded:  # buffers stay in step through update_directors_: no broadcast
+    if ctx.distributed and not sharded:  # buffers stay in step through the objective's hooks: no broadcast
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                           **no_buffer_sync)
     forward = torch.compile(wrapped) if config.compile else wrapped
     trainable = [p for p in model.parameters() if p.requires_grad]
+    hooks = model.hooks()
     autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
     monitor = RunMonitor(out_dir, ctx.is_main, state.step, config.tensorboard, config.collapse_threshold,
                          config.collapse_patience)
@@ -398,38 +320,39 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
             batches = iter(data.loader(state.epoch, state.batches_done))
             unreadable: set[str] = set()  # shards this rank's readers could not read this epoch
             while state.batches_done + config.accum_steps <= data.steps_per_epoch * config.accum_steps:
-                values = _schedules(config, state.step, warmup, total, peak_lr)
+                values = _schedule(model, config, state.step, warmup, total, peak_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = values["lr"]
-                losses = torch.zeros(4, device=ctx.device)
+                losses = torch.zeros(1 + len(model.loss_terms), device=ctx.device)
                 for micro in range(config.accum_steps):
                     batch = next(batches)
                     unreadable.update(n for names in batch.get("bad_shards", ()) for n in names.split(",") if n)
-                    images = batch["image"].to(ctx.device, non_blocking=True)
-                    # the step's noise for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
+                    tensors = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()
+                               if isinstance(v, torch.Tensor)}
+                    # the step's random inputs for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
                     start = micro * global_micro + ctx.rank * micro_batch
-                    noise = model.draw_noise(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
-                                             config.batch_size, slice(start, start + micro_batch))
+                    inputs = model.step_inputs(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
+                                               config.batch_size, slice(start, start + micro_batch))
                     last = micro == config.accum_steps - 1
                     if sharded:
                         model.set_requires_gradient_sync(last)
                     sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
                     with sync, torch.autocast(**autocast):
-                        out = forward(images, noise_std=values["noise_std"], lambda_co=config.lambda_co,
-                                      lambda_bal=values["lambda_bal"], **noise)
+                        out = forward(tensors, values, inputs)
                         (out.loss / config.accum_steps).backward()
-                    losses += torch.stack([out.loss, out.reconstruction, out.alignment, out.balance]).detach().float()
+                    losses += torch.stack([out.loss, *(out.terms[n] for n in model.loss_terms)]).detach().float()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)
                 if isinstance(grad_norm, DTensor):
                     grad_norm = grad_norm.full_tensor()
                 finite = all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx)
                 if finite:
                     optimizer.step()
-                    loads = update_directors_(model, values["momentum"])
+                    for hook in hooks:
+                        hook.after_step(values)
                 else:
-                    discard_usage_(model)
+                    for hook in hooks:
+                        hook.after_skipped_step()
                     state.skipped += 1
-                    loads = []
                     if ctx.is_main:
                         log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", state.step,
                                     state.skipped)
@@ -439,8 +362,8 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
                 window["images"] += config.batch_size
                 bar.update()
                 if state.step % config.log_every == 0 or state.step == total:
-                    row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, loads, window,
-                               ctx, _bad_shards(data, unreadable, ctx))
+                    row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, window, ctx,
+                               _bad_shards(data, unreadable, ctx))
                     bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
                                     skipped=state.skipped)
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -455,13 +378,18 @@ def _pretrain(config: PretrainConfig, resume: str | None, ctx: DistContext) -> P
     if sharded:  # gather the shards into a plain model on the main rank
         full, _ = _full_states(model, optimizer, sharded)
         if ctx.is_main:
-            plain = build_mae(config)
+            plain = build_objective(config)
             plain.load_state_dict(full)
-            save_pretrained(plain.encoder, out_dir / "encoder")
+            _save_kept(plain, out_dir)
     elif ctx.is_main:
-        save_pretrained(model.encoder, out_dir / "encoder")
+        _save_kept(model, out_dir)
     barrier(ctx)
     return PretrainResult(out_dir, model)
+
+
+def _save_kept(objective: Objective, out_dir: Path) -> None:
+    for name, module in objective.kept().items():
+        save_pretrained(module, out_dir / name)
 
 
 def _load_file(path: str) -> dict[str, Any]:
@@ -472,18 +400,17 @@ def _load_file(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_norm, loads, window, ctx,
+def _log(monitor: RunMonitor, model: Objective, state: TrainState, values, losses, grad_norm, window, ctx,
          bad_shards: list[str]) -> dict:
     if ctx.distributed:  # the logged losses are the global batch's
         dist.all_reduce(losses)
         losses /= ctx.world_size
     elapsed = time.perf_counter() - window["start"]
     row = {
-        "step": state.step, "epoch": state.epoch, **dict(zip(("loss", "reconstruction", "alignment", "balance"),
-                                                              losses.tolist())),
+        "step": state.step, "epoch": state.epoch, **dict(zip(("loss", *model.loss_terms), losses.tolist())),
         **values, "grad_norm": float(grad_norm), "skipped": state.skipped,
         "images_per_s": window["images"] / max(elapsed, 1e-9),
-        "usage_entropy": usage_entropy(model), "load": [load.tolist() for load in loads],
+        **{k: v for hook in model.hooks() for k, v in hook.log().items()},
         "bad_shards": len(bad_shards), **({"bad_shard_names": bad_shards} if bad_shards else {}),
     }
     window.update(start=time.perf_counter(), images=0)
@@ -492,16 +419,20 @@ def _log(monitor: RunMonitor, model, state: TrainState, values, losses, grad_nor
 
 
 def summary(run_dir: Path) -> str:
-    """A few lines on a finished run: first and last logged losses and the final routing balance."""
+    """A few lines on a finished run: first and last logged losses, the last loss terms, the final routing balance
+    and the models the run kept."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
+    terms = objective_class(read_yaml(run_dir / "config.yaml").get("objective", RunConfig.objective)).loss_terms
     lines = [
         f"run: {run_dir}",
         f"steps: {last['step']} ({last['skipped']} skipped), {last['images_per_s']:.1f} images/s",
         f"loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
-        f"  reconstruction {last['reconstruction']:.4f}, alignment {last['alignment']:.4f}, "
-        f"balance {last['balance']:.4f}",
-        "expert usage entropy per layer (1 = balanced): " + ", ".join(f"{e:.2f}" for e in last["usage_entropy"]),
-        f"encoder: {run_dir / 'encoder'}  (dex.load_pretrained; dex export for a timm ViT of the director)",
+        "  " + ", ".join(f"{name} {last[name]:.4f}" for name in terms),
     ]
+    if last.get("usage_entropy"):
+        lines.append("expert usage entropy per layer (1 = balanced): "
+                     + ", ".join(f"{e:.2f}" for e in last["usage_entropy"]))
+    lines += [f"{folder.name}: {folder}  (dex.load_pretrained; dex export for a timm ViT of the director)"
+              for folder in sorted(run_dir.iterdir()) if (folder / "config.json").is_file()]
     return "\n".join(lines)

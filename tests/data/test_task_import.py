@@ -18,7 +18,7 @@ from dex.data.dedup import near_duplicate_groups
 from dex.data.normalize import ct_hu
 from dex.data.phantoms.writers import write_nifti
 from dex.data.readers import read_dicom_series, read_picture
-from dex.data.task_import import ImportOptions, Item, TaskWriter, import_task
+from dex.data.importers import ImportOptions, Item, TaskWriter, import_task
 from dex.data.tasks import load_task, mask_labels, write_csv
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -289,7 +289,7 @@ def test_dex_e_with_any_k_and_dex_d_fine_tune(tmp_path, phantom_collection, mode
     dex.save_pretrained(encoder, tmp_path / "encoder")
     spec = EncoderSpec("dex", str(tmp_path / "encoder"), mode=mode, top_k=top_k)
     loaded = load_encoder(spec)
-    assert loaded.mode == mode and (top_k is None or loaded.model_args["top_k"] == [top_k] * 4)
+    assert loaded.mode == mode and (top_k is None or loaded.model_args["dex"]["top_k"] == [top_k] * 4)
     for name in ("pathology-nuclei", "photo-lesion-type"):
         task = load_task(phantom_collection / "raw" / "tasks" / name)
         record = finetune(spec, task, 0, QUICK)

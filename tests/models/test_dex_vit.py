@@ -110,7 +110,7 @@ def test_same_seed_same_routing_and_features():
 def test_mode_switch_keeps_the_model():
     model = tiny_vit()
     model.set_mode("experts", top_k=1)
-    assert model.mode == "experts" and model.model_args["top_k"] == [1, 1, 1]
+    assert model.mode == "experts" and model.model_args["dex"]["top_k"] == [1, 1, 1]
     model.set_mode("director")
     assert all(p.requires_grad for m in model.dex_modules() for p in m.director.parameters())
 
@@ -149,7 +149,7 @@ def test_registered_in_timm(size, dims):
     block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width) + 8 * width + 9 * mlp
     expected = depth * block + (3 * 16 * 16 * width + width) + width + 2 * width  # embed, cls, final norm
     assert sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed") == expected
-    assert math.isclose(model.model_args["num_experts"][0], 8) and model.model_args["top_k"][0] == 2
+    assert math.isclose(model.model_args["dex"]["num_experts"][0], 8) and model.model_args["dex"]["top_k"][0] == 2
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -168,7 +168,7 @@ def test_malformed_config_errors(kwargs, message):
 def test_zero_experts_is_a_plain_vit():
     """R = 0 in every block: the plain ViT of the MAE baseline, weight for weight a timm ViT."""
     model = tiny_vit(num_experts=0).eval()
-    assert not model.dex_modules() and model.model_args["top_k"] == [0, 0, 0]
+    assert not model.dex_modules() and model.model_args["dex"]["top_k"] == [0, 0, 0]
     vit = timm_twin(model).eval()
     vit.load_state_dict(director_state_dict(model))
     x = torch.randn(2, 3, 32, 32)

@@ -29,7 +29,7 @@ def make_module(**kwargs) -> DirectorExperts:
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_router_scores_are_softmax_of_class_token_projection(temperature):
-    router = ExpertRouter(C, R, K, temperature=temperature).eval()
+    router = ExpertRouter(C, num_experts=R, top_k=K, router_temperature=temperature).eval()
     x = torch.randn(B, N, C)
     routing, _ = router(x)
     expected = torch.softmax(x[:, 0] @ router.proj.weight.T / temperature, dim=-1)
@@ -37,7 +37,7 @@ def test_router_scores_are_softmax_of_class_token_projection(temperature):
 
 
 def test_router_mean_pooling_uses_patch_tokens_only():
-    router = ExpertRouter(C, R, K, pooling="mean", num_prefix_tokens=1).eval()
+    router = ExpertRouter(C, num_prefix_tokens=1, num_experts=R, top_k=K, pooling="mean").eval()
     x = torch.randn(B, N, C)
     routing, _ = router(x)
     expected = torch.softmax(x[:, 1:].mean(1) @ router.proj.weight.T, dim=-1)
@@ -45,7 +45,7 @@ def test_router_mean_pooling_uses_patch_tokens_only():
 
 
 def test_router_picks_top_k_and_renormalises_weights():
-    router = ExpertRouter(C, R, 3).eval()
+    router = ExpertRouter(C, num_experts=R, top_k=3).eval()
     routing, _ = router(torch.randn(B, N, C))
     for u in range(B):
         ranked = sorted(range(R), key=lambda r: -float(routing.scores[u, r].detach()))[:3]
@@ -55,7 +55,7 @@ def test_router_picks_top_k_and_renormalises_weights():
 
 
 def test_frequency_aware_noise_matches_eq21():
-    router = ExpertRouter(C, R, K, temperature=0.5).train()
+    router = ExpertRouter(C, num_experts=R, top_k=K, router_temperature=0.5).train()
     usage = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0, 0.0])
     router.usage.copy_(usage)
     x = torch.randn(B, N, C)
@@ -70,7 +70,7 @@ def test_frequency_aware_noise_matches_eq21():
 
 
 def test_no_noise_in_eval_or_at_zero_sigma():
-    router = ExpertRouter(C, R, K)
+    router = ExpertRouter(C, num_experts=R, top_k=K)
     x = torch.randn(B, N, C)
     clean = torch.softmax(x[:, 0] @ router.proj.weight.T, dim=-1)
     torch.testing.assert_close(router.eval()(x, noise_std=1.0)[0].scores, clean)
@@ -79,7 +79,7 @@ def test_no_noise_in_eval_or_at_zero_sigma():
 
 
 def test_token_wise_router_routes_every_token():
-    router = ExpertRouter(C, R, K, activation="token").eval()
+    router = ExpertRouter(C, num_experts=R, top_k=K, activation="token").eval()
     x = torch.randn(B, N, C)
     routing, _ = router(x)
     assert routing.indices.shape == (B * N, K)

@@ -103,7 +103,7 @@ def test_the_whole_mae_step_compiles_without_graph_breaks():
 @pytest.mark.parametrize("activation", ["image", "token"])
 def test_flop_counts_match_the_closed_form(activation):
     batch, tokens, dim, hidden, experts, top_k = 4, 17, 32, 128, 4, 2
-    module = DirectorExperts(dim, hidden, experts, top_k, activation=activation, mode="experts").eval()
+    module = DirectorExperts(dim, hidden, num_experts=experts, top_k=top_k, activation=activation, mode="experts").eval()
     with FlopCounterMode(display=False) as counter:
         module(torch.randn(batch, tokens, dim))
     units, per_unit = (batch, tokens) if activation == "image" else (batch * tokens, 1)

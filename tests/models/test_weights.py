@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 import dex
 from dex.eval.encoders import EncoderSpec, load_encoder
 from dex.models import (
+    DEXSettings,
     DEXViT,
     MaskedAutoencoderDEX,
     director_state_dict,
@@ -201,3 +204,50 @@ def test_load_pretrained_errors_name_the_file(tmp_path):
 def test_director_mode_timm_twin_state_dict_keys_match():
     model = tiny_vit()
     assert set(director_state_dict(model)) == set(timm_twin(model).state_dict())
+
+
+def test_dex_settings_are_one_block_of_config_json(tmp_path):
+    model = tiny_vit(num_experts=[4, 0, 2], top_k=[2, 1, 1], router_temperature=0.5, balance="reference",
+                     alignment="kd", expert_init="copy")
+    save_pretrained(model, tmp_path / "enc")
+    args = json.loads((tmp_path / "enc" / "config.json").read_text())["model_args"]
+    assert args["dex"] == {"num_experts": [4, 0, 2], "top_k": [2, 0, 1], "activation": "image", "pooling": "cls",
+                           "router_temperature": 0.5, "balance": "reference", "alignment": "kd",
+                           "usage_momentum": 0.99, "expert_init": "copy"}
+    assert not {f.name for f in dataclasses.fields(DEXSettings)} & args.keys()  # nowhere else
+    loaded = load_pretrained(tmp_path / "enc")
+    assert loaded.dex_settings == model.dex_settings
+    assert [b.dex.settings if b.dex else None for b in loaded.blocks] == [
+        DEXSettings(4, 2, router_temperature=0.5, balance="reference", alignment="kd", expert_init="copy"), None,
+        DEXSettings(2, 1, router_temperature=0.5, balance="reference", alignment="kd", expert_init="copy")]
+
+
+def test_a_folder_with_the_settings_given_one_by_one_still_loads(tmp_path):
+    """Folders written before the settings became one block list R, K and the rest among the model arguments."""
+    model = tiny_vit(num_experts=4, top_k=1, activation="token")
+    save_pretrained(model, tmp_path / "enc")
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    config["model_args"].update(config["model_args"].pop("dex"))
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(tmp_path / "enc")
+    assert loaded.dex_settings == model.dex_settings and loaded.blocks[0].dex.router.activation == "token"
+
+
+def test_settings_given_one_by_one_replace_the_block():
+    settings = DEXSettings.from_model_args({"dex": {"num_experts": 8, "top_k": 2, "pooling": "mean"}, "top_k": 1})
+    assert settings == DEXSettings(num_experts=8, top_k=1, pooling="mean")
+    model = tiny_vit(dex=DEXSettings(num_experts=4, top_k=2), top_k=1)
+    assert [b.dex.top_k for b in model.blocks] == [1, 1, 1]
+    with pytest.raises(TypeError, match="experts_count"):
+        tiny_vit(experts_count=4)
+    with pytest.raises(ValueError, match="usage_momentum"):
+        DEXSettings(usage_momentum=1.5)
+
+
+def test_a_one_channel_model_saves_with_averaged_statistics(tmp_path):
+    save_pretrained(tiny_vit(in_chans=1), tmp_path / "grey")
+    config = json.loads((tmp_path / "grey" / "config.json").read_text())
+    assert config["preprocessing"]["channels"] == 1 and config["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    assert config["preprocessing"]["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
+    assert config["pretrained_cfg"]["interpolation"] == config["preprocessing"]["interpolation"] == "bilinear"
+    assert load_pretrained(tmp_path / "grey").patch_embed.proj.in_channels == 1

@@ -12,8 +12,9 @@ import torch
 import dex
 from dex.cli import main
 from dex.config import load_config, parse_overrides
-from dex.train.pretrain import PretrainConfig, build_mae, param_groups, pretrain
-from dex.train.schedules import cosine, warmup_cosine
+from dex.train.objectives import build_objective
+from dex.train.pretrain import PretrainConfig, param_groups, pretrain
+from dex.schedules import cosine, warmup_cosine
 
 TINY_ARGS = [
     "model=dex_vit_tiny_patch16_256", "model_args.img_size=32", "model_args.patch_size=8",
@@ -71,7 +72,7 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_param_groups_skip_director_and_decay_no_bias_norm_or_embedding(tiny):
-    model = build_mae(load_config(PretrainConfig, None, tiny))
+    model = build_objective(load_config(PretrainConfig, None, tiny))
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -96,7 +97,7 @@ def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys, tiny)
     saved = load_config(PretrainConfig, out / "config.yaml")
     assert saved.model_args["embed_dim"] == 32 and saved.epochs == 2
     encoder = dex.load_pretrained(out / "encoder")
-    fresh = build_mae(saved).encoder
+    fresh = build_objective(saved).encoder
     director, initial = encoder.blocks[0].dex.director.fc1.weight, fresh.blocks[0].dex.director.fc1.weight
     assert not torch.equal(director, initial)  # the group EMA moved the director
     assert float(encoder.blocks[0].dex.router.usage.sum()) > 0  # the usage statistics were kept
@@ -124,7 +125,7 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 def test_shipped_configs_load_and_build(path):
     config = load_config(PretrainConfig, path)
     with torch.device("meta"):
-        model = build_mae(config)
+        model = build_objective(config)
     blocks = model.encoder.blocks
     if "mae" in path.stem:
         assert all(b.dex is None for b in blocks)

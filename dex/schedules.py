@@ -1,4 +1,4 @@
-"""Per-step schedules of pretraining (Sec. 3.3, 3.4, App. C.2.1): learning rate, GEMA momentum, noise, lambda_bal."""
+"""Per-step schedules (Sec. 3.3, 3.4, App. C.2.1): learning rate, GEMA momentum, noise, lambda_bal in pretraining; learning rate in fine-tuning."""
 
 from __future__ import annotations
 

@@ -1,0 +1,36 @@
+"""The pretraining methods, by name: ``objective: NAME`` in a pretraining config picks one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dex.config import ConfigError, load_config, merge, parse_overrides, read_yaml
+from dex.train.objective import Objective, RunConfig
+from dex.train.objectives.mae_dex import MAEDEXConfig, MAEDEXObjective
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective,)}
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective {name!r} is not one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def build_objective(config: RunConfig) -> Objective:
+    """The objective ``config`` describes, built from it (fresh weights, or its warm start)."""
+    return objective_class(config.objective).from_config(config)
+
+
+def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A pretraining config from the YAML file at ``path`` (if any) and ``KEY=VALUE`` overrides, checked against the
+    config of the objective it names (``objective:``, MAE-DEX when absent)."""
+    values = merge(read_yaml(path) if path is not None else {}, parse_overrides(list(overrides)))
+    name = values.get("objective", RunConfig.objective)
+    return load_config(objective_class(name).config_class, path, list(overrides))
+
+
+__all__ = [
+    "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "build_objective", "load_pretrain_config", "objective_class",
+]
