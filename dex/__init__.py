@@ -16,7 +16,9 @@ from dex.models import (
     update_directors_,
 )
 
+from dex.eval.task_model import load_model
+
 __all__ = [
     "DEXSettings", "DEXViT", "DirectorExperts", "MaskedAutoencoderDEX", "__version__", "export_director",
-    "init_from_vit_checkpoint", "load_pretrained", "save_pretrained", "update_directors_",
+    "init_from_vit_checkpoint", "load_model", "load_pretrained", "save_pretrained", "update_directors_",
 ]

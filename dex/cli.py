@@ -135,6 +135,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from dex.config import load_config
+    from dex.data.tasks import load_task
+    from dex.eval.encoders import EncoderSpec, check_encoder
+    from dex.eval.finetune import FinetuneConfig, train_task_model
+    from dex.eval.task_model import partial_folder, write_finetuned
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out}: exists; give another --out, or --overwrite to replace it")
+    checkpoint = partial_folder(out) / "checkpoints" / "last.pt"
+    if not args.resume and partial_folder(out).exists():  # an unfinished run: start it over
+        shutil.rmtree(partial_folder(out))
+    encoder_pairs = [p.removeprefix("encoder.") for p in args.set if p.startswith("encoder.")]
+    config = load_config(FinetuneConfig, None, [p for p in args.set if not p.startswith("encoder.")])
+    spec = load_config(EncoderSpec, None, [f"name={Path(args.encoder).name or 'encoder'}", f"source={args.encoder}",
+                                           *encoder_pairs])
+    check_encoder(spec, "encoder")
+    task = load_task(args.task)
+    if args.resume and checkpoint.is_file():
+        print(f"resuming from {checkpoint}")
+    record, model = train_task_model(spec, task, args.seed, config, checkpoint)
+    write_finetuned(out, model, record)
+    score = record["score_name"]
+    print(f"{task.name}: test {score} {record['test'][score]:.4f} (best validation epoch {record['best_epoch']})")
+    print(f"model: {out} (dex.load_model; model card {out / 'README.md'})")
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import logging
 
@@ -205,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a dex pretrain run folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)
+
+    finetune = _command(
+        commands, "finetune", help="fine-tune an encoder on a task and keep the model",
+        description="Fine-tune ENCODER (any source dex benchmark takes: an exported or saved encoder folder, a "
+                    "pretraining run, scratch, timm:ARCH:FILE) on the task folder TASK with the benchmark's "
+                    "protocol, and write OUT: config.json (network, task, classes, preprocessing), "
+                    "model.safetensors, metrics.json, log.jsonl and README.md, the model card (dex.load_model).")
+    finetune.add_argument("encoder", help="the encoder source")
+    finetune.add_argument("task", help="a task folder (dex data make-phantoms, dex data import-task)")
+    finetune.add_argument("--out", required=True, help="the model folder to write")
+    finetune.add_argument("--seed", type=int, default=0, help="seed (0)")
+    finetune.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                          help="fine-tuning settings, e.g. --set epochs=20 batch_size=8; encoder.KEY for the encoder "
+                               "(encoder.mode=director, encoder.top_k=1, encoder.img_size=224)")
+    finetune.add_argument("--resume", action="store_true",
+                          help="go on with a run that was stopped, from its last epoch (OUT.partial/checkpoints)")
+    finetune.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    finetune.set_defaults(func=_finetune)
 
     benchmark = _command(
         commands, "benchmark", help="fine-tune and test encoders on a suite of tasks; write the paper's tables",

@@ -45,7 +45,8 @@ from dex.config import STRICT, ConfigError, read_yaml, validate
 from dex.data.recipe import MODALITIES
 from dex.data.tasks import TaskSpec, load_task
 from dex.eval.encoders import EncoderSpec
-from dex.eval.finetune import FinetuneConfig, finetune
+from dex.eval.finetune import FinetuneConfig, train_task_model
+from dex.eval.task_model import write_finetuned
 
 log = logging.getLogger("dex.eval")
 ABLATIONS = ("top_k", "data_fraction", "trainable_blocks", "experts_vs_director", "components")
@@ -76,6 +77,7 @@ class SuiteFile:
     baseline: str | None = None
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     ablations: dict[Literal[ABLATIONS], Ablation] = dataclasses.field(default_factory=dict)
+    keep_models: bool = False  # write each run's model folder (as dex finetune does) under OUT/models/
 
 
 @dataclasses.dataclass
@@ -88,6 +90,7 @@ class Suite:
     encoders: dict[str, EncoderSpec]
     tasks: list[dict[str, Any]]  # {"path": ..., overrides ...}
     ablations: dict[str, Ablation]
+    keep_models: bool = False
 
     @classmethod
     def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True) -> Suite:
@@ -114,7 +117,7 @@ class Suite:
                 raise ConfigError(f"{path}: --encoders names encoders the suite does not define: {missing}")
             encoders = {name: encoders[name] for name in only}
         return cls(path, Path(data.out_dir or path.with_suffix("")), data.seeds, data.baseline, data.finetune,
-                   encoders, tasks, dict(data.ablations))
+                   encoders, tasks, dict(data.ablations), data.keep_models)
 
 
 def _task_entry(entry: Any, where: str) -> dict[str, Any]:
@@ -133,6 +136,10 @@ def _task_entry(entry: Any, where: str) -> dict[str, Any]:
 
 def _record_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
     return out / "runs" / encoder / task / variant / f"seed{seed}.json"
+
+
+def _model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
+    return out / "models" / encoder / task / variant / f"seed{seed}"
 
 
 def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec, FinetuneConfig]]:
@@ -179,10 +186,13 @@ def run_suite(suite: Suite) -> Path:
         task = load_task(entry["path"], overrides)
         tasks[task.name] = task
     runs = plan(suite, tasks)
-    todo = [r for r in runs if not _record_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists()]
+    todo = [r for r in runs if not _record_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists()
+            or (suite.keep_models and not _model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
     log.info("%d runs, %d stored, %d to do", len(runs), len(runs) - len(todo), len(todo))
     for number, (encoder, task, variant, seed, spec, config) in enumerate(todo, start=1):
-        record = finetune(spec, tasks[task], seed, config)
+        record, model = train_task_model(spec, tasks[task], seed, config)
+        if suite.keep_models:
+            write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
         record["variant"] = variant
         path = _record_path(suite.out_dir, encoder, task, variant, seed)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,21 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     elif spec.mode or spec.top_k:
         raise ValueError(f"encoder {spec.name!r}: mode and top_k apply to DEX encoders only")
     return encoder
+
+
+def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and arguments that rebuild ``encoder`` (loaded from ``spec``, no head) without its
+    weights: a DEX encoder's own ``model_args`` (its mode and K included), else what its source records."""
+    if isinstance(encoder, DEXViT):
+        return encoder.pretrained_cfg.get("architecture") or "dex_vit_base_patch16_256", {**encoder.model_args,
+                                                                                           "num_classes": 0}
+    if spec.source.startswith("timm:"):
+        arch = spec.source.removeprefix("timm:").partition(":")[0]
+        return arch, {"num_classes": 0, **({"img_size": spec.img_size} if spec.img_size else {})}
+    if spec.source == "scratch":
+        return spec.model, {**_scratch_args(spec), "num_classes": 0}
+    config = json.loads((Path(spec.source) / "config.json").read_text())  # an export_director folder
+    return config["architecture"], {**config["model_args"], "num_classes": 0}
 
 
 def encoder_preprocessing(spec: EncoderSpec, encoder: nn.Module) -> Preprocessing:

@@ -6,9 +6,11 @@ parameter trained unless the adaptation says otherwise. The model of the best va
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +23,18 @@ from torchvision.transforms.v2 import functional as TF
 from dex.config import STRICT
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task, mask_labels
-from dex.eval.encoders import EncoderSpec, encoder_preprocessing, freeze_all_but_last, load_encoder
+from dex.eval.encoders import (
+    EncoderSpec,
+    encoder_architecture,
+    encoder_preprocessing,
+    freeze_all_but_last,
+    load_encoder,
+)
 from dex.eval.metrics import DiceAccumulator, classification_metrics
+from dex.eval.task_model import TaskModel
 from dex.models.unetr import UNETR2D
-from dex.seeding import seed_everything
+from dex.safeload import load_torch_file
+from dex.seeding import rng_state, seed_everything, set_rng_state
 from dex.schedules import warmup_cosine
 
 
@@ -120,12 +130,26 @@ def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_siz
 
 def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``encoder_spec`` on ``task`` with ``seed``; returns the run's record (validation and test
-    metrics of the best validation epoch, the settings, the time taken)."""
+    metrics of the best validation epoch, the settings, the time taken). :func:`train_task_model` also gives the
+    model."""
+    return train_task_model(encoder_spec, task, seed, config)[0]
+
+
+def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig,
+                     checkpoint: str | Path | None = None) -> tuple[dict[str, Any], TaskModel]:
+    """Fine-tune ``encoder_spec`` on ``task`` with ``seed``: the run's record (see :func:`finetune`) and the model
+    of the best validation epoch as a :class:`TaskModel` (on the CPU, in eval mode), ready to save.
+
+    With ``checkpoint`` (a file path), the state after every epoch (weights, optimiser, the best epoch so far, the
+    history, the random generators and the data order) is written there, and a run that finds the file goes on from
+    it: a run stopped and resumed ends as one that was not (on a CPU, bit for bit)."""
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     seed_everything(seed, device)
     encoder = load_encoder(encoder_spec)
+    architecture, encoder_args = encoder_architecture(encoder_spec, encoder)
+    encoder_sha256 = state_dict_sha256(encoder.state_dict())
     if config.trainable_blocks is not None:
         freeze_all_but_last(encoder, config.trainable_blocks)
     torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
@@ -150,8 +174,10 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     score_name = "dice" if segmentation else "f1_macro"
     best = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
-    history, step = [], 0
-    for epoch in range(config.epochs):
+    history, step, start = [], 0, 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        start, step, history, best = _restore(Path(checkpoint), model, optimizer, loader.generator, config, device)
+    for epoch in range(start, config.epochs):
         model.train()
         train.epoch = epoch
         losses = []
@@ -171,12 +197,59 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
         if scores[score_name] > best["score"]:
             best = {"score": scores[score_name], "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
                     "val": scores}
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), model, optimizer, loader.generator, epoch + 1, step, history, best,
+                             config, device)
     model.load_state_dict(best["state"])
-    return {
+    record = {
         "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
         "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
         "test": evaluate(model, test, device, config.batch_size), "encoder_spec": asdict(encoder_spec),
-        "config": asdict(config), "train_images": len(train),
+        "encoder_sha256": encoder_sha256, "config": asdict(config), "train_images": len(train),
+        "split_images": {"train": len(train), "val": len(val), "test": len(test)},
         "trainable_parameters": sum(p.numel() for p in params), "history": history,
         "seconds": time.perf_counter() - started,
     }
+    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes), preprocessing, architecture,
+                     encoder_args, config.feature_size, {"name": task.name, "modality": task.spec.modality})
+    return record, kept
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.Generator, epoch: int, step: int,
+                     history: list[dict], best: dict[str, Any], config: FinetuneConfig, device: torch.device) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "history": history, "best": best, "rng": rng_state(device), "data_order": generator.get_state(),
+                "config": asdict(config)}, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path, model: nn.Module, optimizer, generator: torch.Generator, config: FinetuneConfig,
+             device: torch.device) -> tuple[int, int, list[dict], dict[str, Any]]:
+    state = load_torch_file(path)
+    try:
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in ("device", "num_workers") and state["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"it was written with other fine-tuning settings ({', '.join(changed)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["data_order"])
+        set_rng_state(state["rng"], device)
+        return state["epoch"], state["step"], state["history"], state["best"]
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a checkpoint of this fine-tuning run ({err})") from err
+    except ValueError as err:
+        raise ValueError(f"{path}: cannot resume from it: {err}") from err
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a model's weights: SHA-256 over the tensors' names, dtypes, shapes and bytes in name
+    order (the same for the same weights whatever file holds them)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -234,6 +234,7 @@ class DEXViT(nn.Module):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
+        self._init_args.update(num_classes=num_classes, global_pool=self.global_pool)  # model_args rebuild the head
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(

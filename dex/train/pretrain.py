@@ -16,14 +16,12 @@ import inspect
 import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,7 +36,7 @@ from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sam
 from dex.models import save_pretrained
 from dex.safeload import load_torch_file
 from dex.schedules import warmup_cosine
-from dex.seeding import seed_everything
+from dex.seeding import rng_state, seed_everything, set_rng_state
 from dex.train.checkpoint import CheckpointManager
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor
@@ -146,33 +144,9 @@ def _data(config: RunConfig, ctx: DistContext, transform, micro_batch: int) -> _
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
-def _rng_state(ctx: DistContext) -> dict[str, Any]:
-    numpy = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(numpy[1].astype(np.int64)), "pos": int(numpy[2]),
-                  "has_gauss": int(numpy[3]), "gauss": float(numpy[4])},
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-    }
-    if ctx.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], ctx: DistContext) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], ctx.device)
-
-
 def _gather_rng(ctx: DistContext) -> list[dict[str, Any]]:
     """Every rank's RNG state (each rank draws its own, e.g. for stochastic depth)."""
-    mine = _rng_state(ctx)
+    mine = rng_state(ctx.device)
     if not ctx.distributed:
         return [mine]
     states: list[Any] = [None] * ctx.world_size
@@ -232,7 +206,7 @@ def _restore(checkpoint: dict[str, Any], model, optimizer, config: RunConfig, ct
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     rng = checkpoint["rng"]
-    _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx)
+    set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
     return TrainState(**checkpoint["train"])
 
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
+import dex
 import dex.eval.benchmark as benchmark
 from dex.cli import main
+from dex.data.tasks import load_task
 
 SMALL = {"embed_dim": 32, "depth": 4, "num_heads": 2, "num_experts": 4}  # num_experts: for the DEX encoder only
 
@@ -55,7 +57,7 @@ def test_suite_runs_resumes_and_reports_from_stored_runs(suite, monkeypatch, cap
     def refuse(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
 
-    monkeypatch.setattr(benchmark, "finetune", refuse)
+    monkeypatch.setattr(benchmark, "train_task_model", refuse)
     assert main(["benchmark", str(suite)]) == 0  # everything is stored: only the reports are rewritten
     assert "Avg. (3 tasks)" in capsys.readouterr().out
     assert files(report) == before
@@ -126,3 +128,19 @@ def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
         path.unlink()
     benchmark.report(suite)
     assert not (report / "table5_tasks_dice3d.md").exists() and (report / "table5_tasks.md").exists()
+
+
+def test_keep_models_writes_a_model_folder_per_run(phantom_collection, tmp_path):
+    data = {"out_dir": str(tmp_path / "bench"), "keep_models": True,
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "encoders": {"scratch": {"source": "scratch", "img_size": 32, "model_args": SMALL}},
+            "tasks": [str(phantom_collection / "raw" / "tasks" / "photo-lesion-type")]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(data))
+    assert main(["benchmark", str(tmp_path / "suite.yaml")]) == 0
+    folder = tmp_path / "bench" / "models" / "scratch" / "photo-lesion-type" / "default" / "seed0"
+    record = json.loads((tmp_path / "bench" / "runs" / "scratch" / "photo-lesion-type" / "default" /
+                         "seed0.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert json.dumps(metrics["test"], sort_keys=True) == json.dumps(record["test"], sort_keys=True)
+    task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
+    assert dex.load_model(folder).classes == list(task.spec.classes)

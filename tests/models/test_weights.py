@@ -251,3 +251,13 @@ def test_a_one_channel_model_saves_with_averaged_statistics(tmp_path):
     assert config["preprocessing"]["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
     assert config["pretrained_cfg"]["interpolation"] == config["preprocessing"]["interpolation"] == "bilinear"
     assert load_pretrained(tmp_path / "grey").patch_embed.proj.in_channels == 1
+
+
+def test_a_model_with_a_new_head_saves_and_loads_with_it(tmp_path):
+    model = tiny_vit()
+    model.reset_classifier(3, global_pool="avg")
+    save_pretrained(model, tmp_path / "clf")
+    loaded = load_pretrained(tmp_path / "clf").eval()
+    assert loaded.num_classes == 3 and loaded.global_pool == "avg"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model.eval()(x))

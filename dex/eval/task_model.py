@@ -1,0 +1,198 @@
+"""A fine-tuned model as a folder people keep and run: the network (the encoder with its classification head, or a
+2D UNETR on it), the task it was trained for and the one preprocessing its inputs go through.
+
+A folder holds ``config.json`` (what builds the network, the task, the preprocessing block of
+:class:`dex.data.preprocess.Preprocessing`, and the SHA-256 of the weights) and ``model.safetensors`` (every
+tensor of the network). :func:`load_model` builds the network from the config, checks the weights against the
+recorded hash and loads them strictly; nothing is unpickled. ``dex finetune`` adds ``metrics.json``, ``log.jsonl``
+and a model card (``README.md``) next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import timm
+import torch
+from torch import Tensor, nn
+
+from dex._version import __version__
+from dex.data.preprocess import Preprocessing
+from dex.files import file_sha256, write_json
+from dex.safeload import load_state_dict_file
+
+FORMAT = "dex-task-model"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TaskType = Literal["classification", "segmentation"]
+
+
+def build_network(task_type: TaskType, classes: int, encoder_architecture: str, encoder_args: dict[str, Any],
+                  feature_size: int = 16) -> nn.Module:
+    """The network of a task: the encoder (``timm.create_model(encoder_architecture, **encoder_args)``, no
+    weights) with a linear head of ``classes`` outputs on its pooled feature, or a :class:`UNETR2D` of ``classes``
+    channels (background included) on it."""
+    if task_type == "classification":
+        return timm.create_model(encoder_architecture, pretrained=False, **{**encoder_args, "num_classes": classes})
+    from dex.models.unetr import UNETR2D  # here, so that ``import dex`` (which offers load_model) needs no MONAI
+
+    encoder = timm.create_model(encoder_architecture, pretrained=False, **{**encoder_args, "num_classes": 0})
+    return UNETR2D(encoder, classes, feature_size)
+
+
+class TaskModel(nn.Module):
+    """A network with what it needs to be used: task type, class names, preprocessing, and how it was built.
+
+    ``forward(x [B, 3, H, W] model inputs)`` gives logits ([B, C], or [B, C, H, W] for segmentation);
+    :meth:`predict` gives probabilities (softmax over the classes).
+    """
+
+    def __init__(self, network: nn.Module, task_type: TaskType, classes: list[str], preprocessing: Preprocessing,
+                 encoder_architecture: str, encoder_args: dict[str, Any], feature_size: int = 16,
+                 task: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if task_type not in ("classification", "segmentation"):
+            raise ValueError(f"task type must be classification or segmentation, got {task_type!r}")
+        self.network = network
+        self.task_type, self.classes, self.preprocessing = task_type, list(classes), preprocessing
+        self.encoder_architecture, self.encoder_args = encoder_architecture, dict(encoder_args)
+        self.feature_size = feature_size
+        self.task = dict(task or {})  # name, modality and the like, for the record
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Class probabilities of model inputs ``x`` [B, 3, H, W]: [B, C], or [B, C, H, W] per pixel."""
+        return self.network(x).float().softmax(dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "task": {**self.task, "type": self.task_type, "classes": self.classes},
+            "network": {"encoder_architecture": self.encoder_architecture, "encoder_args": self.encoder_args,
+                        **({"feature_size": self.feature_size} if self.task_type == "segmentation" else {})},
+            "preprocessing": self.preprocessing.to_dict(),
+            "library": f"dex-medvision {__version__}",
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each whole or not at all)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
+        safetensors.torch.save_file(tensors, str(weights_tmp))
+        weights_tmp.replace(directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, {**self.config(), "weights_sha256": file_sha256(directory / WEIGHTS_NAME)})
+        return directory
+
+
+def is_task_model(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> TaskModel:
+    """The :class:`TaskModel` of a folder written by :meth:`TaskModel.save` (``dex finetune``), in eval mode.
+
+    A missing file, weights whose SHA-256 is not the one recorded (altered or cut short), or a config that does not
+    describe a task model raise an error naming the file.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; {directory} is not a complete dex finetune model folder")
+    try:
+        config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"format is {config.get('format')!r}, not {FORMAT!r}")
+        task, network = config["task"], config["network"]
+        preprocessing = Preprocessing.from_dict(config["preprocessing"])
+        recorded = config["weights_sha256"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config_path}: not a dex task model config ({err})") from err
+    if file_sha256(weights_path) != recorded:
+        raise ValueError(f"{weights_path}: its SHA-256 is not the one {config_path} records (the file was altered "
+                         "or cut short)")
+    feature_size = network.get("feature_size", 16)
+    model = TaskModel(build_network(task["type"], len(task["classes"]), network["encoder_architecture"],
+                                    network["encoder_args"], feature_size),
+                      task["type"], task["classes"], preprocessing, network["encoder_architecture"],
+                      network["encoder_args"], feature_size,
+                      {k: v for k, v in task.items() if k not in ("type", "classes")})
+    try:
+        model.network.load_state_dict(load_state_dict_file(weights_path), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path}: does not match {config_path} ({err})") from err
+    return model.to(device).eval()
+
+
+def write_finetuned(directory: str | Path, model: TaskModel, record: dict[str, Any]) -> Path:
+    """A ``dex finetune`` folder: the model (:meth:`TaskModel.save`), ``metrics.json`` (validation and test
+    metrics of the best epoch), ``log.jsonl`` (one row per epoch) and ``README.md``, the model card. Written into
+    ``DIR.partial`` (where :func:`partial_folder` keeps the run's checkpoint, removed now) and renamed at the end
+    (replacing an older folder), so a folder at ``directory`` is always complete."""
+    directory = Path(directory)
+    partial = partial_folder(directory)
+    model.save(partial)
+    write_json(partial / "metrics.json", {k: record[k] for k in ("score_name", "best_epoch", "val", "test")})
+    (partial / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in record["history"]))
+    (partial / "README.md").write_text(model_card(model, record))
+    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.replace(directory)
+    return directory
+
+
+def partial_folder(directory: str | Path) -> Path:
+    """Where a model folder is written before it is complete; ``checkpoints/last.pt`` in it resumes its training."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".partial")
+
+
+def model_card(model: TaskModel, record: dict[str, Any]) -> str:
+    """The model card of a fine-tuned model: what it does, on what it was trained and how, how well it did."""
+    task, spec, config = model.task, record["encoder_spec"], record["config"]
+    splits = record["split_images"]
+    metrics = sorted(set(record["val"]) | set(record["test"]))
+    rows = "\n".join(f"| {name} | {record['val'].get(name, float('nan')):.4f} | "
+                     f"{record['test'].get(name, float('nan')):.4f} |" for name in metrics)
+    settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
+    return f"""# {task.get('name', 'task')}: {model.task_type} of {task.get('modality', 'unknown')} images
+
+A {model.task_type} model fine-tuned with dex ({FORMAT}) from the encoder `{spec['source']}`.
+Load it with `dex.load_model(FOLDER)`; `model.predict(x)` gives the class probabilities of model
+inputs made by its preprocessing (`config.json`, `preprocessing`).
+
+**Intended use: research only. This is not a medical device and must not be used for diagnosis or treatment.**
+
+## Task
+- classes ({len(model.classes)}): {', '.join(model.classes)}
+- images: train {splits['train']}, validation {splits['val']}, test {splits['test']}
+- input: {model.preprocessing.size[0]} x {model.preprocessing.size[1]} px, {model.preprocessing.channels} channels,
+  {model.preprocessing.intensity} intensity, z-score mean {list(model.preprocessing.mean)} std
+  {list(model.preprocessing.std)}
+
+## Training
+- encoder: `{spec['source']}` (architecture `{model.encoder_architecture}`), weights SHA-256
+  `{record['encoder_sha256']}` before fine-tuning
+- seed {record['seed']}; {settings}
+- best validation epoch: {record['best_epoch']} (by {record['score_name']}); {record['trainable_parameters']}
+  trainable parameters; {record['seconds']:.0f} s
+
+## Metrics (best validation epoch)
+| metric | validation | test |
+| --- | ---: | ---: |
+{rows}
+"""

@@ -1,0 +1,148 @@
+"""Fine-tuned models people keep: the model folder, its card, loading it in another process, and bad folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dex
+from dex.cli import main
+from dex.data.tasks import load_task
+from dex.eval.encoders import EncoderSpec
+from dex.eval.finetune import FinetuneConfig, train_task_model
+from dex.eval.task_model import load_model, write_finetuned
+from dex.models import DEXViT
+
+QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4)
+
+
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("encoder") / "dex"
+    dex.save_pretrained(DEXViT(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, num_experts=4, top_k=2),
+                        folder)
+    return folder
+
+
+def _inputs(model, task):
+    return torch.stack([model.preprocessing.read(task.images[item]) for item in task.splits["test"]])
+
+
+@pytest.mark.parametrize("name", ["photo-lesion-type", "pathology-nuclei"])  # classification, segmentation
+def test_a_kept_model_predicts_in_another_process_as_in_memory(tmp_path, phantom_collection, encoder_folder, name):
+    task = load_task(phantom_collection / "raw" / "tasks" / name)
+    record, model = train_task_model(EncoderSpec("dex", str(encoder_folder)), task, 0, QUICK)
+    write_finetuned(tmp_path / "model", model, record)
+    inputs = _inputs(model, task)
+    expected = model.predict(inputs)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = ("import sys, torch, dex; model = dex.load_model(sys.argv[1]); "
+              "torch.save(model.predict(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "model"), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
+    classes = len(task.spec.classes)
+    assert expected.shape[:2] == (len(inputs), classes)
+    torch.testing.assert_close(expected.sum(dim=1), torch.ones_like(expected.sum(dim=1)))
+    loaded = load_model(tmp_path / "model")
+    assert not loaded.training and loaded.classes == list(task.spec.classes) and loaded.task_type == task.spec.type
+    assert loaded.preprocessing == model.preprocessing
+    # the card names the real classes and the measured metrics
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert all(c in card for c in task.spec.classes) and "research only" in card
+    assert f"| {record['score_name']} | {record['val'][record['score_name']]:.4f} | " \
+           f"{record['test'][record['score_name']]:.4f} |" in card
+    assert record["encoder_sha256"] in card
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert json.dumps(metrics["test"], sort_keys=True) == json.dumps(record["test"], sort_keys=True)  # NaN too
+    assert metrics["best_epoch"] == record["best_epoch"]
+    assert len((tmp_path / "model" / "log.jsonl").read_text().splitlines()) == QUICK.epochs
+
+
+def test_a_folder_with_a_missing_or_altered_file_is_refused_naming_it(tmp_path, phantom_collection, encoder_folder):
+    task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
+    record, model = train_task_model(EncoderSpec("dex", str(encoder_folder)), task, 0,
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4))
+    write_finetuned(tmp_path / "model", model, record)
+    weights = tmp_path / "model" / "model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+    with pytest.raises(ValueError, match="model.safetensors: its SHA-256 is not the one .*config.json records"):
+        load_model(tmp_path / "model")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: missing"):
+        load_model(tmp_path / "model")
+    weights.write_bytes(content)
+    config = tmp_path / "model" / "config.json"
+    config.write_text(config.read_text().replace('"format": "dex-task-model"', '"format": "other"'))
+    with pytest.raises(ValueError, match="config.json: not a dex task model config"):
+        load_model(tmp_path / "model")
+
+
+def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phantom_collection, encoder_folder,
+                                                                  capsys):
+    task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
+    args = ["finetune", str(encoder_folder), str(task), "--out", str(tmp_path / "model"), "--set", "epochs=1",
+            "warmup_epochs=0", "batch_size=4", "encoder.mode=director"]
+    assert main(args) == 0
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors", "metrics.json",
+                                                                 "log.jsonl", "README.md"}
+    assert load_model(tmp_path / "model").network.mode == "director"
+    assert "dex.load_model" in capsys.readouterr().out
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+
+
+def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection, encoder_folder, monkeypatch):
+    import dex.eval.finetune as finetune_module
+
+    task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
+    spec, config = EncoderSpec("dex", str(encoder_folder)), FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4)
+    whole, whole_model = train_task_model(spec, task, 0, config)
+    save = finetune_module._save_checkpoint
+    calls = []
+
+    def stop_after_the_second_epoch(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", stop_after_the_second_epoch)
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_task_model(spec, task, 0, config, checkpoint)
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
+    resumed, resumed_model = train_task_model(spec, task, 0, config, checkpoint)
+    assert json.dumps(resumed["history"]) == json.dumps(whole["history"])
+    assert json.dumps(resumed["test"]) == json.dumps(whole["test"])
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="last.pt: cannot resume from it: .*other fine-tuning settings \\(lr\\)"):
+        train_task_model(spec, task, 0, FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, lr=1.0), checkpoint)
+
+
+def test_dex_finetune_resume_goes_on_from_the_partial_folder(tmp_path, phantom_collection, encoder_folder,
+                                                             monkeypatch):
+    import dex.eval.finetune as finetune_module
+
+    task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
+    settings = ["--set", "epochs=2", "warmup_epochs=0", "batch_size=4"]
+    assert main(["finetune", str(encoder_folder), str(task), "--out", str(tmp_path / "whole"), *settings]) == 0
+    save = finetune_module._save_checkpoint
+
+    def stop_after_the_first_epoch(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", stop_after_the_first_epoch)
+    out = tmp_path / "stopped"
+    assert main(["finetune", str(encoder_folder), str(task), "--out", str(out), *settings]) == 130
+    assert (tmp_path / "stopped.partial" / "checkpoints" / "last.pt").is_file() and not out.exists()
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
+    assert main(["finetune", str(encoder_folder), str(task), "--out", str(out), "--resume", *settings]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "stopped.partial").exists() and not (out / "checkpoints").exists()
