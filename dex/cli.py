@@ -167,6 +167,31 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from dex.data.curate import QUARANTINED_EXIT
+    from dex.eval.embed import embed
+
+    summary = embed(args.encoder, args.inputs, args.out, args.batch_size, args.device)
+    print(f"{summary.rows} images x {summary.dim} features: {summary.out / 'cls.npy'}, "
+          f"{summary.out / 'mean_patch.npy'} (rows named in {summary.out / 'index.csv'})")
+    if summary.errors:
+        print(f"{summary.errors} inputs could not be read: {summary.out / 'errors.csv'}", file=sys.stderr)
+        return QUARANTINED_EXIT
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dex.data.curate import QUARANTINED_EXIT
+    from dex.eval.predict import predict
+
+    summary = predict(args.model, args.inputs, args.out, args.batch_size, args.device, args.tta)
+    print(f"{summary.predicted} images predicted: {summary.out / 'predictions.csv'}")
+    if summary.errors:
+        print(f"{summary.errors} inputs could not be read: {summary.out / 'errors.csv'}", file=sys.stderr)
+        return QUARANTINED_EXIT
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import logging
 
@@ -255,6 +280,35 @@ def build_parser() -> argparse.ArgumentParser:
                           help="go on with a run that was stopped, from its last epoch (OUT.partial/checkpoints)")
     finetune.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     finetune.set_defaults(func=_finetune)
+
+    prediction = _command(
+        commands, "predict", help="run a fine-tuned model (dex finetune) on images",
+        description="Run MODEL (a dex finetune folder) on every image of INPUT (files, or folders of PNG / JPEG / "
+                    "BMP / TIFF, sorted by path), read as the model records: OUT/predictions.csv (classification: "
+                    "the class and its probabilities; segmentation: the label map written to OUT/masks/, at the "
+                    "image's own size). Unreadable inputs go to OUT/errors.csv and the command exits with status 3.")
+    prediction.add_argument("model", help="a dex finetune model folder")
+    prediction.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    prediction.add_argument("--out", required=True, help="output folder")
+    prediction.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
+    prediction.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    prediction.add_argument("--tta", choices=["none", "flip"], default="none",
+                            help="flip: average with the mirror image's prediction")
+    prediction.set_defaults(func=_predict)
+
+    embedding = _command(
+        commands, "embed", help="an encoder's features of images (class token and mean patch token)",
+        description="Embed every image of INPUT (files, or folders of PNG / JPEG / BMP / TIFF, sorted by path) with "
+                    "ENCODER (an exported or saved encoder, a pretraining run, a dex finetune model folder, "
+                    "timm:ARCH:FILE), read as its folder records: OUT/cls.npy and OUT/mean_patch.npy ([N, D] "
+                    "float32), OUT/index.csv (row, input). Unreadable inputs go to OUT/errors.csv and the command "
+                    "exits with status 3.")
+    embedding.add_argument("encoder", help="the encoder source")
+    embedding.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    embedding.add_argument("--out", required=True, help="output folder")
+    embedding.add_argument("--batch-size", type=int, default=64, help="images per forward (64)")
+    embedding.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    embedding.set_defaults(func=_embed)
 
     benchmark = _command(
         commands, "benchmark", help="fine-tune and test encoders on a suite of tasks; write the paper's tables",

@@ -1,7 +1,9 @@
-"""File helpers shared by curation and training: a file's SHA-256, and JSON written whole or not at all."""
+"""File helpers shared by curation, training and inference: a file's SHA-256, JSON written whole or not at all,
+CSV tables."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -26,3 +28,11 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
+
+
+def write_csv(path: str | Path, header: list[str], rows: list) -> None:
+    """A CSV table: ``header`` then ``rows``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -5,6 +5,7 @@
   with ``scratch_experts: true``;
 - a folder written by ``dex export`` / ``save_pretrained`` (a DEX encoder, or a timm ViT such as ``OUT/director``);
 - a ``dex pretrain`` run folder (its final encoder, else its newest checkpoint): DEX or the MAE baseline;
+- a ``dex finetune`` model folder: its fine-tuned encoder (without the head or decoder);
 - ``timm:ARCH:FILE``: a timm ViT checkpoint file on disk (e.g. ImageNet MAE or DINO weights): ARCH is built without
   weights at ``img_size``, FILE is read without unpickling (``.safetensors``, a PyTorch state dict, or a JAX ``.npz``
   that the model's own ``load_pretrained`` reads), converted by the architecture's checkpoint filter (MAE, DINO,
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 from dex.config import STRICT, ConfigError, validate
 from dex.data.preprocess import Preprocessing
 from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
+from dex.eval.task_model import is_task_model, load_model
+from dex.models.unetr import UNETR2D
 from dex.models.weights import load_preprocessing
 
 
@@ -93,7 +96,10 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
         encoder = timm_file_encoder(arch, file, spec.img_size)
     else:
         path = Path(spec.source)
-        if (path / "config.json").is_file():
+        if is_task_model(path):  # a dex finetune folder: its fine-tuned encoder
+            network = load_model(path).network
+            encoder = network.encoder if isinstance(network, UNETR2D) else network
+        elif (path / "config.json").is_file():
             encoder = load_pretrained(path)
         elif (path / "config.yaml").is_file():
             from dex.train.export import run_encoder
@@ -123,8 +129,10 @@ def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, di
         return arch, {"num_classes": 0, **({"img_size": spec.img_size} if spec.img_size else {})}
     if spec.source == "scratch":
         return spec.model, {**_scratch_args(spec), "num_classes": 0}
-    config = json.loads((Path(spec.source) / "config.json").read_text())  # an export_director folder
-    return config["architecture"], {**config["model_args"], "num_classes": 0}
+    config = json.loads((Path(spec.source) / "config.json").read_text())
+    if is_task_model(spec.source):
+        return config["network"]["encoder_architecture"], {**config["network"]["encoder_args"], "num_classes": 0}
+    return config["architecture"], {**config["model_args"], "num_classes": 0}  # an export_director folder
 
 
 def encoder_preprocessing(spec: EncoderSpec, encoder: nn.Module) -> Preprocessing:

@@ -37,6 +37,13 @@ def classification_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
     }
 
 
+def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """[C, h, w] logits or probabilities at the model's resolution -> the [H, W] label map at ``size``: resized
+    (bilinear) before the argmax, as the Dice of fine-tuning scores it and as ``dex predict`` writes it."""
+    resized = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].argmax(0)
+
+
 def dice_from_counts(counts: Tensor) -> Tensor:
     """[3, ...] counts |P∩T|, |P|, |T| -> [...] Dice by the Decathlon rule (1 where prediction and truth are both
     empty)."""
@@ -57,9 +64,8 @@ class DiceAccumulator:
     def add(self, logits: Tensor, target: Tensor, case: str | None = None) -> None:
         """[C, h, w] logits at the model's resolution and the [H, W] original mask: the logits are resized
         (bilinear) to the mask's size before the argmax. ``case``: the volume the slice belongs to, if any."""
-        logits = F.interpolate(logits[None].float(), size=target.shape, mode="bilinear", align_corners=False)
         classes = torch.arange(1, self.num_classes)[:, None, None]
-        pred, truth = logits.argmax(1) == classes, target[None].long() == classes  # [C - 1, H, W]
+        pred, truth = label_map(logits, tuple(target.shape))[None] == classes, target[None].long() == classes
         counts = torch.stack([(pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))]).double()
         self.scores.append(dice_from_counts(counts))
         if case is not None:
