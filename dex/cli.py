@@ -159,7 +159,7 @@ def _finetune(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     if args.resume and checkpoint.is_file():
         print(f"resuming from {checkpoint}")
-    record, model = train_task_model(spec, task, args.seed, config, checkpoint)
+    record, model = train_task_model(spec, task, args.seed, config, checkpoint, bootstrap=1000)
     write_finetuned(out, model, record)
     score = record["score_name"]
     print(f"{task.name}: test {score} {record['test'][score]:.4f} (best validation epoch {record['best_epoch']})")

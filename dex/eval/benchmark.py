@@ -190,7 +190,8 @@ def run_suite(suite: Suite) -> Path:
             or (suite.keep_models and not _model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
     log.info("%d runs, %d stored, %d to do", len(runs), len(runs) - len(todo), len(todo))
     for number, (encoder, task, variant, seed, spec, config) in enumerate(todo, start=1):
-        record, model = train_task_model(spec, tasks[task], seed, config)
+        record, model = train_task_model(spec, tasks[task], seed, config,
+                                         bootstrap=1000 if suite.keep_models else 0)
         if suite.keep_models:
             write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
         record["variant"] = variant

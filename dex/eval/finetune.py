@@ -30,7 +30,7 @@ from dex.eval.encoders import (
     freeze_all_but_last,
     load_encoder,
 )
-from dex.eval.metrics import DiceAccumulator, classification_metrics
+from dex.eval.metrics import DiceAccumulator, bootstrap_intervals, classification_metrics, dice_from_counts
 from dex.eval.task_model import TaskModel
 from dex.models.unetr import UNETR2D
 from dex.safeload import load_torch_file
@@ -104,9 +104,9 @@ def _subset(ids: list[str], fraction: float, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int) -> dict[str, float]:
-    """Classification metrics, or DSC over foreground classes computed at each mask's original resolution:
-    ``dice`` per slice and, for a task whose images are slices of cases (``cases.csv``), ``dice_3d`` per case."""
+def _collect(model: nn.Module, data: TaskImages, device: torch.device,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | DiceAccumulator:
+    """Classification: the logits and targets of every image; segmentation: the Dice counts of every image."""
     model.eval()
     task = data.task
     loader = DataLoader(data, batch_size=batch_size)
@@ -115,17 +115,50 @@ def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_siz
         for batch in loader:
             logits.append(model(batch["image"].to(device)).cpu())
             targets.append(batch["target"])
-        return classification_metrics(torch.cat(logits), torch.cat(targets))
+        return torch.cat(logits), torch.cat(targets)
     dice = DiceAccumulator(len(task.spec.classes))
     for batch in loader:
         logits = model(batch["image"].to(device)).cpu()
         for row, index in zip(logits, batch["index"].tolist()):
             item = data.ids[index]
             dice.add(row, torch.from_numpy(mask_labels(task, item)), task.cases[item][0] if task.cases else None)
-    scores = {"dice": dice.value()}
-    if task.cases:
-        scores["dice_3d"] = dice.value_3d()
+    return dice
+
+
+def _scores(collected: tuple[torch.Tensor, torch.Tensor] | DiceAccumulator) -> dict[str, float]:
+    if isinstance(collected, tuple):
+        return classification_metrics(*collected)
+    scores = {"dice": collected.value()}
+    if collected.cases:
+        scores["dice_3d"] = collected.value_3d()
     return scores
+
+
+def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Classification metrics, or DSC over foreground classes computed at each mask's original resolution:
+    ``dice`` per slice and, for a task whose images are slices of cases (``cases.csv``), ``dice_3d`` per case."""
+    return _scores(_collect(model, data, device, batch_size))
+
+
+def evaluate_with_intervals(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int,
+                            resamples: int = 1000, seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """:func:`evaluate`'s metrics and their 95% percentile bootstrap intervals, resampling the images (and, for
+    ``dice_3d``, the cases)."""
+    collected = _collect(model, data, device, batch_size)
+    if isinstance(collected, tuple):
+        logits, targets = collected
+        intervals = bootstrap_intervals(lambda idx: classification_metrics(logits[idx], targets[idx]), len(targets),
+                                        resamples, seed)
+        return _scores(collected), intervals
+    per_image = torch.stack(collected.scores)  # [N, C - 1]
+    intervals = bootstrap_intervals(lambda idx: {"dice": float(per_image[idx].mean(0).mean())}, len(per_image),
+                                    resamples, seed)
+    if collected.cases:
+        counts = torch.stack(list(collected.cases.values()), 1)  # [3, cases, C - 1]
+        per_case = dice_from_counts(counts)  # [cases, C - 1]: a case's Dice depends on its own counts only
+        intervals |= bootstrap_intervals(lambda idx: {"dice_3d": float(per_case[idx].mean(0).mean())},
+                                         counts.shape[1], resamples, seed)
+    return _scores(collected), intervals
 
 
 def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:
@@ -136,13 +169,15 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
 
 
 def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig,
-                     checkpoint: str | Path | None = None) -> tuple[dict[str, Any], TaskModel]:
+                     checkpoint: str | Path | None = None, bootstrap: int = 0) -> tuple[dict[str, Any], TaskModel]:
     """Fine-tune ``encoder_spec`` on ``task`` with ``seed``: the run's record (see :func:`finetune`) and the model
     of the best validation epoch as a :class:`TaskModel` (on the CPU, in eval mode), ready to save.
 
     With ``checkpoint`` (a file path), the state after every epoch (weights, optimiser, the best epoch so far, the
     history, the random generators and the data order) is written there, and a run that finds the file goes on from
-    it: a run stopped and resumed ends as one that was not (on a CPU, bit for bit)."""
+    it: a run stopped and resumed ends as one that was not (on a CPU, bit for bit). ``bootstrap``: resamples of the
+    test metrics' 95% intervals (``test_intervals`` of the record; none with 0, the benchmark's default: a thousand
+    resamples of the classification metrics take seconds)."""
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
@@ -201,10 +236,14 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
             _save_checkpoint(Path(checkpoint), model, optimizer, loader.generator, epoch + 1, step, history, best,
                              config, device)
     model.load_state_dict(best["state"])
+    if bootstrap:
+        test_scores, test_intervals = evaluate_with_intervals(model, test, device, config.batch_size, bootstrap, seed)
+    else:
+        test_scores, test_intervals = evaluate(model, test, device, config.batch_size), {}
     record = {
         "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
         "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
-        "test": evaluate(model, test, device, config.batch_size), "encoder_spec": asdict(encoder_spec),
+        "test": test_scores, "test_intervals": test_intervals, "encoder_spec": asdict(encoder_spec),
         "encoder_sha256": encoder_sha256, "config": asdict(config), "train_images": len(train),
         "split_images": {"train": len(train), "val": len(val), "test": len(test)},
         "trainable_parameters": sum(p.numel() for p in params), "history": history,

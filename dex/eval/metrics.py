@@ -11,7 +11,9 @@ prediction and truth are both empty."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +37,22 @@ def classification_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
         "balanced_accuracy": float(multiclass_recall(preds, target, classes, average="macro")),
         "auroc": float(multiclass_auroc(probs, target, classes, average="macro")) if present > 1 else math.nan,
     }
+
+
+def bootstrap_intervals(statistics: Callable[[np.ndarray], dict[str, float]], count: int, resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals: ``statistics`` of ``resamples`` draws of ``count`` indices with replacement
+    (NumPy's generator seeded by ``seed``), the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each value
+    (NaN draws, e.g. AUROC of a resample with one class, left out; NaN when every draw is)."""
+    rng = np.random.default_rng(seed)
+    draws = [statistics(rng.integers(0, count, count)) for _ in range(resamples)]
+    intervals = {}
+    for name in draws[0]:
+        values = np.array([d[name] for d in draws], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        low, high = (np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if values.size else (math.nan,) * 2)
+        intervals[name] = [float(low), float(high)]
+    return intervals
 
 
 def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:

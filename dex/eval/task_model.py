@@ -145,7 +145,8 @@ def write_finetuned(directory: str | Path, model: TaskModel, record: dict[str, A
     directory = Path(directory)
     partial = partial_folder(directory)
     model.save(partial)
-    write_json(partial / "metrics.json", {k: record[k] for k in ("score_name", "best_epoch", "val", "test")})
+    write_json(partial / "metrics.json", {k: record[k] for k in ("score_name", "best_epoch", "val", "test",
+                                                                 "test_intervals")})
     (partial / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in record["history"]))
     (partial / "README.md").write_text(model_card(model, record))
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)
@@ -166,8 +167,11 @@ def model_card(model: TaskModel, record: dict[str, Any]) -> str:
     task, spec, config = model.task, record["encoder_spec"], record["config"]
     splits = record["split_images"]
     metrics = sorted(set(record["val"]) | set(record["test"]))
+    intervals = record.get("test_intervals", {})
     rows = "\n".join(f"| {name} | {record['val'].get(name, float('nan')):.4f} | "
-                     f"{record['test'].get(name, float('nan')):.4f} |" for name in metrics)
+                     f"{record['test'].get(name, float('nan')):.4f} | "
+                     + ("{:.4f} - {:.4f}".format(*intervals[name]) if name in intervals else "")
+                     + " |" for name in metrics)
     settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
     return f"""# {task.get('name', 'task')}: {model.task_type} of {task.get('modality', 'unknown')} images
 
@@ -192,7 +196,9 @@ inputs made by its preprocessing (`config.json`, `preprocessing`).
   trainable parameters; {record['seconds']:.0f} s
 
 ## Metrics (best validation epoch)
-| metric | validation | test |
-| --- | ---: | ---: |
+Test 95% intervals (where computed): percentile bootstrap over the test images (cases for dice_3d).
+
+| metric | validation | test | test 95% interval |
+| --- | ---: | ---: | ---: |
 {rows}
 """

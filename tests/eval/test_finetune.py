@@ -448,3 +448,14 @@ def test_jax_npz_timm_files_load_and_object_arrays_are_refused(tmp_path):
     assert not marker.exists()
     with pytest.raises(ValueError, match="vit.npz: a JAX .npz checkpoint, which dex_vit_tiny_patch16_256 cannot read"):
         load_encoder(EncoderSpec("dex", f"timm:dex_vit_tiny_patch16_256:{tmp_path / 'vit.npz'}", img_size=32))
+
+
+def test_bootstrap_intervals_match_a_direct_resampling():
+    from dex.eval.metrics import bootstrap_intervals
+
+    values = np.random.default_rng(3).normal(size=50)
+    rng = np.random.default_rng(0)
+    means = [values[rng.integers(0, 50, 50)].mean() for _ in range(1000)]
+    interval = bootstrap_intervals(lambda idx: {"mean": float(values[idx].mean())}, 50)["mean"]
+    assert interval == pytest.approx([np.quantile(means, 0.025), np.quantile(means, 0.975)], rel=1e-12)
+    assert np.isnan(bootstrap_intervals(lambda idx: {"x": float("nan")}, 5, resamples=10)["x"]).all()

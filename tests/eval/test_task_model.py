@@ -35,7 +35,7 @@ def _inputs(model, task):
 @pytest.mark.parametrize("name", ["photo-lesion-type", "pathology-nuclei"])  # classification, segmentation
 def test_a_kept_model_predicts_in_another_process_as_in_memory(tmp_path, phantom_collection, encoder_folder, name):
     task = load_task(phantom_collection / "raw" / "tasks" / name)
-    record, model = train_task_model(EncoderSpec("dex", str(encoder_folder)), task, 0, QUICK)
+    record, model = train_task_model(EncoderSpec("dex", str(encoder_folder)), task, 0, QUICK, bootstrap=200)
     write_finetuned(tmp_path / "model", model, record)
     inputs = _inputs(model, task)
     expected = model.predict(inputs)
@@ -54,8 +54,10 @@ def test_a_kept_model_predicts_in_another_process_as_in_memory(tmp_path, phantom
     # the card names the real classes and the measured metrics
     card = (tmp_path / "model" / "README.md").read_text()
     assert all(c in card for c in task.spec.classes) and "research only" in card
-    assert f"| {record['score_name']} | {record['val'][record['score_name']]:.4f} | " \
-           f"{record['test'][record['score_name']]:.4f} |" in card
+    score = record["score_name"]
+    low, high = record["test_intervals"][score]
+    assert low <= high
+    assert f"| {score} | {record['val'][score]:.4f} | {record['test'][score]:.4f} | {low:.4f} - {high:.4f} |" in card
     assert record["encoder_sha256"] in card
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert json.dumps(metrics["test"], sort_keys=True) == json.dumps(record["test"], sort_keys=True)  # NaN too
