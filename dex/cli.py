@@ -168,28 +168,38 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from dex.data.curate import QUARANTINED_EXIT
     from dex.eval.embed import embed
 
     summary = embed(args.encoder, args.inputs, args.out, args.batch_size, args.device)
     print(f"{summary.rows} images x {summary.dim} features: {summary.out / 'cls.npy'}, "
           f"{summary.out / 'mean_patch.npy'} (rows named in {summary.out / 'index.csv'})")
-    if summary.errors:
-        print(f"{summary.errors} inputs could not be read: {summary.out / 'errors.csv'}", file=sys.stderr)
-        return QUARANTINED_EXIT
-    return 0
+    return _inputs_status(summary.out, summary.errors)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from dex.data.curate import QUARANTINED_EXIT
     from dex.eval.predict import predict
 
     summary = predict(args.model, args.inputs, args.out, args.batch_size, args.device, args.tta)
     print(f"{summary.predicted} images predicted: {summary.out / 'predictions.csv'}")
-    if summary.errors:
-        print(f"{summary.errors} inputs could not be read: {summary.out / 'errors.csv'}", file=sys.stderr)
-        return QUARANTINED_EXIT
-    return 0
+    return _inputs_status(summary.out, summary.errors)
+
+
+def _inputs_status(out, errors: int) -> int:
+    """The exit status of a command over many inputs: 3 (and a line naming errors.csv) when some failed."""
+    from dex.data.curate import QUARANTINED_EXIT
+
+    if not errors:
+        return 0
+    print(f"{errors} inputs could not be read: {out / 'errors.csv'}", file=sys.stderr)
+    return QUARANTINED_EXIT
+
+
+def _inference_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """INPUT..., --out, --batch-size and --device, as dex predict and dex embed take them."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward ({batch_size})")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -288,10 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the class and its probabilities; segmentation: the label map written to OUT/masks/, at the "
                     "image's own size). Unreadable inputs go to OUT/errors.csv and the command exits with status 3.")
     prediction.add_argument("model", help="a dex finetune model folder")
-    prediction.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    prediction.add_argument("--out", required=True, help="output folder")
-    prediction.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
-    prediction.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    _inference_flags(prediction, 16)
     prediction.add_argument("--tta", choices=["none", "flip"], default="none",
                             help="flip: average with the mirror image's prediction")
     prediction.set_defaults(func=_predict)
@@ -304,10 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "float32), OUT/index.csv (row, input). Unreadable inputs go to OUT/errors.csv and the command "
                     "exits with status 3.")
     embedding.add_argument("encoder", help="the encoder source")
-    embedding.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    embedding.add_argument("--out", required=True, help="output folder")
-    embedding.add_argument("--batch-size", type=int, default=64, help="images per forward (64)")
-    embedding.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    _inference_flags(embedding, 64)
     embedding.set_defaults(func=_embed)
 
     benchmark = _command(

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import safetensors.torch
 import timm
 import torch
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from dex._version import __version__
 from dex.data.preprocess import Preprocessing
 from dex.files import file_sha256, write_json
+from dex.models.weights import save_safetensors
 from dex.safeload import load_state_dict_file
 
 FORMAT = "dex-task-model"
@@ -85,10 +85,7 @@ class TaskModel(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each whole or not at all)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
-        safetensors.torch.save_file(tensors, str(weights_tmp))
-        weights_tmp.replace(directory / WEIGHTS_NAME)
+        save_safetensors(self.network.state_dict(), directory / WEIGHTS_NAME)
         write_json(directory / CONFIG_NAME, {**self.config(), "weights_sha256": file_sha256(directory / WEIGHTS_NAME)})
         return directory
 

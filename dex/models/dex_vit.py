@@ -19,6 +19,7 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from dex.models.conversions import vit_to_dex_state_dict
 from dex.models.director_experts import MODES, DEXAux, DEXSettings, DirectorExperts, Mode, Routing, per_block
 from dex.models.pos_embed import sincos_2d
@@ -294,8 +295,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "crop_pct": 1.0,
         "interpolation": "bilinear",  # what dex.data.preprocess.Preprocessing does (with antialias)
         "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_MEAN,  # the default dex.data.preprocess.Preprocessing
+        "std": IMAGENET_STD,
         "first_conv": "patch_embed.proj",
         "classifier": "head",
         **kwargs,

@@ -119,14 +119,20 @@ def _write_folder(directory: str | Path, architecture: str, model_args: dict[str
         "preprocessing": preprocessing.to_dict(),
         "library": f"dex-medvision {__version__}",
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    weights_tmp = directory / (WEIGHTS_NAME + ".tmp")
-    safetensors.torch.save_file(tensors, str(weights_tmp))
-    weights_tmp.replace(directory / WEIGHTS_NAME)
+    save_safetensors(tensors, directory / WEIGHTS_NAME)
     config_tmp = directory / (CONFIG_NAME + ".tmp")
     config_tmp.write_text(json.dumps(config, indent=2) + "\n")
     config_tmp.replace(directory / CONFIG_NAME)
     return directory
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path) -> None:
+    """``tensors`` (moved to the CPU) as a ``.safetensors`` file, written through a temporary file and a rename, so
+    that the file at ``path`` is always whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
 
 
 def save_pretrained(model: DEXViT, directory: str | Path) -> Path:
