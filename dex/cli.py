@@ -170,8 +170,9 @@ def _finetune(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from dex.eval.embed import embed
 
-    summary = embed(args.encoder, args.inputs, args.out, args.batch_size, args.device)
-    print(f"{summary.rows} images x {summary.dim} features: {summary.out / 'cls.npy'}, "
+    summary = embed(args.encoder, args.inputs, args.out, args.batch_size, args.device, args.volume_normalization,
+                    args.slice_axis)
+    print(f"{summary.rows} images or slices x {summary.dim} features: {summary.out / 'cls.npy'}, "
           f"{summary.out / 'mean_patch.npy'} (rows named in {summary.out / 'index.csv'})")
     return _inputs_status(summary.out, summary.errors)
 
@@ -179,8 +180,11 @@ def _embed(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from dex.eval.predict import predict
 
-    summary = predict(args.model, args.inputs, args.out, args.batch_size, args.device, args.tta)
-    print(f"{summary.predicted} images predicted: {summary.out / 'predictions.csv'}")
+    summary = predict(args.model, args.inputs, args.out, args.batch_size, args.device, args.tta, args.labels,
+                      args.split, args.dicom_seg, args.volume_normalization, args.slice_axis)
+    print(f"{summary.predicted} inputs predicted: {summary.out / 'predictions.csv'}")
+    if (summary.out / "metrics.json").is_file():
+        print(f"metrics against the ground truth: {summary.out / 'metrics.json'} (per case: metrics.csv)")
     return _inputs_status(summary.out, summary.errors)
 
 
@@ -195,11 +199,19 @@ def _inputs_status(out, errors: int) -> int:
 
 
 def _inference_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """INPUT..., --out, --batch-size and --device, as dex predict and dex embed take them."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    """INPUT..., --out, --batch-size, --device and the volume reading, as dex predict and dex embed take them."""
+    from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS
+
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image, NIfTI or DICOM files, or folders of them (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward ({batch_size})")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"images or slices per forward ({batch_size})")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--volume-normalization", choices=list(VOLUME_NORMALIZERS),
+                        help="the Table 2 rule for volumes (default: the one the model records, else the modality's)")
+    parser.add_argument("--slice-axis", choices=list(SLICE_AXES),
+                        help="the axis volumes are cut along (default: the one the model records, else axial)")
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -292,23 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=_finetune)
 
     prediction = _command(
-        commands, "predict", help="run a fine-tuned model (dex finetune) on images",
-        description="Run MODEL (a dex finetune folder) on every image of INPUT (files, or folders of PNG / JPEG / "
-                    "BMP / TIFF, sorted by path), read as the model records: OUT/predictions.csv (classification: "
-                    "the class and its probabilities; segmentation: the label map written to OUT/masks/, at the "
-                    "image's own size). Unreadable inputs go to OUT/errors.csv and the command exits with status 3.")
+        commands, "predict", help="run a fine-tuned model (dex finetune) on images, DICOM series and NIfTI volumes",
+        description="Run MODEL (a dex finetune folder) on every input of INPUT: images (PNG / JPEG / BMP / TIFF / "
+                    "NPY), NIfTI volumes in any orientation, DICOM files and series (grouped by SeriesInstanceUID, "
+                    "ordered by position), or a task folder (its --split images, against its masks or labels), "
+                    "read as the model records: OUT/predictions.csv (classification: the class and its "
+                    "probabilities per image or slice, and per volume; segmentation: label maps in OUT/masks/ at "
+                    "the input's own size, a NIfTI label volume in the input's geometry for volumes and series). "
+                    "Inputs that cannot be read, or DICOM of another modality, go to OUT/errors.csv and the command "
+                    "exits with status 3.")
     prediction.add_argument("model", help="a dex finetune model folder")
     _inference_flags(prediction, 16)
     prediction.add_argument("--tta", choices=["none", "flip"], default="none",
                             help="flip: average with the mirror image's prediction")
+    prediction.add_argument("--labels", help="ground truth: a folder of label volumes (NAME.nii.gz) and masks "
+                                             "(NAME.png), or an id,label CSV: adds OUT/metrics.csv and metrics.json")
+    prediction.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
+                            help="the split of a task folder given as INPUT (test)")
+    prediction.add_argument("--dicom-seg", action="store_true",
+                            help="segmentation of a DICOM series: also a DICOM Segmentation object (highdicom)")
     prediction.set_defaults(func=_predict)
 
     embedding = _command(
         commands, "embed", help="an encoder's features of images (class token and mean patch token)",
-        description="Embed every image of INPUT (files, or folders of PNG / JPEG / BMP / TIFF, sorted by path) with "
-                    "ENCODER (an exported or saved encoder, a pretraining run, a dex finetune model folder, "
+        description="Embed every image, volume slice and DICOM frame of INPUT (image, NIfTI or DICOM files, or "
+                    "folders of them, sorted by path) with ENCODER (an exported or saved encoder, a pretraining run, a dex finetune model folder, "
                     "timm:ARCH:FILE), read as its folder records: OUT/cls.npy and OUT/mean_patch.npy ([N, D] "
-                    "float32), OUT/index.csv (row, input). Unreadable inputs go to OUT/errors.csv and the command "
+                    "float32), OUT/index.csv (row, input, slice). Unreadable inputs go to OUT/errors.csv and the command "
                     "exits with status 3.")
     embedding.add_argument("encoder", help="the encoder source")
     _inference_flags(embedding, 64)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,6 +57,29 @@ def training_curves(rows: list[dict], path: Path, top_k: int | None = None) -> N
     fig.tight_layout()
     fig.savefig(path, **SAVE)
     plt.close(fig)
+
+
+def finetune_curves(history: list[dict], best_epoch: int, score_name: str, path: Path,
+                    title: str | None = None) -> Figure:
+    """A fine-tuning run's training loss and validation ``score_name`` per epoch (its ``log.jsonl`` rows, keys
+    ``epoch``, ``loss``, ``val_<score_name>``), side by side, the best epoch dashed; saved as PNG at ``path``. The
+    figure, closed, is returned for inspection."""
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(epochs, [r["loss"] for r in history], marker="o")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
+    axes[1].plot(epochs, [r[f"val_{score_name}"] for r in history], marker="o")
+    axes[1].set(xlabel="epoch", ylabel=score_name, title=f"validation {score_name}")
+    for ax in axes:
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+    return fig
 
 
 def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:

@@ -40,15 +40,18 @@ from tqdm import tqdm
 
 from dex.data.dedup import NearDuplicateIndex, phash
 from dex.data.journal import append_record, append_records, read_journal
-from dex.data.normalize import VOLUME_NORMALIZERS, scale_255
+from dex.data.normalize import VOLUME_NORMALIZERS, normalize_volume, scale_255
 from dex.data.readers import (
     SLICE_AXES,
     Problem,
     ReadError,
+    array_picture,
     group_dicom_series,
+    is_array_picture,
     read_dicom_pictures,
     read_dicom_series,
     read_nifti,
+    read_npy,
     read_picture,
     read_video_frames,
     suv_values,
@@ -233,7 +236,7 @@ class _UnitWork:
         normalization = self.source.normalization
         if normalization not in VOLUME_NORMALIZERS:
             raise ReadError(self.root / self.unit.key, f"a volume needs a volume normalisation, not {normalization!r}")
-        normalised = VOLUME_NORMALIZERS[normalization](values)
+        normalised = normalize_volume(values, normalization)
         is_foreground, min_ratio = FOREGROUND[normalization]
         axis = SLICE_AXES[self.source.slice_axis]
         for index in range(values.shape[axis]):
@@ -323,19 +326,10 @@ def _note_burned_in(work: _UnitWork, meta: dict[str, Any], path: Path) -> None:
 
 
 def _process_npy(work: _UnitWork, path: Path) -> None:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as err:
-        raise ReadError(path, f"not a readable .npy array ({type(err).__name__}: {err})") from err
-    if not np.isfinite(array).all():
-        raise ReadError(path, "contains NaN or infinite values")
-    is_picture = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
-    if is_picture and work.source.normalization == "scale_255":
-        array = array[..., :3] if array.ndim == 3 else array
-        if array.dtype.kind in "ui":
-            work.add_picture(array, float(np.iinfo(array.dtype).max if array.dtype.itemsize > 1 else 255))
-        else:  # floats: already in [0, 1], or 8-bit values stored as floats
-            work.add_picture(array, 255.0 if array.max() > 1.0 else 1.0)
+    array = read_npy(path)
+    if is_array_picture(array) and work.source.normalization == "scale_255":
+        picture = array_picture(array)
+        work.add_picture(picture.pixels, picture.max_value)
     elif array.ndim == 3:
         work.add_volume(array.astype(np.float32))
     else:

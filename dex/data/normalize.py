@@ -1,6 +1,9 @@
-"""The per-modality intensity normalisations of MedVerse (App. C.1.1, Table 2), all mapping to [0, 1] float32.
+"""The per-modality intensity normalisations of MedVerse (App. C.1.1, Table 2), all mapping to [0, 1] float32, and
+how a normalised volume is cut into slices (:data:`SLICE_AXES`, :func:`volume_slice`).
 
-Volume-wise rules (MR, raw PET) take their statistics from the whole volume, before it is cut into slices.
+Volume-wise rules (MR, raw PET) take their statistics from the whole volume, before it is cut into slices. Curation,
+task import (``dex data import-task volumes``) and ``dex predict`` / ``dex embed`` on volumes all go through
+:func:`normalize_volume` and :func:`volume_slice`, so a model sees a volume's slices as it saw its training images.
 """
 
 from __future__ import annotations
@@ -8,9 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def ct_hu(hu: np.ndarray) -> np.ndarray:
-    """CT: ``(clip(x, -200, 400) + 200) / 600``."""
-    return ((np.clip(hu, -200.0, 400.0) + 200.0) / 600.0).astype(np.float32)
+#: The slice axes by name, each with the axis of a volume's ``[Z, Y, X]`` values (:class:`dex.data.readers.Volume`)
+#: it cuts across: axial slices are ``values[z]``, coronal ``values[:, y]``, sagittal ``values[:, :, x]``.
+SLICE_AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+#: Table 2's CT window in HU.
+CT_WINDOW = (-200.0, 400.0)
+
+
+def ct_hu(hu: np.ndarray, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """CT: ``(clip(x, low, high) - low) / (high - low)``; Table 2's window is [-200, 400] HU."""
+    low, high = (float(v) for v in window)
+    return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
 
 
 def _minmax(values: np.ndarray) -> np.ndarray:
@@ -45,3 +57,21 @@ def scale_255(pixels: np.ndarray, max_value: float) -> np.ndarray:
 
 
 VOLUME_NORMALIZERS = {"ct_hu": ct_hu, "mr_percentile": mr_percentile, "pet_raw": pet_raw, "pet_suv": pet_suv}
+
+#: The Table 2 rule of each volume modality, for a volume whose model or command names none (PET: in SUV, the rule
+#: of the SUV sources of Table 2; a DICOM PET series is converted to SUV from its tags).
+MODALITY_VOLUME_NORMALIZATION = {"CT": "ct_hu", "MR": "mr_percentile", "PET": "pet_suv"}
+
+
+def normalize_volume(values: np.ndarray, rule: str, ct_window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """A [Z, Y, X] volume in real units -> [0, 1] float32 by the rule of :data:`VOLUME_NORMALIZERS` named ``rule``
+    (``ct_hu`` with ``ct_window``)."""
+    if rule not in VOLUME_NORMALIZERS:
+        raise ValueError(f"volume normalisation {rule!r}: one of {', '.join(VOLUME_NORMALIZERS)}")
+    return ct_hu(values, ct_window) if rule == "ct_hu" else VOLUME_NORMALIZERS[rule](values)
+
+
+def volume_slice(normalised: np.ndarray, index: int, axis: str) -> np.ndarray:
+    """Slice ``index`` along ``axis`` (:data:`SLICE_AXES`) of a normalised volume, stored as task folders keep
+    it: 16-bit, the [0, 1] values times 65535 rounded (read back with full scale 65535)."""
+    return np.round(np.take(normalised, index, SLICE_AXES[axis]) * 65535.0).astype(np.uint16)

@@ -8,6 +8,10 @@ images exactly as it was trained and evaluated.
 
 The steps, in order:
 
+0. volumes only (NIfTI, DICOM series; ``dex predict``, ``dex embed``): the whole volume to [0, 1] by the Table 2
+   rule ``volume_normalization`` (``ct_hu`` with ``ct_window``), cut into slices along ``slice_axis`` and stored
+   16-bit (:func:`dex.data.normalize.normalize_volume`, :func:`dex.data.normalize.volume_slice`), exactly as
+   ``dex data import-task volumes`` made the slices of a task;
 1. intensity (:meth:`Preprocessing.scale`, pictures only): the rule named by ``intensity``. ``"full_scale"`` divides
    the stored values by the picture's full scale (:attr:`dex.data.readers.Picture.max_value`: 255 for 8 bit, 65535
    for 16 bit, 1.0 for float), the rule of :func:`dex.data.normalize.scale_255` without its clip (the clamp of
@@ -19,7 +23,8 @@ The steps, in order:
 3. :meth:`Preprocessing.standardize`: clamp to [0, 1], a grey image repeated to ``channels``, then
    ``(x - mean) / std`` per channel.
 
-This module imports only torch, torchvision and numpy (and :mod:`dex.data.readers`, when a file is read), so that
+This module imports only torch, torchvision, numpy and :mod:`dex.data.normalize` (and :mod:`dex.data.readers`, when a
+file is read), so that
 :mod:`dex.models` can use it without importing the data pipeline.
 """
 
@@ -35,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
+
+from dex.data.normalize import CT_WINDOW, SLICE_AXES, VOLUME_NORMALIZERS
 
 if TYPE_CHECKING:
     from dex.data.readers import Picture
@@ -62,12 +69,13 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _floats(key: str, value: Any, count: int, positive: bool = False) -> tuple[float, ...]:
+def _floats(key: str, value: Any, count: int, positive: bool = False, what: str = " (one per channel)"
+            ) -> tuple[float, ...]:
     if (not isinstance(value, (list, tuple)) or len(value) != count
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        and (v > 0 or not positive) for v in value)):
         kind = "positive finite numbers" if positive else "finite numbers"
-        raise ValueError(f"preprocessing: {key}: expected {count} {kind} (one per channel), got {value!r}")
+        raise ValueError(f"preprocessing: {key}: expected {count} {kind}{what}, got {value!r}")
     return tuple(float(v) for v in value)
 
 
@@ -83,6 +91,11 @@ class Preprocessing:
         interpolation: torchvision ``InterpolationMode`` value of the resize (``"bilinear"``).
         antialias: whether the resize antialiases when it shrinks (True).
         intensity: the rule of :data:`INTENSITY_RULES` that scales a raw picture into [0, 1] (``"full_scale"``).
+        modality: the modality of the images the model was trained on (``""``: several, or not known).
+        volume_normalization: the Table 2 rule that made its training images from volumes (``ct_hu``,
+            ``mr_percentile``, ``pet_raw``, ``pet_suv``), ``""`` when they were not cut from volumes.
+        slice_axis: the axis those slices were cut along (``axial``, ``coronal``, ``sagittal``).
+        ct_window: the HU window of ``ct_hu`` (Table 2: [-200, 400]).
     """
 
     size: tuple[int, int] = (256, 256)
@@ -92,6 +105,10 @@ class Preprocessing:
     interpolation: str = "bilinear"
     antialias: bool = True
     intensity: str = "full_scale"
+    modality: str = ""
+    volume_normalization: str = ""
+    slice_axis: str = "axial"
+    ct_window: tuple[float, float] = CT_WINDOW
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (from JSON) to tuples once, here
@@ -109,6 +126,18 @@ class Preprocessing:
             raise ValueError(f"preprocessing: intensity: expected one of {', '.join(INTENSITY_RULES)}, got "
                              f"{self.intensity!r} (the volume rules of dex.data.normalize.VOLUME_NORMALIZERS apply "
                              "when volumes are cut into pictures, before this)")
+        if not isinstance(self.modality, str):
+            raise ValueError(f"preprocessing: modality: expected a name, got {self.modality!r}")
+        if self.volume_normalization not in ("", *VOLUME_NORMALIZERS):
+            raise ValueError(f"preprocessing: volume_normalization: expected one of {', '.join(VOLUME_NORMALIZERS)} "
+                             f"or \"\" (none), got {self.volume_normalization!r}")
+        if self.slice_axis not in SLICE_AXES:
+            raise ValueError(f"preprocessing: slice_axis: expected one of {', '.join(SLICE_AXES)}, got "
+                             f"{self.slice_axis!r}")
+        window = _floats("ct_window", self.ct_window, 2, what=" (low and high HU)")
+        if window[0] >= window[1]:
+            raise ValueError(f"preprocessing: ct_window: expected [low, high] HU with low < high, got {self.ct_window!r}")
+        set_(self, "ct_window", window)
 
     # --- serialisation ---------------------------------------------------------------------------------------
 
@@ -156,12 +185,16 @@ class Preprocessing:
 
     __call__ = to_input
 
+    def picture_input(self, picture: Picture) -> Tensor:
+        """A :class:`~dex.data.readers.Picture` -> the model input [channels, H, W]: steps 1-3."""
+        return self.to_input(self.scale(picture))
+
     def read(self, path: str | Path) -> Tensor:
         """A picture file (any format :func:`dex.data.readers.read_picture` reads) -> the model input: steps 1-3.
         An unreadable file raises :class:`dex.data.readers.ReadError` naming it."""
         from dex.data.readers import read_picture  # deferred: pydicom, nibabel, av are not needed to build models
 
-        return self.to_input(self.scale(read_picture(path)))
+        return self.picture_input(read_picture(path))
 
     def unnormalize(self, image: Tensor) -> Tensor:
         """A z-scored [channels, H, W] model input back to [0, 1] (for display): ``x * std + mean``, clamped."""

@@ -23,6 +23,8 @@ import tifffile
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+from dex.data.normalize import SLICE_AXES  # noqa: F401  (re-exported: where the readers' callers look for it)
+
 
 class ReadError(ValueError):
     """A file that cannot be read as what it claims to be; ``str()`` names the file and the reason."""
@@ -49,11 +51,6 @@ class Volume:
     spacing: tuple[float, float, float]  # mm (z, y, x)
     meta: dict[str, Any] = field(default_factory=dict)  # non-identifying facts: modality, units, suv_factor, ...
     slice_files: tuple[Path, ...] = ()  # single-frame DICOM series: the file of each slice, in slice order
-
-
-#: The slice axes by name, each with the axis of a :class:`Volume`'s ``[Z, Y, X]`` values it cuts across: axial
-#: slices are ``values[z]``, coronal ``values[:, y]``, sagittal ``values[:, :, x]``.
-SLICE_AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
 @dataclass
@@ -268,7 +265,10 @@ def read_nifti(path: str | Path) -> list[Volume]:
 
 def display_volumes(image: nib.spatialimages.SpatialImage, path: str | Path) -> list[Volume]:
     """A nibabel image (any affine) -> :class:`Volume` s in the display layout, one per time point, with
-    ``meta["affine"]``: the 4 x 4 map from display indices (z, y, x) to RAS+ millimetres."""
+    ``meta["affine"]``: the 4 x 4 map from display indices (z, y, x) to RAS+ millimetres, and the image's own grid
+    (``meta["source_affine"]``, ``meta["source_shape"]``: its voxel axes, three of them), into which
+    :func:`source_grid` puts display-layout values back."""
+    source_affine, source_shape = np.array(image.affine, dtype=float), tuple(int(n) for n in image.shape[:3])
     try:
         image = nib.as_closest_canonical(image)  # RAS+
         data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied
@@ -285,8 +285,18 @@ def display_volumes(image: nib.spatialimages.SpatialImage, path: str | Path) -> 
     for frame in frames:
         display = np.ascontiguousarray(frame.transpose(2, 1, 0)[::-1, ::-1, ::-1])  # RAS -> [S->I, A->P, R->L]
         out.append(Volume(_finite(Path(path), display), (float(zooms[2]), float(zooms[1]), float(zooms[0])),
-                          {"affine": affine}))
+                          {"affine": affine, "source_affine": source_affine, "source_shape": source_shape}))
     return out
+
+
+def source_grid(display: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """Values in the display layout of :func:`display_volumes` ([Z, Y, X], e.g. a predicted label volume) put
+    back into the voxel grid of the image they were read from (its ``meta["source_affine"]``), so that saved with
+    that affine they lie where the image lies: the inverse of the reorientation :func:`read_nifti` applies."""
+    canonical = display[::-1, ::-1, ::-1].transpose(2, 1, 0)  # [S->I, A->P, R->L] -> RAS+ (i, j, k)
+    to_source = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                nib.orientations.io_orientation(source_affine))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, to_source))
 
 
 def read_dicom_series_display(paths: Sequence[str | Path]) -> Volume:
@@ -319,15 +329,71 @@ def read_dicom_series_display(paths: Sequence[str | Path]) -> Volume:
     image = nib.Nifti1Image(np.ascontiguousarray(volume.values.transpose(2, 1, 0)), ras)  # (column, row, slice)
     display = display_volumes(image, paths[0].parent)[0]
     display.meta = {**volume.meta, **display.meta}
+    display.slice_files = volume.slice_files  # the file of each slice k of the source grid (column, row, k)
     return display
+
+
+def read_volume(path: str | Path, channel: int = 0, suv: bool = False,
+                problems: list[Problem] | None = None) -> Volume:
+    """An image volume in the display layout with its geometry: a NIfTI file (channel ``channel`` of a 4D one)
+    or a folder holding exactly one single-frame DICOM series (:func:`read_dicom_series_display`; in SUV when
+    ``suv``, from its tags by :func:`suv_values`; NIfTI PET is taken to be in SUV already, as AutoPET ships it).
+    Files of the folder that are not readable DICOM go to ``problems`` (raised without it); the series is read
+    without them."""
+    path = Path(path)
+    if not path.is_dir():
+        frames = read_nifti(path)
+        if channel >= len(frames):
+            raise ReadError(path, f"has {len(frames)} channel(s); channel {channel} does not exist")
+        return frames[channel]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    series = group_dicom_series(files, problems)
+    if len(series) != 1:
+        raise ReadError(path, f"holds {len(series)} DICOM series; a case folder must hold exactly one")
+    volume = read_dicom_series_display(next(iter(series.values())))
+    if suv:
+        volume.values = suv_values(volume, path)
+    return volume
 
 
 # --- 2D images -------------------------------------------------------------------------------------------------
 
+def read_npy(path: str | Path) -> np.ndarray:
+    """A ``.npy`` array (never unpickled), finite."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ReadError(path, f"not a readable .npy array ({type(err).__name__}: {err})") from err
+    if array.dtype.kind not in "buif":
+        raise ReadError(path, f"expected a numeric array, found dtype {array.dtype}")
+    return _finite(Path(path), array)
+
+
+def is_array_picture(array: np.ndarray) -> bool:
+    """Whether an array is an image: [H, W], or [H, W, 3 or 4] (RGB, RGBA)."""
+    return array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+
+
+def array_picture(array: np.ndarray) -> Picture:
+    """An image array (:func:`is_array_picture`) as a :class:`Picture`, alpha dropped: integers over the full scale of
+    their type (255 for 8 bit), floats over 1.0 when already in [0, 1], else over 255 (8-bit values stored as
+    floats)."""
+    array = array[..., :3] if array.ndim == 3 else array
+    if array.dtype.kind in "ui":
+        return Picture(array, float(np.iinfo(array.dtype).max if array.dtype.itemsize > 1 else 255))
+    return Picture(array, 255.0 if array.max() > 1.0 else 1.0)
+
+
 def read_picture(path: str | Path) -> Picture:
     """PNG / JPEG / BMP / TIFF in 8 or 16 bit, grey, RGB, RGBA (alpha dropped), palette (expanded to RGB),
-    1-bit; float TIFFs keep their values (full scale 1.0)."""
+    1-bit; float TIFFs keep their values (full scale 1.0); a ``.npy`` image array by :func:`array_picture`."""
     path = Path(path)
+    if path.suffix.lower() == ".npy":
+        array = read_npy(path)
+        if not is_array_picture(array):
+            raise ReadError(path, f"expected an image array [H, W] or [H, W, 3], found shape {array.shape} (give a "
+                                  "volume as NIfTI or DICOM, which carry its geometry)")
+        return array_picture(array)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             pixels = tifffile.imread(path)

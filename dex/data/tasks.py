@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from dex.config import STRICT, read_yaml, validate
+from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS
 from dex.data.recipe import canonical_modality
 
 TASK_TYPES = ("segmentation", "classification")
@@ -41,6 +42,10 @@ class TaskSpec:
     licence: str = ""
     metrics: list[str] = field(default_factory=list)
     mask_threshold: int | None = None  # binary masks stored as 0 / 255 (or lossy JPEG): foreground above this
+    # images cut from volumes: the Table 2 rule they were normalised by and the slice axis (a model fine-tuned on
+    # the task records both, so that dex predict cuts a new volume into slices the same way)
+    volume_normalization: Literal[tuple(VOLUME_NORMALIZERS)] | None = None
+    slice_axis: Literal[tuple(SLICE_AXES)] | None = None
 
     def __post_init__(self) -> None:
         self.modality = canonical_modality(self.modality)

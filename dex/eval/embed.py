@@ -1,10 +1,12 @@
-"""``dex embed``: an encoder's features of images, for retrieval, clustering or a probe of your own.
+"""``dex embed``: an encoder's features of images and volume slices, for retrieval, clustering or a probe of your own.
 
-Per image: the class token and the mean of the patch tokens of the encoder's final normalised output
-(``forward_features``), each as a row of a float32 matrix (``cls.npy`` and ``mean_patch.npy``, [N, D]), and
-``index.csv`` naming the input of each row. Images are read and fed as the encoder's folder records
-(:class:`dex.data.preprocess.Preprocessing`), in batches, in a stable order (the inputs as given, a folder's images
-sorted by path). An image that cannot be read goes to ``errors.csv`` with the reason, and the others are embedded.
+Per image, slice of a volume or frame of a DICOM object: the class token and the mean of the patch tokens of the
+encoder's final normalised output (``forward_features``), each as a row of a float32 matrix (``cls.npy`` and
+``mean_patch.npy``, [N, D]), and ``index.csv`` naming the input and slice of each row. Inputs are found and read as
+:mod:`dex.eval.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one the
+folder records, given, or its modality's), and fed in batches, in a stable order (the inputs as given, a folder's
+files sorted by path). An input that cannot be read goes to ``errors.csv`` with the reason, and the others are
+embedded.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dex.data.readers import ReadError
-from dex.data.stream import IMAGE_SUFFIXES
+from dex.data.readers import Problem
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.eval.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.files import write_csv
 
 
@@ -28,20 +30,6 @@ class EmbedSummary(NamedTuple):
     rows: int
     dim: int
     errors: int
-
-
-def image_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """The image files of ``inputs`` (files as given, folders' images sorted by path), in that order; a path that
-    does not exist is a FileNotFoundError naming it."""
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return files
 
 
 @torch.no_grad()
@@ -53,40 +41,34 @@ def features(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 64,
-          device: str = "cpu") -> EmbedSummary:
-    """Embed the images of ``inputs`` with the encoder of ``encoder_source`` (any source ``dex benchmark`` takes,
+          device: str = "cpu", volume_normalization: str | None = None, slice_axis: str | None = None) -> EmbedSummary:
+    """Embed the images, DICOM objects and series and NIfTI volumes of ``inputs`` (found and read as
+    :mod:`dex.eval.inputs` describes) with the encoder of ``encoder_source`` (any source ``dex benchmark`` takes,
     or a ``dex finetune`` model folder) into ``out``; see the module's docstring."""
     out = Path(out)
     spec = EncoderSpec("embedded", str(encoder_source))
     encoder = load_encoder(spec).to(device).eval()
-    preprocessing = encoder_preprocessing(spec, encoder)
-    files = image_inputs(inputs)
+    preprocessing = reading(encoder_preprocessing(spec, encoder), volume_normalization, slice_axis)
+    errors: list[Problem] = []
+    entries = find_inputs(inputs, errors)
     out.mkdir(parents=True, exist_ok=True)
-    cls_rows, mean_rows, index, errors, batch, names = [], [], [], [], [], []
+    cls_rows, mean_rows, index = [], [], []
 
-    def flush() -> None:
-        if batch:
-            cls, mean = features(encoder, torch.stack(batch).to(device))
-            cls_rows.append(cls.cpu().numpy())
-            mean_rows.append(mean.cpu().numpy())
-            index.extend(names)
-            batch.clear()
-            names.clear()
+    def finish(case: Case, results: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (slice_index, _), (cls, mean) in zip(case.pictures, results):
+            cls_rows.append(cls.numpy())
+            mean_rows.append(mean.numpy())
+            index.append((len(index), case.source, "" if slice_index < 0 else slice_index))
 
-    for path in files:
-        try:
-            batch.append(preprocessing.read(path))
-            names.append(str(path))
-        except ReadError as err:
-            errors.append((str(path), err.reason))
-        if len(batch) == batch_size:
-            flush()
-    flush()
+    def compute(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cls, mean = features(encoder, images)
+        return list(zip(cls.cpu(), mean.cpu()))
+
+    run_batched(read_cases(entries, preprocessing, errors), preprocessing.picture_input, compute, batch_size, finish,
+                device)
     dim = encoder.num_features
-    cls = np.concatenate(cls_rows) if cls_rows else np.zeros((0, dim), np.float32)
-    mean = np.concatenate(mean_rows) if mean_rows else np.zeros((0, dim), np.float32)
-    np.save(out / "cls.npy", cls)
-    np.save(out / "mean_patch.npy", mean)
-    write_csv(out / "index.csv", ["row", "input"], list(enumerate(index)))
+    np.save(out / "cls.npy", np.stack(cls_rows) if cls_rows else np.zeros((0, dim), np.float32))
+    np.save(out / "mean_patch.npy", np.stack(mean_rows) if mean_rows else np.zeros((0, dim), np.float32))
+    write_csv(out / "index.csv", ["row", "input", "slice"], index)
     write_csv(out / "errors.csv", ["input", "reason"], errors)
     return EmbedSummary(out, len(index), dim, len(errors))

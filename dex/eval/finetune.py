@@ -9,7 +9,7 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,9 +249,18 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
         "trainable_parameters": sum(p.numel() for p in params), "history": history,
         "seconds": time.perf_counter() - started,
     }
-    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes), preprocessing, architecture,
-                     encoder_args, config.feature_size, {"name": task.name, "modality": task.spec.modality})
+    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes), task_preprocessing(preprocessing, task),
+                     architecture, encoder_args, config.feature_size, {"name": task.name, "modality": task.spec.modality})
     return record, kept
+
+
+def task_preprocessing(preprocessing: Preprocessing, task: Task) -> Preprocessing:
+    """The preprocessing a model fine-tuned on ``task`` records: the encoder's, with the task's modality and, for
+    images cut from volumes, the Table 2 rule and slice axis that cut them (``task.yaml``), so that ``dex predict``
+    cuts a new volume the same way."""
+    return replace(preprocessing, modality=task.spec.modality,
+                   volume_normalization=task.spec.volume_normalization or "",
+                   slice_axis=task.spec.slice_axis or "axial")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.Generator, epoch: int, step: int,

@@ -11,7 +11,8 @@ prediction and truth are both empty."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +61,27 @@ def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:
     (bilinear) before the argmax, as the Dice of fine-tuning scores it and as ``dex predict`` writes it."""
     resized = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)
     return resized[0].argmax(0)
+
+
+def segmentation_case_metrics(pred: np.ndarray, truth: np.ndarray, num_classes: int,
+                              spacing: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Dice and HD95 of each foreground class (1 .. C-1) between the label arrays of one case, 2D [H, W] or 3D
+    [Z, Y, X], by MONAI: ``compute_dice`` (1 when the class is absent from both, 0 when from one only: the Decathlon
+    rule of :func:`dice_from_counts`) and ``compute_hausdorff_distance`` at the 95th percentile in the units of
+    ``spacing`` (mm per axis; NaN when the class is absent from either, as MONAI gives it)."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance  # deferred: MONAI is slow to import
+
+    def one_hot(labels: np.ndarray) -> Tensor:
+        return F.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).movedim(-1, 0)[None].float()
+
+    predicted, target = one_hot(pred), one_hot(truth)
+    dice = compute_dice(predicted, target, include_background=False, ignore_empty=False)[0]
+    with warnings.catch_warnings():  # MONAI warns about each empty class; NaN says it
+        warnings.simplefilter("ignore")
+        hd95 = compute_hausdorff_distance(predicted, target, include_background=False, percentile=95,
+                                          spacing=[float(v) for v in spacing])[0]
+    hd95 = torch.where(torch.isinf(hd95), torch.nan, hd95)
+    return [float(v) for v in dice], [float(v) for v in hd95]
 
 
 def dice_from_counts(counts: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dex.data.normalize import ct_hu, mr_percentile, pet_raw, pet_suv, scale_255
+from dex.data.normalize import ct_hu, mr_percentile, normalize_volume, pet_raw, pet_suv, scale_255, volume_slice
 from dex.data.recipe import Recipe, Source
 
 
@@ -81,3 +81,17 @@ def test_modality_names_match_the_canonical_ones_whatever_the_case(tmp_path):
     assert Recipe.load(path).sources[0].modality == "Fundus"
     spec = TaskSpec(name="t", type="classification", modality="oct", classes=["a"], image_size=[8, 8], channels=1)
     assert spec.modality == "OCT"  # one table row per modality, however a task folder spells it
+
+
+def test_ct_window_and_the_16_bit_slices_of_a_normalised_volume():
+    hu = np.array([[[-1000.0, -200.0, 100.0, 400.0, 3000.0]]])
+    np.testing.assert_allclose(ct_hu(hu), [[[0.0, 0.0, 0.5, 1.0, 1.0]]])
+    np.testing.assert_allclose(ct_hu(hu, (-1000.0, 1000.0)), [[[0.0, 0.4, 0.55, 0.7, 1.0]]], atol=1e-7)
+    np.testing.assert_array_equal(normalize_volume(hu, "ct_hu", (-1000.0, 1000.0)), ct_hu(hu, (-1000.0, 1000.0)))
+    np.testing.assert_array_equal(normalize_volume(hu, "pet_suv"), pet_suv(hu))
+    with pytest.raises(ValueError, match="'hu': one of ct_hu"):
+        normalize_volume(hu, "hu")
+    volume = np.random.default_rng(0).random((3, 4, 5))
+    for axis, cut in (("axial", volume[1]), ("coronal", volume[:, 1]), ("sagittal", volume[:, :, 1])):
+        stored = volume_slice(volume, 1, axis)
+        assert stored.dtype == np.uint16 and np.abs(stored / 65535.0 - cut).max() <= 0.5 / 65535

@@ -155,3 +155,19 @@ def test_video_frame_sampling(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(ReadError, match="broken.mp4: not a readable video"):
         list(read_video_frames(tmp_path / "broken.mp4"))
+
+
+def test_npy_images_are_pictures_and_npy_volumes_are_refused(tmp_path):
+    grey = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    np.save(tmp_path / "grey.npy", grey)
+    picture = read_picture(tmp_path / "grey.npy")
+    assert picture.max_value == 65535.0 and np.array_equal(picture.pixels, grey)
+    np.save(tmp_path / "rgba.npy", np.full((3, 4, 4), 0.5, np.float32))
+    picture = read_picture(tmp_path / "rgba.npy")
+    assert picture.pixels.shape == (3, 4, 3) and picture.max_value == 1.0
+    np.save(tmp_path / "volume.npy", np.zeros((5, 6, 7), np.float32))
+    with pytest.raises(ReadError, match="volume.npy: expected an image array.*found shape \\(5, 6, 7\\)"):
+        read_picture(tmp_path / "volume.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ReadError, match="objects.npy: not a readable .npy array"):
+        read_picture(tmp_path / "objects.npy")

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import dex
+from dex.analysis.plots import finetune_curves
 from dex.cli import main
 from dex.data.tasks import load_task
 from dex.eval.encoders import EncoderSpec
@@ -63,6 +65,25 @@ def test_a_kept_model_predicts_in_another_process_as_in_memory(tmp_path, phantom
     assert json.dumps(metrics["test"], sort_keys=True) == json.dumps(record["test"], sort_keys=True)  # NaN too
     assert metrics["best_epoch"] == record["best_epoch"]
     assert len((tmp_path / "model" / "log.jsonl").read_text().splitlines()) == QUICK.epochs
+    with Image.open(tmp_path / "model" / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.width >= 400 and curves.height >= 200
+        curves.load()  # the whole image decodes
+    assert "`curves.png`" in card
+
+
+def test_the_curves_draw_one_point_per_epoch_and_mark_the_best(tmp_path):
+    history = [{"epoch": e, "loss": loss, "val_dice": dice, "val_dice_3d": 0.0}
+               for e, loss, dice in ((0, 1.5, 0.2), (1, 0.9, 0.6), (2, 0.7, 0.5))]
+    fig = finetune_curves(history, 1, "dice", tmp_path / "curves.png", "task t, encoder e")
+    loss_ax, score_ax = fig.axes
+    for ax, key in ((loss_ax, "loss"), (score_ax, "val_dice")):
+        curve, best = ax.lines
+        assert list(curve.get_xdata()) == [0, 1, 2] and list(curve.get_ydata()) == [r[key] for r in history]
+        assert list(best.get_xdata()) == [1, 1] and best.get_linestyle() == "--"
+        assert ax.get_xlabel() == "epoch"
+    assert score_ax.get_ylabel() == "dice" and fig.get_suptitle() == "task t, encoder e"
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG"
 
 
 def test_a_folder_with_a_missing_or_altered_file_is_refused_naming_it(tmp_path, phantom_collection, encoder_folder):
@@ -92,7 +113,7 @@ def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phan
             "warmup_epochs=0", "batch_size=4", "encoder.mode=director"]
     assert main(args) == 0
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors", "metrics.json",
-                                                                 "log.jsonl", "README.md"}
+                                                                 "log.jsonl", "README.md", "curves.png"}
     assert load_model(tmp_path / "model").network.mode == "director"
     assert "dex.load_model" in capsys.readouterr().out
     assert main(args) == 2 and "exists" in capsys.readouterr().err

@@ -150,5 +150,6 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
         description=options.description, source=options.source or f"{src} ({layout} layout)",
         licence=options.licence or "see the source",
         metrics=["dice"] if segmentation else list(CLASSIFICATION_METRICS),
+        **({"volume_normalization": options.normalization, "slice_axis": options.axis} if layout == "volumes" else {}),
     )
     return writer.finish(spec, options.seed, options.duplicate_distance)

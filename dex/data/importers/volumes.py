@@ -9,17 +9,8 @@ import numpy as np
 
 from dex.data.importers.masks import MaskMapping
 from dex.data.importers.writer import Item, MakeItems, TaskWriter, _clean, _read_split_file
-from dex.data.normalize import VOLUME_NORMALIZERS
-from dex.data.readers import (
-    SLICE_AXES,
-    Problem,
-    ReadError,
-    Volume,
-    group_dicom_series,
-    read_dicom_series_display,
-    read_nifti,
-    suv_values,
-)
+from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS, normalize_volume, volume_slice
+from dex.data.readers import Problem, ReadError, read_nifti, read_volume
 from dex.data.tasks import split_of
 
 
@@ -76,7 +67,7 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
             case = cases[path]
             if case not in label_files:
                 raise ReadError(path, f"no label volume {case}.nii.gz in {labels}")
-            volume = _read_volume(path, 0 if path in file_channel else channel, normalization, problems)
+            volume = read_volume(path, 0 if path in file_channel else channel, normalization == "pet_suv", problems)
             label_volume = read_nifti(label_files[case])[0]
             if volume.values.shape != label_volume.values.shape:
                 raise ReadError(label_files[case], f"label volume is {label_volume.values.shape}, the image "
@@ -87,31 +78,13 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
                                                    f"(their affines differ by up to {offset:.3g} mm)")
             raw = np.rint(label_volume.values).astype(np.int64)
             classes = mapping(label_files[case], raw, volume=True)
-            normalised = VOLUME_NORMALIZERS[normalization](volume.values)
+            normalised = normalize_volume(volume.values, normalization)
             keep = [i for i in range(raw.shape[dim]) if slices == "all" or np.take(classes, i, dim).any()][::stride]
             return [Item(f"{_clean(case)}_{i:04d}",
-                         np.round(np.take(normalised, i, dim) * 65535.0).astype(np.uint16),
+                         volume_slice(normalised, i, axis),
                          mask=np.take(classes, i, dim), split=official.get(case, drawn[case]), case=_clean(case),
                          slice=i) for i in keep]
         return make
 
     writer.run((str(path), unit(path)) for path in volumes)
 
-
-def _read_volume(path: Path, channel: int, normalization: str, problems: list[Problem]) -> Volume:
-    """A NIfTI file (channel ``channel`` of a 4D one) or a folder with one DICOM series (PET in SUV for
-    ``pet_suv``; NIfTI PET is taken to be in SUV already, as AutoPET ships it). Files of the folder that are not
-    readable DICOM go to ``problems``; the series is read without them."""
-    if not path.is_dir():
-        frames = read_nifti(path)
-        if channel >= len(frames):
-            raise ReadError(path, f"has {len(frames)} channel(s); --channel {channel} does not exist")
-        return frames[channel]
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    series = group_dicom_series(files, problems)
-    if len(series) != 1:
-        raise ReadError(path, f"holds {len(series)} DICOM series; a case folder must hold exactly one")
-    volume = read_dicom_series_display(next(iter(series.values())))
-    if normalization == "pet_suv":
-        volume.values = suv_values(volume, path)
-    return volume

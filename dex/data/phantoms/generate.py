@@ -253,22 +253,25 @@ def task_photo(seed: int, index: int, size: int):
             "photo-lesion-type": (image, optical.PHOTO_CLASSES[sample.labels["photo-lesion-type"]])}
 
 
-def _spec(name, type_, modality, classes, channels, bits, ext, description) -> tuple[TaskSpec, str]:
+def _spec(name, type_, modality, classes, channels, bits, ext, description,
+          volume_normalization=None) -> tuple[TaskSpec, str]:
     metrics = ["dice"] if type_ == "segmentation" else ["f1_macro", "accuracy", "balanced_accuracy", "auroc"]
     spec = TaskSpec(name=name, type=type_, modality=modality, classes=list(classes), image_size=[0, 0],
                     channels=channels, bit_depth=bits, description=description, source="dex phantoms",
-                    licence=LICENCE, metrics=metrics)
+                    licence=LICENCE, metrics=metrics, volume_normalization=volume_normalization,
+                    slice_axis="axial" if volume_normalization else None)
     return spec, ext
 
 
 #: task name -> (spec, image extension); the generator of each modality fills the tasks named in its result.
 TASKS: dict[str, tuple[TaskSpec, str]] = {
     "ct-organs": _spec("ct-organs", "segmentation", "CT", ORGAN_CLASSES, 1, 16, "png",
-                       "Axial CT slices windowed to [-200, 400] HU, organ labels."),
+                       "Axial CT slices windowed to [-200, 400] HU, organ labels.", "ct_hu"),
     "mr-organs": _spec("mr-organs", "segmentation", "MR", ORGAN_CLASSES, 1, 16, "png",
-                       "Axial T1-weighted MR slices (1-99th percentile of the volume), organ labels."),
+                       "Axial T1-weighted MR slices (1-99th percentile of the volume), organ labels.",
+                       "mr_percentile"),
     "pet-organs": _spec("pet-organs", "segmentation", "PET", PET_CLASSES, 1, 16, "png",
-                        "Axial FDG-PET slices (SUV clipped to [0, 20] / 20), organs and lesions."),
+                        "Axial FDG-PET slices (SUV clipped to [0, 20] / 20), organs and lesions.", "pet_suv"),
     "xray-lungs": _spec("xray-lungs", "segmentation", "X-ray", XRAY_CLASSES, 1, 8, "png",
                         "Chest radiographs; lung fields and heart shadow."),
     "us-fetal-head": _spec("us-fetal-head", "segmentation", "US", ("background", "head"), 1, 8, "png",
