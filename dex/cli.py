@@ -221,13 +221,16 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None,
-                       check_encoders=not args.report_only)
+                       check_encoders=not args.report_only,
+                       protocols=args.protocols.split(",") if args.protocols else None)
     if args.report_only:
         report(suite)
     else:
         run_suite(suite)
     report_dir = suite.out_dir / "report"
-    print((report_dir / "table1_modalities.md").read_text(), end="")
+    for table in ("table1_modalities.md", "table_protocols.md"):
+        if (report_dir / table).is_file():
+            print((report_dir / table).read_text())
     print(f"tables and figures: {report_dir}")
     return 0
 
@@ -343,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ablation tables and figures (docs/benchmark.md).")
     benchmark.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
     benchmark.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
+    benchmark.add_argument("--protocols", help="comma-separated protocols replacing the suite's: finetune, linear, "
+                                               "knn, fewshot (frozen protocols: classification tasks)")
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 

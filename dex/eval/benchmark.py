@@ -13,6 +13,8 @@ A suite is YAML::
     tasks:                                  # task folders; other keys override their description
       - {path: runs/phantoms/tasks/ct-organs}
       - {path: ../shared/data/us-breast-busi, modality: US}
+    protocols: [finetune, linear, knn, fewshot]   # optional; default [finetune]
+    probe: {features: both, knn_k: [10, 20]}       # the frozen protocols' settings (ProbeConfig)
     ablations:                              # optional, each on its own tasks
       top_k: {encoder: dex, values: [1, 2, 4, 8], tasks: [ct-organs]}                 # Fig. 5-a
       data_fraction: {encoders: [dex, scratch], values: [0.2, 0.6, 1.0], tasks: [...]}  # Fig. 5-b
@@ -23,8 +25,10 @@ A suite is YAML::
 Paths are relative to the working directory. An ablation may set its own ``seeds``.
 
 Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (written atomically) and skipped when it
-exists, so an interrupted suite resumes. Reports are computed from the stored runs only: recomputing them gives the
-same files.
+exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or an ablation's: ablations are
+fine-tuning runs); the frozen protocols (:mod:`dex.eval.protocols`, classification tasks) are variants named by the
+protocol (``linear``, ``knn-k10``, ``fewshot-5``, ...), their features cached in ``features/``
+(:mod:`dex.eval.features`). Reports are computed from the stored runs only: recomputing them gives the same files.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dex.data.recipe import MODALITIES
 from dex.data.tasks import TaskSpec, load_task
 from dex.eval.encoders import EncoderSpec
 from dex.eval.finetune import FinetuneConfig, train_task_model
+from dex.eval.protocols import FROZEN_PROTOCOLS, PROTOCOLS, ProbeConfig, protocol_variants, run_frozen
 from dex.eval.task_model import write_finetuned
 
 log = logging.getLogger("dex.eval")
@@ -78,6 +83,8 @@ class SuiteFile:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     ablations: dict[Literal[ABLATIONS], Ablation] = dataclasses.field(default_factory=dict)
     keep_models: bool = False  # write each run's model folder (as dex finetune does) under OUT/models/
+    protocols: list[Literal[PROTOCOLS]] = dataclasses.field(default_factory=lambda: ["finetune"])
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
 
 @dataclasses.dataclass
@@ -91,12 +98,15 @@ class Suite:
     tasks: list[dict[str, Any]]  # {"path": ..., overrides ...}
     ablations: dict[str, Ablation]
     keep_models: bool = False
+    protocols: list[str] = dataclasses.field(default_factory=lambda: ["finetune"])
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
     @classmethod
-    def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True) -> Suite:
+    def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True,
+             protocols: list[str] | None = None) -> Suite:
         """Read and check a suite: every key and value, the names the ablations refer to and, with
-        ``check_encoders`` (not needed to report on stored runs), every encoder's architecture and files. Errors
-        name the file and the key."""
+        ``check_encoders`` (not needed to report on stored runs), every encoder's architecture and files;
+        ``protocols`` replaces the suite's. Errors name the file and the key."""
         path = Path(path)
         data = validate(SuiteFile, read_yaml(path, "suite"), str(path))
         encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders)
@@ -116,8 +126,11 @@ class Suite:
             if missing:
                 raise ConfigError(f"{path}: --encoders names encoders the suite does not define: {missing}")
             encoders = {name: encoders[name] for name in only}
+        if protocols is not None and (not protocols or set(protocols) - set(PROTOCOLS)):
+            raise ConfigError(f"--protocols: expected some of {', '.join(PROTOCOLS)}, got {','.join(protocols)!r}")
         return cls(path, Path(data.out_dir or path.with_suffix("")), data.seeds, data.baseline, data.finetune,
-                   encoders, tasks, dict(data.ablations), data.keep_models)
+                   encoders, tasks, dict(data.ablations), data.keep_models, list(protocols or data.protocols),
+                   data.probe)
 
 
 def _task_entry(entry: Any, where: str) -> dict[str, Any]:
@@ -142,13 +155,20 @@ def _model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> 
     return out / "models" / encoder / task / variant / f"seed{seed}"
 
 
-def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec, FinetuneConfig]]:
-    """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings)."""
+def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec,
+                                                             FinetuneConfig | ProbeConfig]]:
+    """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings, or the
+    probe settings for a frozen protocol's run). Frozen protocols are planned for classification tasks only."""
     runs = []
+    frozen = [v for protocol in suite.protocols if protocol in FROZEN_PROTOCOLS
+              for v in protocol_variants(protocol, suite.probe)]
     for name, spec in suite.encoders.items():
         for task in tasks:
             for seed in suite.seeds:
-                runs.append((name, task, "default", seed, spec, suite.finetune))
+                if "finetune" in suite.protocols:
+                    runs.append((name, task, "default", seed, spec, suite.finetune))
+                if tasks[task].spec.type == "classification":
+                    runs += [(name, task, variant, seed, spec, suite.probe) for variant in frozen]
     unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
     if unknown:
         raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
@@ -187,23 +207,42 @@ def run_suite(suite: Suite) -> Path:
         tasks[task.name] = task
     runs = plan(suite, tasks)
     todo = [r for r in runs if not _record_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists()
-            or (suite.keep_models and not _model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
+            or (suite.keep_models and isinstance(r[5], FinetuneConfig)
+                and not _model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
     log.info("%d runs, %d stored, %d to do", len(runs), len(runs) - len(todo), len(todo))
-    for number, (encoder, task, variant, seed, spec, config) in enumerate(todo, start=1):
-        record, model = train_task_model(spec, tasks[task], seed, config,
-                                         bootstrap=1000 if suite.keep_models else 0)
-        if suite.keep_models:
-            write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
-        record["variant"] = variant
-        path = _record_path(suite.out_dir, encoder, task, variant, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
-        log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", number, len(todo), encoder, task, variant,
-                 seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
+    frozen: dict[tuple[str, str, int], list[str]] = {}  # one feature pass serves every frozen run of a key
+    for encoder, task, variant, seed, spec, config in todo:
+        if isinstance(config, ProbeConfig):
+            frozen.setdefault((encoder, task, seed), []).append(variant)
+    done = 0
+    for encoder, task, variant, seed, spec, config in todo:
+        if isinstance(config, ProbeConfig):
+            if (encoder, task, seed) not in frozen:
+                continue  # run with the first frozen run of its encoder, task and seed
+            records = run_frozen(spec, tasks[task], seed, frozen.pop((encoder, task, seed)), config,
+                                 suite.out_dir / "features")
+        else:
+            record, model = train_task_model(spec, tasks[task], seed, config,
+                                             bootstrap=1000 if suite.keep_models else 0)
+            if suite.keep_models:
+                write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
+            records = {variant: {**record, "protocol": "finetune"}}
+        for name, record in records.items():
+            done += 1
+            _store(suite.out_dir, encoder, task, name, seed, record)
+            log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", done, len(todo), encoder, task, name,
+                     seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
     report(suite)
     return suite.out_dir
+
+
+def _store(out: Path, encoder: str, task: str, variant: str, seed: int, record: dict[str, Any]) -> None:
+    record["variant"] = variant
+    path = _record_path(out, encoder, task, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
@@ -214,6 +253,7 @@ def stored_runs(out: Path) -> list[dict[str, Any]]:
         record = json.loads(path.read_text())
         records.append({"encoder": path.parts[-4], "task": record["task"], "modality": record["modality"],
                         "type": record["type"], "variant": record["variant"], "seed": record["seed"],
+                        "protocol": record.get("protocol", "finetune"),
                         "score": 100 * record["test"][record["score_name"]], "score_name": record["score_name"],
                         "test": record["test"]})
     return records
@@ -265,6 +305,10 @@ def report(suite: Suite) -> None:
     records = stored_runs(suite.out_dir)
     if not records:
         raise ValueError(f"{suite.out_dir}: no stored runs to report on")
+    if not any(r["variant"] == "default" for r in records):  # frozen protocols only: no fine-tuning tables
+        _protocols(out, records)
+        _runs_csv(out, records)
+        return
     encoders = sorted({r["encoder"] for r in records if r["variant"] == "default"})
     if suite.baseline in encoders:
         encoders = [suite.baseline] + [e for e in encoders if e != suite.baseline]
@@ -296,8 +340,32 @@ def report(suite: Suite) -> None:
     _write(out, "table1_modalities", ["modality"] + encoders, rows,
            f"Average test score per modality and overall (x100; {SCORES}), gain over the baseline in brackets")
     _radar(out, encoders, tasks, means)
+    _protocols(out, records)
     _ablations(out, records, suite)
     _runs_csv(out, records)
+
+
+def _protocols(out: Path, records) -> None:
+    """Per task and encoder, the test score of every protocol (fine-tuning and the frozen ones), mean ± std over
+    seeds; written when a suite ran a frozen protocol."""
+    if not any(r["protocol"] != "finetune" for r in records):
+        return
+
+    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, fewshot-5, ...
+        protocol, _, number = variant.partition("-")
+        return FROZEN_PROTOCOLS.index(protocol), int(number.lstrip("k") or 0)
+
+    variants = ["default"] + sorted({r["variant"] for r in records if r["protocol"] in FROZEN_PROTOCOLS}, key=order)
+    scores: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        scores.setdefault((r["task"], r["encoder"], r["variant"]), []).append(r["score"])
+    rows = []
+    for task, encoder in sorted({(t, e) for t, e, v in scores if v in variants}):
+        cells = [_mean_std(scores[(task, encoder, v)]) if (task, encoder, v) in scores else None for v in variants]
+        rows.append([task, encoder] + [_cell(c[0], std=c[1]) if c else "-" for c in cells])
+    _write(out, "table_protocols", ["task", "encoder", "finetune"] + variants[1:], rows,
+           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; frozen protocols: classification "
+           "tasks only")
 
 
 def _task_rows(means, tasks, encoders, baseline, modality) -> list[list[str]]:

@@ -30,7 +30,13 @@ from dex.eval.encoders import (
     freeze_all_but_last,
     load_encoder,
 )
-from dex.eval.metrics import DiceAccumulator, bootstrap_intervals, classification_metrics, dice_from_counts
+from dex.eval.metrics import (
+    DiceAccumulator,
+    bootstrap_intervals,
+    classification_intervals,
+    classification_metrics,
+    dice_from_counts,
+)
 from dex.eval.task_model import TaskModel
 from dex.models.unetr import UNETR2D
 from dex.safeload import load_torch_file
@@ -146,10 +152,7 @@ def evaluate_with_intervals(model: nn.Module, data: TaskImages, device: torch.de
     ``dice_3d``, the cases)."""
     collected = _collect(model, data, device, batch_size)
     if isinstance(collected, tuple):
-        logits, targets = collected
-        intervals = bootstrap_intervals(lambda idx: classification_metrics(logits[idx], targets[idx]), len(targets),
-                                        resamples, seed)
-        return _scores(collected), intervals
+        return _scores(collected), classification_intervals(*collected, resamples, seed)
     per_image = torch.stack(collected.scores)  # [N, C - 1]
     intervals = bootstrap_intervals(lambda idx: {"dice": float(per_image[idx].mean(0).mean())}, len(per_image),
                                     resamples, seed)

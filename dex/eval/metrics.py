@@ -56,6 +56,13 @@ def bootstrap_intervals(statistics: Callable[[np.ndarray], dict[str, float]], co
     return intervals
 
 
+def classification_intervals(logits: Tensor, target: Tensor, resamples: int = 1000,
+                             seed: int = 0) -> dict[str, list[float]]:
+    """95% bootstrap intervals of :func:`classification_metrics`, resampling the images."""
+    return bootstrap_intervals(lambda idx: classification_metrics(logits[idx], target[idx]), len(target), resamples,
+                               seed)
+
+
 def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:
     """[C, h, w] logits or probabilities at the model's resolution -> the [H, W] label map at ``size``: resized
     (bilinear) before the argmax, as the Dice of fine-tuning scores it and as ``dex predict`` writes it."""

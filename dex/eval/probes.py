@@ -1,0 +1,81 @@
+"""Classifiers on frozen features: the linear probe, weighted kNN and the few-shot draws of ``dex benchmark``'s
+frozen protocols. Each takes [N, D] float features and [N] class indices and gives [M, C] class probabilities.
+
+- :func:`linear_probe`: scikit-learn's ``LogisticRegression`` (L2, lbfgs, multinomial) on features standardised
+  with the training split's mean and standard deviation, one fit per value of ``C`` (the inverse L2 strength; lbfgs
+  has no learning rate, so the sweep of learning rate and weight decay of DINOv2's linear evaluation is a sweep of
+  the regularisation here: our choice), the value of best validation score kept (the first of equal ones), its test
+  probabilities reported.
+- :func:`knn_probabilities`: cosine similarity to every training feature, the ``k`` nearest vote with weight
+  ``exp(similarity / T)`` (T = 0.07), as DINO's kNN evaluation (Caron et al. 2021) does; the votes normalised to sum
+  to one.
+- :func:`fewshot_indices`: ``n`` training images per class (all of a class with fewer), drawn without replacement
+  by a generator seeded with (seed, n, draw): reproducible, and from the training split only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+LINEAR_C = (0.001, 0.01, 0.1, 1.0, 10.0)
+KNN_TEMPERATURE = 0.07
+
+
+def knn_probabilities(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, num_classes: int, k: int,
+                      temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """[M, C] probabilities of ``query`` [M, D] by the temperature-weighted vote of its ``k`` nearest (cosine)
+    ``train`` [N, D] features with labels ``train_labels`` [N] (k is capped at N)."""
+    bank = F.normalize(torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32)), dim=1)
+    queries = F.normalize(torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)), dim=1)
+    similarity, index = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
+    votes = torch.zeros(len(queries), num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, torch.from_numpy(train_labels)[index], (similarity.double() / temperature).exp())
+    return (votes / votes.sum(1, keepdim=True)).numpy()
+
+
+def _logistic(c: float, seed: int) -> LogisticRegression:
+    """The linear probe's classifier at inverse L2 strength ``c``: pinned by a test."""
+    return LogisticRegression(C=c, max_iter=2000, tol=1e-6, random_state=seed)
+
+
+def _full_probabilities(model: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """predict_proba over every class (a class absent from the training data gets probability 0)."""
+    probs = np.zeros((len(x), num_classes))
+    probs[:, model.classes_] = model.predict_proba(x)
+    return probs
+
+
+def linear_probe(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray,
+                 test: np.ndarray, num_classes: int, score: Callable[[np.ndarray, np.ndarray], float],
+                 cs: Sequence[float] = LINEAR_C, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit one logistic regression per ``C`` of ``cs`` on standardised ``train`` features, keep the one whose
+    validation probabilities score best by ``score(probabilities, labels)``; returns its validation and test
+    probabilities ([M, C] each) and its ``C``."""
+    scaler = StandardScaler().fit(train)
+    train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
+    best = None
+    for c in cs:
+        model = _logistic(c, seed).fit(train, train_labels)
+        val_probs = _full_probabilities(model, val, num_classes)
+        value = score(val_probs, val_labels)
+        if best is None or value > best[0]:
+            best = (value, c, model, val_probs)
+    _, c, model, val_probs = best
+    return val_probs, _full_probabilities(model, test, num_classes), c
+
+
+def fewshot_indices(labels: np.ndarray, n: int, draws: int, seed: int) -> list[np.ndarray]:
+    """``draws`` sets of ``n`` indices per class of ``labels`` (sorted; a class of fewer images gives all)."""
+    sets = []
+    for draw in range(draws):
+        rng = np.random.default_rng([seed, n, draw])
+        chosen = [rng.choice(np.flatnonzero(labels == c), min(n, int((labels == c).sum())), replace=False)
+                  for c in np.unique(labels)]
+        sets.append(np.sort(np.concatenate(chosen)))
+    return sets

@@ -1,0 +1,95 @@
+"""The frozen-feature classifiers against direct computations, and the metrics they are scored by against
+scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from dex.eval.metrics import bootstrap_intervals, classification_metrics
+from dex.eval.probes import LINEAR_C, _logistic, fewshot_indices, knn_probabilities, linear_probe
+
+
+def test_knn_matches_a_direct_weighted_vote():
+    rng = np.random.default_rng(0)
+    train, labels, query = rng.normal(size=(30, 6)), rng.integers(0, 3, 30), rng.normal(size=(7, 6))
+    got = knn_probabilities(train, labels, query, 3, k=5, temperature=0.07)
+    for row, q in zip(got, query):
+        similarity = train @ q / (np.linalg.norm(train, axis=1) * np.linalg.norm(q))
+        nearest = np.argsort(-similarity)[:5]
+        votes = np.zeros(3)
+        for i in nearest:
+            votes[labels[i]] += np.exp(similarity[i] / 0.07)
+        np.testing.assert_allclose(row, votes / votes.sum(), rtol=1e-5)
+    assert knn_probabilities(train, labels, query, 3, k=100).shape == (7, 3)  # k capped at the training set
+
+
+def _accuracy(probs, labels):
+    return float((probs.argmax(1) == labels).mean())
+
+
+def test_the_linear_probe_recovers_a_linear_rule_and_picks_c_on_validation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 8)) * rng.uniform(0.5, 20, 8)  # scales far apart: the probe standardises
+    w = rng.normal(size=(8, 3))
+    y = np.argmax((x / x.std(0)) @ w, axis=1)
+    train, val, test = slice(0, 300), slice(300, 450), slice(450, 600)
+    val_probs, test_probs, c = linear_probe(x[train], y[train], x[val], y[val], x[test], 3, _accuracy)
+    assert _accuracy(test_probs, y[test]) > 0.93 and np.allclose(test_probs.sum(1), 1)
+    scores = {}
+    for candidate in LINEAR_C:
+        scores[candidate] = linear_probe(x[train], y[train], x[val], y[val], x[test], 3, _accuracy, [candidate])[0]
+    assert c == max(LINEAR_C, key=lambda v: (_accuracy(scores[v], y[val]), -LINEAR_C.index(v)))
+    np.testing.assert_array_equal(val_probs, scores[c])
+
+
+def test_the_linear_probe_passes_l2_regularisation_of_strength_c_to_scikit_learn():
+    params = _logistic(0.1, 3).get_params()
+    assert params["C"] == 0.1 and params["l1_ratio"] in (0, 0.0, None) and params["solver"] == "lbfgs"
+    assert params["fit_intercept"] and params["max_iter"] == 2000 and params["random_state"] == 3
+    assert params["penalty"] in ("l2", "deprecated")  # scikit-learn >= 1.8: L2 by l1_ratio = 0
+
+
+def test_a_class_missing_from_the_training_set_gets_probability_zero():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 3)), np.repeat([0, 2], 20)
+    _, test_probs, _ = linear_probe(x, y, x, y, x[:5], 3, _accuracy, [1.0])
+    assert test_probs.shape == (5, 3) and np.all(test_probs[:, 1] == 0)
+
+
+def test_fewshot_draws_are_reproducible_per_class_and_differ_between_draws():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 8)
+    draws = fewshot_indices(labels, 5, 5, seed=4)
+    assert [d.tolist() for d in draws] == [d.tolist() for d in fewshot_indices(labels, 5, 5, seed=4)]
+    for d in draws:
+        assert np.bincount(labels[d]).tolist() == [5, 3, 5] and len(set(d.tolist())) == len(d)
+    assert len({tuple(d) for d in draws}) > 1
+    assert fewshot_indices(labels, 5, 1, seed=5)[0].tolist() != draws[0].tolist()
+
+
+def test_auroc_and_balanced_accuracy_match_scikit_learn():
+    rng = np.random.default_rng(3)
+    for classes in (2, 4):
+        target = rng.integers(0, classes, 80)
+        logits = rng.normal(size=(80, classes)) + 1.5 * np.eye(classes)[target]
+        metrics = classification_metrics(torch.from_numpy(logits), torch.from_numpy(target))
+        probs = torch.from_numpy(logits).softmax(1).numpy()
+        expected = (roc_auc_score(target, probs[:, 1]) if classes == 2
+                    else roc_auc_score(target, probs, multi_class="ovr", average="macro"))
+        assert metrics["auroc"] == pytest.approx(expected, abs=1e-5)
+        recall = np.mean([(probs.argmax(1)[target == c] == c).mean() for c in range(classes)])
+        assert metrics["balanced_accuracy"] == pytest.approx(recall, abs=1e-6)
+
+
+def test_a_bootstrap_interval_holds_the_estimate_and_narrows_with_more_images():
+    rng = np.random.default_rng(5)
+    widths = []
+    for count in (40, 640):
+        correct = rng.random(count) < 0.7
+        low, high = bootstrap_intervals(lambda idx: {"accuracy": float(correct[idx].mean())}, count, 500,
+                                        seed=0)["accuracy"]
+        assert low <= correct.mean() <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2

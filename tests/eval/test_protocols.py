@@ -1,0 +1,120 @@
+"""The frozen protocols: one feature pass (cached, and recomputed when what it depends on changes), an encoder
+left as it was, and their place in dex benchmark (suite key, --protocols, stored records, the protocols table)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import dex
+import dex.eval.benchmark as benchmark
+import dex.eval.features as features_module
+from dex.cli import main
+from dex.data.preprocess import Preprocessing
+from dex.data.tasks import load_task
+from dex.eval.encoders import EncoderSpec
+from dex.eval.features import feature_key
+from dex.eval.finetune import state_dict_sha256
+from dex.eval.protocols import ProbeConfig, protocol_variants, run_frozen
+from dex.models import DEXViT
+
+PROBE = ProbeConfig(knn_k=[2], fewshot_n=[1, 2], fewshot_draws=3, bootstrap=50)
+
+
+def _encoder(folder, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    dex.save_pretrained(DEXViT(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, num_experts=2,
+                               top_k=1), folder)
+    return folder
+
+
+def test_frozen_protocols_use_one_cached_feature_pass_and_leave_the_encoder_as_it_was(tmp_path, phantom_collection,
+                                                                                     monkeypatch):
+    task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
+    folder = _encoder(tmp_path / "encoder")
+    weights = (folder / "model.safetensors").read_bytes()
+    spec = EncoderSpec("dex", str(folder))
+    calls = []
+    real = features_module.features
+    monkeypatch.setattr(features_module, "features", lambda *a: calls.append(1) or real(*a))
+    variants = ["linear", *protocol_variants("knn", PROBE), *protocol_variants("fewshot", PROBE)]
+    records = run_frozen(spec, task, 0, variants, PROBE, tmp_path / "cache")
+    first = len(calls)
+    assert first > 0 and set(records) == {"linear", "knn-k2", "fewshot-1", "fewshot-2"}
+    assert [r["protocol"] for r in records.values()] == ["linear", "knn", "fewshot", "fewshot"]
+    assert not any(r["features_cached"] for r in records.values())
+    loaded = dex.load_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert all(r["encoder_sha256"] == state_dict_sha256(loaded.state_dict()) for r in records.values())
+    for name in ("linear", "knn-k2"):
+        assert set(records[name]["test"]) == {"f1_macro", "accuracy", "balanced_accuracy", "auroc"}
+        for metric, (low, high) in records[name]["test_intervals"].items():
+            value = records[name]["test"][metric]
+            assert np.isnan(value) or low - 1e-9 <= value <= high + 1e-9
+    classes_in_train = len({task.labels[i] for i in task.splits["train"]})
+    assert records["fewshot-1"]["train_images"] == classes_in_train and records["fewshot-1"]["draws"] == 3
+    assert set(records["fewshot-2"]["test_std"]) == set(records["fewshot-2"]["test"])
+    # the second run reads every split from the cache: no forward pass, the same records
+    again = run_frozen(spec, task, 0, variants, PROBE, tmp_path / "cache")
+    assert len(calls) == first and all(r["features_cached"] for r in again.values())
+    assert json.dumps({k: r["test"] for k, r in again.items()}) == json.dumps({k: r["test"] for k, r in records.items()})
+    # other weights under the same folder: recomputed
+    _encoder(folder, seed=1)
+    changed = run_frozen(spec, task, 0, ["linear"], PROBE, tmp_path / "cache")
+    assert len(calls) > first and not changed["linear"]["features_cached"]
+
+
+def test_the_feature_key_changes_with_the_preprocessing_the_split_and_the_files(tmp_path, phantom_collection):
+    task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
+    base = feature_key("abc", task, "train", Preprocessing(size=32))
+    assert base == feature_key("abc", task, "train", Preprocessing(size=32))
+    assert base != feature_key("abd", task, "train", Preprocessing(size=32))
+    assert base != feature_key("abc", task, "val", Preprocessing(size=32))
+    assert base != feature_key("abc", task, "train", Preprocessing(size=32, mean=(0.5, 0.5, 0.5)))
+    task.images[task.splits["train"][0]].touch()  # a rewritten image file
+    assert base != feature_key("abc", task, "train", Preprocessing(size=32))
+
+
+def test_frozen_protocols_refuse_segmentation_tasks(tmp_path, phantom_collection):
+    task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
+    with pytest.raises(ValueError, match="pathology-nuclei: the frozen protocols take classification tasks"):
+        run_frozen(EncoderSpec("dex", str(_encoder(tmp_path / "e"))), task, 0, ["linear"], PROBE, None)
+
+
+def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path, phantom_collection, monkeypatch):
+    tasks = phantom_collection / "raw" / "tasks"
+    data = {"out_dir": str(tmp_path / "bench"), "seeds": [0],
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "protocols": ["finetune", "linear", "knn"], "probe": {"knn_k": [2], "bootstrap": 20},
+            "encoders": {"dex": str(_encoder(tmp_path / "encoder"))},
+            "tasks": [str(tasks / "photo-lesion-type"), str(tasks / "pathology-nuclei")]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["benchmark", str(path)]) == 0
+    runs = tmp_path / "bench" / "runs" / "dex"
+    stored = {p.relative_to(runs).as_posix() for p in runs.glob("*/*/seed0.json")}
+    assert stored == {"photo-lesion-type/default/seed0.json", "photo-lesion-type/linear/seed0.json",
+                      "photo-lesion-type/knn-k2/seed0.json", "pathology-nuclei/default/seed0.json"}
+    assert json.loads((runs / "photo-lesion-type/default/seed0.json").read_text())["protocol"] == "finetune"
+    table = (tmp_path / "bench" / "report" / "table_protocols.md").read_text()
+    assert "| finetune | linear | knn-k2 |" in table and "photo-lesion-type" in table
+    assert list((tmp_path / "bench" / "features").glob("photo-lesion-type-*.npz"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored fine-tuning run was trained again")
+
+    monkeypatch.setattr(benchmark, "train_task_model", refuse)
+    assert main(["benchmark", str(path), "--protocols", "fewshot,finetune"]) == 0
+    assert {p.parent.name for p in runs.glob("photo-lesion-type/fewshot-*/seed0.json")} == {
+        "fewshot-1", "fewshot-5", "fewshot-10"}
+    assert main(["benchmark", str(path), "--protocols", "lora,linear"]) == 2
+    data["out_dir"] = str(tmp_path / "frozen-only")
+    path.write_text(yaml.safe_dump(data))
+    assert main(["benchmark", str(path), "--protocols", "knn"]) == 0  # no fine-tuning run at all
+    assert {p.name for p in (tmp_path / "frozen-only" / "report").iterdir()} == {
+        "table_protocols.md", "table_protocols.csv", "runs.csv"}
