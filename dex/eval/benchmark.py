@@ -346,8 +346,8 @@ def report(suite: Suite) -> None:
 
 
 def _protocols(out: Path, records) -> None:
-    """Per task and encoder, the test score of every protocol (fine-tuning and the frozen ones), mean ± std over
-    seeds; written when a suite ran a frozen protocol."""
+    """Per task and encoder that a frozen protocol ran on, the test score of every protocol (fine-tuning and the
+    frozen ones), mean ± std over seeds."""
     if not any(r["protocol"] != "finetune" for r in records):
         return
 
@@ -360,7 +360,7 @@ def _protocols(out: Path, records) -> None:
     for r in records:
         scores.setdefault((r["task"], r["encoder"], r["variant"]), []).append(r["score"])
     rows = []
-    for task, encoder in sorted({(t, e) for t, e, v in scores if v in variants}):
+    for task, encoder in sorted({(t, e) for t, e, v in scores if v in variants[1:]}):  # tasks a probe ran on
         cells = [_mean_std(scores[(task, encoder, v)]) if (task, encoder, v) in scores else None for v in variants]
         rows.append([task, encoder] + [_cell(c[0], std=c[1]) if c else "-" for c in cells])
     _write(out, "table_protocols", ["task", "encoder", "finetune"] + variants[1:], rows,
