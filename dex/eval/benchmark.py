@@ -28,7 +28,8 @@ Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (written 
 exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or an ablation's: ablations are
 fine-tuning runs); the frozen protocols (:mod:`dex.eval.protocols`, classification tasks) are variants named by the
 protocol (``linear``, ``knn-k10``, ``fewshot-5``, ...), their features cached in ``features/``
-(:mod:`dex.eval.features`). Reports are computed from the stored runs only: recomputing them gives the same files.
+(:mod:`dex.eval.features`); ``lora`` runs are fine-tuning runs of a frozen encoder with LoRA adapters
+(:mod:`dex.eval.lora`), variant ``lora``. Reports are computed from the stored runs only: recomputing them gives the same files.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing_extensions import TypedDict
 from dex.config import STRICT, ConfigError, read_yaml, validate
 from dex.data.recipe import MODALITIES
 from dex.data.tasks import TaskSpec, load_task
+from dex.eval.metrics import paired_gain_interval
 from dex.eval.encoders import EncoderSpec
 from dex.eval.finetune import FinetuneConfig, train_task_model
 from dex.eval.protocols import FROZEN_PROTOCOLS, PROTOCOLS, ProbeConfig, protocol_variants, run_frozen
@@ -169,6 +171,9 @@ def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, 
                     runs.append((name, task, "default", seed, spec, suite.finetune))
                 if tasks[task].spec.type == "classification":
                     runs += [(name, task, variant, seed, spec, suite.probe) for variant in frozen]
+                if "lora" in suite.protocols:
+                    runs.append((name, task, "lora", seed, spec, dataclasses.replace(
+                        suite.finetune, lora_rank=suite.probe.lora_rank, lora_alpha=suite.probe.lora_alpha)))
     unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
     if unknown:
         raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
@@ -226,7 +231,7 @@ def run_suite(suite: Suite) -> Path:
                                              bootstrap=1000 if suite.keep_models else 0)
             if suite.keep_models:
                 write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
-            records = {variant: {**record, "protocol": "finetune"}}
+            records = {variant: {**record, "protocol": "lora" if config.lora_rank else "finetune"}}
         for name, record in records.items():
             done += 1
             _store(suite.out_dir, encoder, task, name, seed, record)
@@ -255,7 +260,7 @@ def stored_runs(out: Path) -> list[dict[str, Any]]:
                         "type": record["type"], "variant": record["variant"], "seed": record["seed"],
                         "protocol": record.get("protocol", "finetune"),
                         "score": 100 * record["test"][record["score_name"]], "score_name": record["score_name"],
-                        "test": record["test"]})
+                        "test": record["test"], "test_outputs": record.get("test_outputs")})
     return records
 
 
@@ -307,6 +312,7 @@ def report(suite: Suite) -> None:
         raise ValueError(f"{suite.out_dir}: no stored runs to report on")
     if not any(r["variant"] == "default" for r in records):  # frozen protocols only: no fine-tuning tables
         _protocols(out, records)
+        _gains(out, records, suite.baseline)
         _runs_csv(out, records)
         return
     encoders = sorted({r["encoder"] for r in records if r["variant"] == "default"})
@@ -341,21 +347,22 @@ def report(suite: Suite) -> None:
            f"Average test score per modality and overall (x100; {SCORES}), gain over the baseline in brackets")
     _radar(out, encoders, tasks, means)
     _protocols(out, records)
+    _gains(out, records, suite.baseline)
     _ablations(out, records, suite)
     _runs_csv(out, records)
 
 
 def _protocols(out: Path, records) -> None:
-    """Per task and encoder that a frozen protocol ran on, the test score of every protocol (fine-tuning and the
-    frozen ones), mean ± std over seeds."""
-    if not any(r["protocol"] != "finetune" for r in records):
+    """Per task and encoder that another protocol than fine-tuning ran on, the test score of every protocol (fine-tuning and the
+    frozen ones, LoRA), mean ± std over seeds."""
+    if all(r["protocol"] == "finetune" for r in records):
         return
 
-    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, fewshot-5, ...
+    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, ..., lora
         protocol, _, number = variant.partition("-")
-        return FROZEN_PROTOCOLS.index(protocol), int(number.lstrip("k") or 0)
+        return PROTOCOLS.index(protocol), int(number.lstrip("k") or 0)
 
-    variants = ["default"] + sorted({r["variant"] for r in records if r["protocol"] in FROZEN_PROTOCOLS}, key=order)
+    variants = ["default"] + sorted({r["variant"] for r in records if r["protocol"] in PROTOCOLS[1:]}, key=order)
     scores: dict[tuple[str, str, str], list[float]] = {}
     for r in records:
         scores.setdefault((r["task"], r["encoder"], r["variant"]), []).append(r["score"])
@@ -364,8 +371,32 @@ def _protocols(out: Path, records) -> None:
         cells = [_mean_std(scores[(task, encoder, v)]) if (task, encoder, v) in scores else None for v in variants]
         rows.append([task, encoder] + [_cell(c[0], std=c[1]) if c else "-" for c in cells])
     _write(out, "table_protocols", ["task", "encoder", "finetune"] + variants[1:], rows,
-           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; frozen protocols: classification "
-           "tasks only")
+           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; linear, knn, fewshot: "
+           "classification tasks only")
+
+
+def _gains(out: Path, records, baseline: str | None) -> None:
+    """Each run's gain over the baseline's run of the same task, variant and seed, with its paired bootstrap 95%
+    interval on the same test images (:func:`dex.eval.metrics.paired_gain_interval`); runs stored without
+    per-image outputs (older records, few-shot means) are left out."""
+    if baseline is None:
+        return
+    base = {(r["task"], r["variant"], r["seed"]): r for r in records if r["encoder"] == baseline}
+    rows = []
+    for r in sorted(records, key=lambda r: (r["task"], r["variant"], r["encoder"], r["seed"])):
+        b = base.get((r["task"], r["variant"], r["seed"]))
+        if r["encoder"] == baseline or b is None or not r["test_outputs"] or not b["test_outputs"]:
+            continue
+        interval = paired_gain_interval(b["test_outputs"], r["test_outputs"], r["score_name"], seed=r["seed"])
+        if interval is not None:
+            rows.append([r["task"], "finetune" if r["variant"] == "default" else r["variant"], r["encoder"],
+                         str(r["seed"]), f"{r['score'] - b['score']:+.1f}",
+                         f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]"])
+    if rows:
+        _write(out, "table_gains", ["task", "protocol", "encoder", "seed", f"gain over {baseline}",
+                                    "paired 95% interval"], rows,
+               f"Gain over {baseline} on the same test images (x100; {SCORES}), with its paired bootstrap 95% "
+               "interval (1000 resamples of the test images, both runs scored on each)")
 
 
 def _task_rows(means, tasks, encoders, baseline, modality) -> list[list[str]]:

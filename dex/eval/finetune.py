@@ -37,6 +37,7 @@ from dex.eval.metrics import (
     classification_metrics,
     dice_from_counts,
 )
+from dex.eval.lora import add_lora, merge_lora
 from dex.eval.task_model import TaskModel
 from dex.models.unetr import UNETR2D
 from dex.safeload import load_torch_file
@@ -55,6 +56,8 @@ class FinetuneConfig:
     batch_size: int = 16
     data_fraction: float = 1.0  # share of the training split used (Fig. 5-b)
     trainable_blocks: int | None = None  # train only the last n encoder blocks (Fig. 5-c); None: all
+    lora_rank: int = 0  # > 0: a frozen encoder with LoRA adapters of this rank on attention (dex.eval.lora)
+    lora_alpha: float = 16.0
     feature_size: int = 16  # UNETR
     flip: bool = True  # random horizontal flips in training
     device: str = "auto"
@@ -146,22 +149,35 @@ def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_siz
     return _scores(_collect(model, data, device, batch_size))
 
 
-def evaluate_with_intervals(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int,
-                            resamples: int = 1000, seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """:func:`evaluate`'s metrics and their 95% percentile bootstrap intervals, resampling the images (and, for
-    ``dice_3d``, the cases)."""
+def evaluate_test(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int, resamples: int = 0,
+                  seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
+    """:func:`evaluate`'s metrics, their 95% percentile bootstrap intervals (``resamples`` > 0; resampling the
+    images and, for ``dice_3d``, the cases) and the per-image outputs of :func:`per_image_outputs`."""
     collected = _collect(model, data, device, batch_size)
+    intervals: dict[str, list[float]] = {}
+    if resamples and isinstance(collected, tuple):
+        intervals = classification_intervals(*collected, resamples, seed)
+    elif resamples:
+        per_image = torch.stack(collected.scores)  # [N, C - 1]
+        intervals = bootstrap_intervals(lambda idx: {"dice": float(per_image[idx].mean(0).mean())}, len(per_image),
+                                        resamples, seed)
+        if collected.cases:
+            counts = torch.stack(list(collected.cases.values()), 1)  # [3, cases, C - 1]
+            per_case = dice_from_counts(counts)  # [cases, C - 1]: a case's Dice depends on its own counts only
+            intervals |= bootstrap_intervals(lambda idx: {"dice_3d": float(per_case[idx].mean(0).mean())},
+                                             counts.shape[1], resamples, seed)
+    return _scores(collected), intervals, per_image_outputs(collected, data.ids)
+
+
+def per_image_outputs(collected: tuple[torch.Tensor, torch.Tensor] | DiceAccumulator,
+                      ids: list[str]) -> dict[str, Any]:
+    """What a paired comparison of two encoders on the same test images needs, per image in order: the labels and
+    the class probabilities (classification), or the Dice of each foreground class (segmentation)."""
     if isinstance(collected, tuple):
-        return _scores(collected), classification_intervals(*collected, resamples, seed)
-    per_image = torch.stack(collected.scores)  # [N, C - 1]
-    intervals = bootstrap_intervals(lambda idx: {"dice": float(per_image[idx].mean(0).mean())}, len(per_image),
-                                    resamples, seed)
-    if collected.cases:
-        counts = torch.stack(list(collected.cases.values()), 1)  # [3, cases, C - 1]
-        per_case = dice_from_counts(counts)  # [cases, C - 1]: a case's Dice depends on its own counts only
-        intervals |= bootstrap_intervals(lambda idx: {"dice_3d": float(per_case[idx].mean(0).mean())},
-                                         counts.shape[1], resamples, seed)
-    return _scores(collected), intervals
+        logits, targets = collected
+        return {"ids": list(ids), "labels": targets.tolist(),
+                "probabilities": np.round(logits.float().softmax(1).numpy(), 6).tolist()}
+    return {"ids": list(ids), "dice": np.round(torch.stack(collected.scores).numpy(), 6).tolist()}
 
 
 def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:
@@ -190,6 +206,10 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     encoder_sha256 = state_dict_sha256(encoder.state_dict())
     if config.trainable_blocks is not None:
         freeze_all_but_last(encoder, config.trainable_blocks)
+    if config.lora_rank < 0:
+        raise ValueError(f"lora_rank must be 0 (no LoRA) or positive, got {config.lora_rank}")
+    if config.lora_rank:
+        add_lora(encoder, config.lora_rank, config.lora_alpha)
     torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
     model = build_model(encoder, task, config).to(device)
     preprocessing = encoder_preprocessing(encoder_spec, encoder)
@@ -239,21 +259,21 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
             _save_checkpoint(Path(checkpoint), model, optimizer, loader.generator, epoch + 1, step, history, best,
                              config, device)
     model.load_state_dict(best["state"])
-    if bootstrap:
-        test_scores, test_intervals = evaluate_with_intervals(model, test, device, config.batch_size, bootstrap, seed)
-    else:
-        test_scores, test_intervals = evaluate(model, test, device, config.batch_size), {}
+    test_scores, test_intervals, outputs = evaluate_test(model, test, device, config.batch_size, bootstrap, seed)
     record = {
         "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
         "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
         "test": test_scores, "test_intervals": test_intervals, "encoder_spec": asdict(encoder_spec),
         "encoder_sha256": encoder_sha256, "config": asdict(config), "train_images": len(train),
         "split_images": {"train": len(train), "val": len(val), "test": len(test)},
-        "trainable_parameters": sum(p.numel() for p in params), "history": history,
+        "trainable_parameters": sum(p.numel() for p in params), "history": history, "test_outputs": outputs,
         "seconds": time.perf_counter() - started,
     }
-    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes), task_preprocessing(preprocessing, task),
-                     architecture, encoder_args, config.feature_size, {"name": task.name, "modality": task.spec.modality})
+    if config.lora_rank:
+        merge_lora(model)
+    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes),
+                     task_preprocessing(preprocessing, task), architecture, encoder_args, config.feature_size,
+                     {"name": task.name, "modality": task.spec.modality})
     return record, kept
 
 

@@ -40,27 +40,90 @@ def classification_metrics(logits: Tensor, target: Tensor) -> dict[str, float]:
     }
 
 
-def bootstrap_intervals(statistics: Callable[[np.ndarray], dict[str, float]], count: int, resamples: int = 1000,
-                        seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals: ``statistics`` of ``resamples`` draws of ``count`` indices with replacement
-    (NumPy's generator seeded by ``seed``), the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each value
-    (NaN draws, e.g. AUROC of a resample with one class, left out; NaN when every draw is)."""
-    rng = np.random.default_rng(seed)
-    draws = [statistics(rng.integers(0, count, count)) for _ in range(resamples)]
+def bootstrap_indices(count: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """[resamples, count] indices drawn with replacement by NumPy's generator seeded by ``seed``."""
+    return np.random.default_rng(seed).integers(0, count, (resamples, count))
+
+
+def percentile_intervals(draws: dict[str, np.ndarray], level: float = 0.95) -> dict[str, list[float]]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each metric's [resamples] draws (NaN draws, e.g.
+    AUROC of a resample with one class, left out; NaN when every draw is)."""
     intervals = {}
-    for name in draws[0]:
-        values = np.array([d[name] for d in draws], dtype=np.float64)
+    for name, values in draws.items():
+        values = np.asarray(values, dtype=np.float64)
         values = values[~np.isnan(values)]
         low, high = (np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if values.size else (math.nan,) * 2)
         intervals[name] = [float(low), float(high)]
     return intervals
 
 
+def bootstrap_intervals(statistics: Callable[[np.ndarray], dict[str, float]], count: int, resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals: ``statistics`` of each of :func:`bootstrap_indices`' draws, then
+    :func:`percentile_intervals`."""
+    draws = [statistics(indices) for indices in bootstrap_indices(count, resamples, seed)]
+    return percentile_intervals({name: np.array([d[name] for d in draws]) for name in draws[0]}, level)
+
+
+def classification_metric_draws(logits: Tensor, target: Tensor, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`classification_metrics` of every row of ``indices`` [R, n] (a resample of the N images) at once, as
+    [R] arrays, by the same rules as torchmetrics: macro F1 and macro recall over the classes that occur among the
+    true or predicted labels, macro one-vs-rest AUROC over every class (0 for a class without positives; NaN for a
+    resample with one class), ties ranked by their mean rank."""
+    from scipy.stats import rankdata
+
+    probs = logits.float().softmax(1).numpy().astype(np.float64)
+    truth, classes = target.numpy(), probs.shape[1]
+    pred = probs.argmax(1)
+    resamples = len(indices)
+    cells = (np.arange(resamples)[:, None] * classes * classes + truth[indices] * classes + pred[indices]).ravel()
+    confusion = np.bincount(cells, minlength=resamples * classes * classes).reshape(resamples, classes, classes)
+    tp = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
+    fp, fn = confusion.sum(1) - tp, confusion.sum(2) - tp
+    counted = (tp + fp + fn) > 0
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    positives = np.stack([(truth[indices] == c).sum(1) for c in range(classes)], 1)  # [R, C]
+    auroc = np.zeros((resamples, classes))
+    for c in range(classes):
+        ranks = rankdata(probs[indices, c], axis=1)
+        is_c = truth[indices] == c
+        n_pos, n_neg = positives[:, c], indices.shape[1] - positives[:, c]
+        u = (ranks * is_c).sum(1) - n_pos * (n_pos + 1) / 2
+        auroc[:, c] = np.divide(u, n_pos * n_neg, out=np.zeros(resamples), where=(n_pos * n_neg) > 0)
+    return {
+        "f1_macro": (f1 * counted).sum(1) / counted.sum(1),
+        "accuracy": tp.sum(1) / indices.shape[1],
+        "balanced_accuracy": (recall * counted).sum(1) / counted.sum(1),
+        "auroc": np.where((positives > 0).sum(1) > 1, auroc.mean(1), np.nan),
+    }
+
+
 def classification_intervals(logits: Tensor, target: Tensor, resamples: int = 1000,
                              seed: int = 0) -> dict[str, list[float]]:
-    """95% bootstrap intervals of :func:`classification_metrics`, resampling the images."""
-    return bootstrap_intervals(lambda idx: classification_metrics(logits[idx], target[idx]), len(target), resamples,
-                               seed)
+    """95% bootstrap intervals of :func:`classification_metrics`, resampling the images (all resamples at once,
+    :func:`classification_metric_draws`)."""
+    return percentile_intervals(classification_metric_draws(logits, target,
+                                                            bootstrap_indices(len(target), resamples, seed)))
+
+
+def paired_gain_interval(baseline: dict, other: dict, score_name: str, resamples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> list[float] | None:
+    """The paired bootstrap interval of ``other``'s gain in ``score_name`` over ``baseline`` on the same test
+    images: both scored on each of the same resamples of the images, the percentile interval of the differences.
+    ``baseline`` and ``other`` are records' ``test_outputs`` (labels and probabilities, or per-image Dice); None when
+    they are not of the same images in the same order."""
+    if baseline.get("ids") != other.get("ids") or not baseline.get("ids"):
+        return None
+    indices = bootstrap_indices(len(baseline["ids"]), resamples, seed)
+
+    def draws(outputs: dict) -> np.ndarray:
+        if "probabilities" in outputs:
+            logits = torch.tensor(outputs["probabilities"]).clamp_min(1e-12).log()
+            return classification_metric_draws(logits, torch.tensor(outputs["labels"]), indices)[score_name]
+        return np.asarray(outputs["dice"], dtype=np.float64)[indices].mean(1).mean(-1)  # [R]: images, then classes
+
+    return percentile_intervals({"gain": draws(other) - draws(baseline)}, level)["gain"]
 
 
 def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:

@@ -31,11 +31,11 @@ from dex.config import STRICT
 from dex.data.tasks import SPLITS, Task
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.eval.features import split_features
-from dex.eval.finetune import state_dict_sha256
+from dex.eval.finetune import per_image_outputs, state_dict_sha256
 from dex.eval.metrics import classification_intervals, classification_metrics
 from dex.eval.probes import KNN_TEMPERATURE, LINEAR_C, fewshot_indices, knn_probabilities, linear_probe
 
-PROTOCOLS = ("finetune", "linear", "knn", "fewshot")
+PROTOCOLS = ("finetune", "linear", "knn", "fewshot", "lora")
 FROZEN_PROTOCOLS = ("linear", "knn", "fewshot")
 SCORE = "f1_macro"
 
@@ -43,7 +43,8 @@ SCORE = "f1_macro"
 @STRICT
 @dataclass
 class ProbeConfig:
-    """``probe:`` in a suite: the settings of the frozen protocols."""
+    """``probe:`` in a suite: the settings of the frozen protocols, and the adapters of the ``lora`` protocol
+    (fine-tuning's settings otherwise)."""
 
     features: Literal["cls", "mean", "both"] = "both"  # class token, mean patch token, or both concatenated
     linear_c: list[float] = field(default_factory=lambda: list(LINEAR_C))
@@ -54,10 +55,13 @@ class ProbeConfig:
     batch_size: int = 64  # images per forward pass of the feature extraction
     bootstrap: int = 1000  # resamples of the test images for the 95% intervals (0: none)
     device: str = "cpu"
+    lora_rank: int = 8  # the lora protocol: fine-tuning's settings with these adapters (dex.eval.lora)
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
-        if self.fewshot_draws < 1 or any(n < 1 for n in self.fewshot_n) or any(k < 1 for k in self.knn_k):
-            raise ValueError("probe: fewshot_draws, fewshot_n and knn_k must be positive")
+        if (self.fewshot_draws < 1 or any(n < 1 for n in self.fewshot_n) or any(k < 1 for k in self.knn_k)
+                or self.lora_rank < 1):
+            raise ValueError("probe: fewshot_draws, fewshot_n, knn_k and lora_rank must be positive")
 
 
 def protocol_variants(protocol: str, config: ProbeConfig) -> list[str]:
@@ -124,6 +128,7 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
         test = torch.from_numpy(test_probs).clamp_min(1e-12).log()
         intervals = (classification_intervals(test, torch.from_numpy(y["test"]), config.bootstrap, seed)
                      if config.bootstrap else {})
+        extra["test_outputs"] = per_image_outputs((test, torch.from_numpy(y["test"])), splits["test"].ids)
         records[variant] = _record(spec, task, seed, variant, config, sha256, splits, started, feature_seconds,
                                    fit_started, _metrics(val_probs, y["val"]), _metrics(test_probs, y["test"]),
                                    intervals, extra)

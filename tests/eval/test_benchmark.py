@@ -51,7 +51,12 @@ def test_suite_runs_resumes_and_reports_from_stored_runs(suite, monkeypatch, cap
     assert len(stored) == 12 + 2 + 2 + 2
     report = out / "report"
     assert {"table1_modalities.md", "table5_tasks.csv", "radar.png", "fig5_top_k.png", "fig5_data_fraction.md",
-            "table4_experts_director.md", "table6_components.md", "runs.csv"} <= set(files(report))
+            "table4_experts_director.md", "table6_components.md", "runs.csv", "table_gains.md"} <= set(files(report))
+    gains = (report / "table_gains.csv").read_text().splitlines()
+    assert gains[0] == "task,protocol,encoder,seed,gain over scratch,paired 95% interval"
+    rows = [line.split(",") for line in gains[1:]]
+    assert {(r[0], r[2], r[3]) for r in rows if r[1] == "finetune"} == {
+        (t, "dex-scratch", s) for t in ("xray-lungs", "photo-lesion-type", "oct-layers") for s in "01"}
     before = files(report)
 
     def refuse(*args, **kwargs):

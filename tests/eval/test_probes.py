@@ -8,7 +8,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from dex.eval.metrics import bootstrap_intervals, classification_metrics
+from dex.eval.metrics import (
+    bootstrap_indices,
+    bootstrap_intervals,
+    classification_metric_draws,
+    classification_metrics,
+    paired_gain_interval,
+)
 from dex.eval.probes import LINEAR_C, _logistic, fewshot_indices, knn_probabilities, linear_probe
 
 
@@ -48,7 +54,7 @@ def test_the_linear_probe_recovers_a_linear_rule_and_picks_c_on_validation():
 def test_the_linear_probe_passes_l2_regularisation_of_strength_c_to_scikit_learn():
     params = _logistic(0.1, 3).get_params()
     assert params["C"] == 0.1 and params["l1_ratio"] in (0, 0.0, None) and params["solver"] == "lbfgs"
-    assert params["fit_intercept"] and params["max_iter"] == 2000 and params["random_state"] == 3
+    assert params["fit_intercept"] and params["max_iter"] == 1000 and params["tol"] == 1e-4 and params["random_state"] == 3
     assert params["penalty"] in ("l2", "deprecated")  # scikit-learn >= 1.8: L2 by l1_ratio = 0
 
 
@@ -93,3 +99,45 @@ def test_a_bootstrap_interval_holds_the_estimate_and_narrows_with_more_images():
         assert low <= correct.mean() <= high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
+
+
+@pytest.mark.parametrize("classes,count", [(2, 30), (4, 25), (5, 12)])
+def test_the_vectorised_bootstrap_metrics_equal_the_metrics_of_each_resample(classes, count):
+    rng = np.random.default_rng(classes)
+    target = torch.from_numpy(rng.integers(0, classes - 1 if classes > 3 else classes, count))  # a class never true
+    logits = torch.from_numpy(rng.normal(size=(count, classes)).astype(np.float32))
+    logits[:3] = logits[:3].round()  # ties
+    indices = bootstrap_indices(count, 60, seed=1)
+    draws = classification_metric_draws(logits, target, indices)
+    for r, row in enumerate(indices):
+        expected = classification_metrics(logits[row], target[row])
+        for name, value in expected.items():
+            got = draws[name][r]
+            assert (np.isnan(value) and np.isnan(got)) or got == pytest.approx(value, abs=2e-6), (name, r)
+
+
+def test_the_bootstrap_draws_are_those_of_one_draw_at_a_time():
+    generator = np.random.default_rng(7)
+    sequential = np.stack([generator.integers(0, 13, 13) for _ in range(20)])
+    np.testing.assert_array_equal(bootstrap_indices(13, 20, seed=7), sequential)
+
+
+def test_the_paired_gain_interval_resamples_both_runs_on_the_same_images():
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 3, 60)
+    good = np.eye(3)[labels] * 0.8 + 0.2 / 3  # always right
+    noisy = rng.dirichlet(np.ones(3), 60)
+    ids = [f"i{n}" for n in range(60)]
+    base = {"ids": ids, "labels": labels.tolist(), "probabilities": noisy.tolist()}
+    other = {"ids": ids, "labels": labels.tolist(), "probabilities": good.tolist()}
+    low, high = paired_gain_interval(base, other, "accuracy", resamples=300)
+    indices = bootstrap_indices(60, 300, 0)
+    diffs = [float((good[i].argmax(1) == labels[i]).mean() - (noisy[i].argmax(1) == labels[i]).mean())
+             for i in indices]
+    assert [low, high] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), abs=1e-9)
+    assert low > 0  # a real gain is told apart
+    assert paired_gain_interval(base, base, "accuracy", resamples=50) == [0.0, 0.0]
+    assert paired_gain_interval(base, {**other, "ids": ids[::-1]}, "accuracy") is None  # other images: no pairing
+    dice = {"ids": ids, "dice": rng.random((60, 2)).tolist()}
+    low, high = paired_gain_interval(dice, {"ids": ids, "dice": (np.array(dice["dice"]) + 0.1).tolist()}, "dice")
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)

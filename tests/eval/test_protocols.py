@@ -105,6 +105,12 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     assert "| finetune | linear | knn-k2 |" in table and "photo-lesion-type" in table
     assert list((tmp_path / "bench" / "features").glob("photo-lesion-type-*.npz"))
 
+    assert main(["benchmark", str(path), "--protocols", "lora"]) == 0  # LoRA on both tasks (head, or UNETR)
+    lora = {p.parent.parent.name: json.loads(p.read_text()) for p in runs.glob("*/lora/seed0.json")}
+    assert set(lora) == {"photo-lesion-type", "pathology-nuclei"}
+    assert all(r["protocol"] == "lora" and r["config"]["lora_rank"] == 8 for r in lora.values())
+    assert "| lora |" in (tmp_path / "bench" / "report" / "table_protocols.md").read_text()
+
     def refuse(*args, **kwargs):
         raise AssertionError("a stored fine-tuning run was trained again")
 
@@ -112,7 +118,7 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     assert main(["benchmark", str(path), "--protocols", "fewshot,finetune"]) == 0
     assert {p.parent.name for p in runs.glob("photo-lesion-type/fewshot-*/seed0.json")} == {
         "fewshot-1", "fewshot-5", "fewshot-10"}
-    assert main(["benchmark", str(path), "--protocols", "lora,linear"]) == 2
+    assert main(["benchmark", str(path), "--protocols", "probe,linear"]) == 2
     data["out_dir"] = str(tmp_path / "frozen-only")
     path.write_text(yaml.safe_dump(data))
     assert main(["benchmark", str(path), "--protocols", "knn"]) == 0  # no fine-tuning run at all
