@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
     benchmark.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
     benchmark.add_argument("--protocols", help="comma-separated protocols replacing the suite's: finetune, linear, "
-                                               "knn, fewshot (frozen protocols: classification tasks)")
+                                               "knn, fewshot (classification tasks), lora, frozen-unetr "
+                                               "(segmentation tasks)")
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 

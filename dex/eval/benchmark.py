@@ -29,7 +29,8 @@ exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`
 fine-tuning runs); the frozen protocols (:mod:`dex.eval.protocols`, classification tasks) are variants named by the
 protocol (``linear``, ``knn-k10``, ``fewshot-5``, ...), their features cached in ``features/``
 (:mod:`dex.eval.features`); ``lora`` runs are fine-tuning runs of a frozen encoder with LoRA adapters
-(:mod:`dex.eval.lora`), variant ``lora``. Reports are computed from the stored runs only: recomputing them gives the same files.
+(:mod:`dex.eval.lora`), variant ``lora``, and ``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on
+a frozen encoder. Reports are computed from the stored runs only: recomputing them gives the same files.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> 
 def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec,
                                                              FinetuneConfig | ProbeConfig]]:
     """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings, or the
-    probe settings for a frozen protocol's run). Frozen protocols are planned for classification tasks only."""
+    probe settings for a frozen protocol's run). kNN and few-shot are planned for classification tasks only."""
     runs = []
     frozen = [v for protocol in suite.protocols if protocol in FROZEN_PROTOCOLS
               for v in protocol_variants(protocol, suite.probe)]
@@ -171,9 +172,14 @@ def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, 
                     runs.append((name, task, "default", seed, spec, suite.finetune))
                 if tasks[task].spec.type == "classification":
                     runs += [(name, task, variant, seed, spec, suite.probe) for variant in frozen]
+                elif "linear" in suite.protocols:  # segmentation: DINOv2's linear head on the patch tokens
+                    runs.append((name, task, "linear", seed, spec, suite.probe))
                 if "lora" in suite.protocols:
                     runs.append((name, task, "lora", seed, spec, dataclasses.replace(
                         suite.finetune, lora_rank=suite.probe.lora_rank, lora_alpha=suite.probe.lora_alpha)))
+                if "frozen-unetr" in suite.protocols and tasks[task].spec.type == "segmentation":
+                    runs.append((name, task, "frozen-unetr", seed, spec,
+                                 dataclasses.replace(suite.finetune, freeze_encoder=True)))
     unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
     if unknown:
         raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
@@ -231,7 +237,8 @@ def run_suite(suite: Suite) -> Path:
                                              bootstrap=1000 if suite.keep_models else 0)
             if suite.keep_models:
                 write_finetuned(_model_path(suite.out_dir, encoder, task, variant, seed), model, record)
-            records = {variant: {**record, "protocol": "lora" if config.lora_rank else "finetune"}}
+            protocol = "lora" if config.lora_rank else "frozen-unetr" if config.freeze_encoder else "finetune"
+            records = {variant: {**record, "protocol": protocol}}
         for name, record in records.items():
             done += 1
             _store(suite.out_dir, encoder, task, name, seed, record)
@@ -358,9 +365,11 @@ def _protocols(out: Path, records) -> None:
     if all(r["protocol"] == "finetune" for r in records):
         return
 
-    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, ..., lora
-        protocol, _, number = variant.partition("-")
-        return PROTOCOLS.index(protocol), int(number.lstrip("k") or 0)
+    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, ..., lora, ...
+        if variant in PROTOCOLS:
+            return PROTOCOLS.index(variant), 0
+        protocol, _, number = variant.rpartition("-")
+        return PROTOCOLS.index(protocol), int(number.lstrip("k"))
 
     variants = ["default"] + sorted({r["variant"] for r in records if r["protocol"] in PROTOCOLS[1:]}, key=order)
     scores: dict[tuple[str, str, str], list[float]] = {}
@@ -371,8 +380,8 @@ def _protocols(out: Path, records) -> None:
         cells = [_mean_std(scores[(task, encoder, v)]) if (task, encoder, v) in scores else None for v in variants]
         rows.append([task, encoder] + [_cell(c[0], std=c[1]) if c else "-" for c in cells])
     _write(out, "table_protocols", ["task", "encoder", "finetune"] + variants[1:], rows,
-           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; linear, knn, fewshot: "
-           "classification tasks only")
+           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; knn and fewshot: "
+           "classification tasks; linear on a segmentation task: a linear head on the frozen patch tokens")
 
 
 def _gains(out: Path, records, baseline: str | None) -> None:

@@ -35,9 +35,16 @@ class EmbedSummary(NamedTuple):
 @torch.no_grad()
 def features(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-token and mean-patch features of model inputs [B, 3, H, W]: two [B, D] float32 tensors."""
-    tokens = encoder.forward_features(images).float()
-    prefix = getattr(encoder, "num_prefix_tokens", 1)
-    return tokens[:, 0], tokens[:, prefix:].mean(1)
+    cls, patches = tokens(encoder, images)
+    return cls, patches.mean(1)
+
+
+@torch.no_grad()
+def tokens(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class token [B, D] and the patch tokens [B, P, D] (row-major over the patch grid) of the encoder's final
+    normalised output (``forward_features``) of model inputs [B, 3, H, W], float32."""
+    output = encoder.forward_features(images).float()
+    return output[:, 0], output[:, getattr(encoder, "num_prefix_tokens", 1):]
 
 
 def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 64,

@@ -2,8 +2,8 @@
 ``dex benchmark`` (linear probe, kNN, few-shot) costs one forward pass over the data.
 
 A split's features (:func:`split_features`) are the class token and the mean patch token of the encoder's final
-normalised output (:func:`dex.eval.embed.features`, as ``dex embed`` gives them) of each image, read by the
-encoder's preprocessing. They are cached as ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything
+normalised output (:func:`dex.eval.embed.tokens`, as ``dex embed`` gives them) of each image, read by the
+encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything
 they depend on: the encoder's weights (:func:`dex.eval.finetune.state_dict_sha256`), the task's folder and the
 split's image ids, files (size and modification time) and labels, the preprocessing, and this format's version; a
 change of any makes a new key, so a stale file is never read. A file is written whole or not at all (a temporary
@@ -23,7 +23,7 @@ from torch import nn
 
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task
-from dex.eval.embed import features
+from dex.eval.embed import tokens
 
 FORMAT_VERSION = 1
 
@@ -31,12 +31,14 @@ FORMAT_VERSION = 1
 @dataclass
 class SplitFeatures:
     """The features of one split: ``cls`` and ``mean_patch`` [N, D] float32, ``labels`` [N] class indices (-1 for
-    segmentation tasks), ``ids`` the images in order; ``cached`` whether they were read from the cache."""
+    segmentation tasks), ``ids`` the images in order, ``patches`` [N, P, D] float16 (segmentation tasks, else
+    None); ``cached`` whether they were read from the cache."""
 
     cls: np.ndarray
     mean_patch: np.ndarray
     labels: np.ndarray
     ids: list[str]
+    patches: np.ndarray | None = None
     cached: bool = False
 
     def matrix(self, kind: str) -> np.ndarray:
@@ -76,20 +78,23 @@ def split_features(encoder: nn.Module, encoder_sha256: str, task: Task, split: s
         path = Path(cache) / f"{task.name}-{split}-{key[:24]}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as stored:
-                return SplitFeatures(stored["cls"], stored["mean_patch"], labels, ids, cached=True)
+                return SplitFeatures(stored["cls"], stored["mean_patch"], labels, ids,
+                                     stored["patches"] if "patches" in stored else None, cached=True)
     encoder.eval()
-    cls_rows, mean_rows = [], []
+    keep_patches = task.spec.type == "segmentation"
+    rows: dict[str, list[np.ndarray]] = {"cls": [], "mean_patch": [], "patches": []}
     for start in range(0, len(ids), batch_size):
         images = torch.stack([preprocessing.read(task.images[i]) for i in ids[start: start + batch_size]])
-        cls, mean = features(encoder, images.to(device))
-        cls_rows.append(cls.cpu().numpy())
-        mean_rows.append(mean.cpu().numpy())
-    dim = encoder.num_features
-    cls = np.concatenate(cls_rows) if cls_rows else np.zeros((0, dim), np.float32)
-    mean = np.concatenate(mean_rows) if mean_rows else np.zeros((0, dim), np.float32)
+        cls, patches = tokens(encoder, images.to(device))
+        rows["cls"].append(cls.cpu().numpy())
+        rows["mean_patch"].append(patches.mean(1).cpu().numpy())
+        if keep_patches:
+            rows["patches"].append(patches.cpu().numpy().astype(np.float16))
+    empty = np.zeros((0, encoder.num_features), np.float32)
+    arrays = {"cls": empty, "mean_patch": empty, **{name: np.concatenate(v) for name, v in rows.items() if v}}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, cls=cls, mean_patch=mean)
+        np.savez(tmp, **arrays)
         tmp.replace(path)
-    return SplitFeatures(cls, mean, labels, ids)
+    return SplitFeatures(arrays["cls"], arrays["mean_patch"], labels, ids, arrays.get("patches"))

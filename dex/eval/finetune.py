@@ -56,6 +56,7 @@ class FinetuneConfig:
     batch_size: int = 16
     data_fraction: float = 1.0  # share of the training split used (Fig. 5-b)
     trainable_blocks: int | None = None  # train only the last n encoder blocks (Fig. 5-c); None: all
+    freeze_encoder: bool = False  # train the head or UNETR decoder on a frozen encoder (kept in eval mode)
     lora_rank: int = 0  # > 0: a frozen encoder with LoRA adapters of this rank on attention (dex.eval.lora)
     lora_alpha: float = 16.0
     feature_size: int = 16  # UNETR
@@ -151,9 +152,16 @@ def evaluate(model: nn.Module, data: TaskImages, device: torch.device, batch_siz
 
 def evaluate_test(model: nn.Module, data: TaskImages, device: torch.device, batch_size: int, resamples: int = 0,
                   seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
-    """:func:`evaluate`'s metrics, their 95% percentile bootstrap intervals (``resamples`` > 0; resampling the
-    images and, for ``dice_3d``, the cases) and the per-image outputs of :func:`per_image_outputs`."""
+    """:func:`evaluate`'s metrics with :func:`scores_with_intervals` and the per-image outputs of
+    :func:`per_image_outputs`."""
     collected = _collect(model, data, device, batch_size)
+    return (*scores_with_intervals(collected, resamples, seed), per_image_outputs(collected, data.ids))
+
+
+def scores_with_intervals(collected: tuple[torch.Tensor, torch.Tensor] | DiceAccumulator, resamples: int = 0,
+                          seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The metrics of collected test outputs (logits and targets, or Dice counts) and, with ``resamples`` > 0, their
+    95% percentile bootstrap intervals, resampling the images (and, for ``dice_3d``, the cases)."""
     intervals: dict[str, list[float]] = {}
     if resamples and isinstance(collected, tuple):
         intervals = classification_intervals(*collected, resamples, seed)
@@ -166,7 +174,7 @@ def evaluate_test(model: nn.Module, data: TaskImages, device: torch.device, batc
             per_case = dice_from_counts(counts)  # [cases, C - 1]: a case's Dice depends on its own counts only
             intervals |= bootstrap_intervals(lambda idx: {"dice_3d": float(per_case[idx].mean(0).mean())},
                                              counts.shape[1], resamples, seed)
-    return _scores(collected), intervals, per_image_outputs(collected, data.ids)
+    return _scores(collected), intervals
 
 
 def per_image_outputs(collected: tuple[torch.Tensor, torch.Tensor] | DiceAccumulator,
@@ -206,6 +214,8 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     encoder_sha256 = state_dict_sha256(encoder.state_dict())
     if config.trainable_blocks is not None:
         freeze_all_but_last(encoder, config.trainable_blocks)
+    if config.freeze_encoder:
+        encoder.requires_grad_(False)
     if config.lora_rank < 0:
         raise ValueError(f"lora_rank must be 0 (no LoRA) or positive, got {config.lora_rank}")
     if config.lora_rank:
@@ -237,6 +247,8 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
         start, step, history, best = _restore(Path(checkpoint), model, optimizer, loader.generator, config, device)
     for epoch in range(start, config.epochs):
         model.train()
+        if config.freeze_encoder:  # no dropout, drop-path or router noise in the frozen features
+            encoder.eval()
         train.epoch = epoch
         losses = []
         for batch in loader:

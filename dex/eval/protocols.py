@@ -11,7 +11,9 @@ probing; MedMoE: linear probes at a fraction of the labels).
   protocol on each drawn set (its L2 strength chosen on the full validation split), the test metrics' mean and
   standard deviation over the draws (variants ``fewshot-1``, ``fewshot-5``, ``fewshot-10``).
 
-They apply to classification tasks (segmentation protocols on frozen features are not here yet). Each record has
+They apply to classification tasks; on a segmentation task ``linear`` is DINOv2's linear segmentation: a batch
+norm and linear head on each frozen patch token, its logits upsampled to the mask (:func:`dex.eval.probes.
+fit_patch_classifier`), the learning rate of best validation Dice kept, scored by Dice as fine-tuning scores it. Each record has
 the fields of a fine-tuning record that the reports read (task, modality, type, seed, score_name, val, test, and the
 test metrics' 95% bootstrap intervals; few-shot: the standard deviation over draws instead) and names its
 ``protocol``.
@@ -26,16 +28,27 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from dex.config import STRICT
-from dex.data.tasks import SPLITS, Task
+from dex.data.tasks import SPLITS, Task, mask_labels
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.eval.features import split_features
-from dex.eval.finetune import per_image_outputs, state_dict_sha256
+from dex.eval.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256
+from dex.eval.metrics import DiceAccumulator
 from dex.eval.metrics import classification_intervals, classification_metrics
-from dex.eval.probes import KNN_TEMPERATURE, LINEAR_C, fewshot_indices, knn_probabilities, linear_probe
+from dex.eval.probes import (
+    KNN_TEMPERATURE,
+    LINEAR_C,
+    SEGMENTATION_LR,
+    fewshot_indices,
+    fit_patch_classifier,
+    knn_probabilities,
+    linear_probe,
+    patch_logits,
+)
 
-PROTOCOLS = ("finetune", "linear", "knn", "fewshot", "lora")
+PROTOCOLS = ("finetune", "linear", "knn", "fewshot", "lora", "frozen-unetr")
 FROZEN_PROTOCOLS = ("linear", "knn", "fewshot")
 SCORE = "f1_macro"
 
@@ -55,6 +68,8 @@ class ProbeConfig:
     batch_size: int = 64  # images per forward pass of the feature extraction
     bootstrap: int = 1000  # resamples of the test images for the 95% intervals (0: none)
     device: str = "cpu"
+    segmentation_lr: list[float] = field(default_factory=lambda: list(SEGMENTATION_LR))  # linear, segmentation
+    segmentation_epochs: int = 20
     lora_rank: int = 8  # the lora protocol: fine-tuning's settings with these adapters (dex.eval.lora)
     lora_alpha: float = 16.0
 
@@ -83,8 +98,8 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
                cache: str | Path | None) -> dict[str, dict[str, Any]]:
     """The records of ``variants`` (of :func:`protocol_variants`) for ``spec`` on the classification ``task``:
     one feature pass per split (or none, from ``cache``), then every classifier."""
-    if task.spec.type != "classification":
-        raise ValueError(f"{task.name}: the frozen protocols take classification tasks, not {task.spec.type}")
+    if task.spec.type != "classification" and variants != ["linear"]:
+        raise ValueError(f"{task.name}: a segmentation task takes the linear protocol only, not {variants}")
     started = time.perf_counter()
     encoder = load_encoder(spec).to(config.device).eval()
     sha256 = state_dict_sha256(encoder.state_dict())
@@ -92,6 +107,10 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
     splits = {name: split_features(encoder, sha256, task, name, preprocessing, cache, config.batch_size,
                                    config.device) for name in SPLITS}
     feature_seconds = time.perf_counter() - started
+    if task.spec.type == "segmentation":
+        grid = tuple(encoder.patch_embed.grid_size)
+        return {"linear": _linear_segmentation(spec, task, seed, config, sha256, splits, preprocessing, grid, started,
+                                               feature_seconds)}
     x = {name: split.matrix(config.features) for name, split in splits.items()}
     y = {name: split.labels for name, split in splits.items()}
     classes = len(task.spec.classes)
@@ -133,6 +152,40 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
                                    fit_started, _metrics(val_probs, y["val"]), _metrics(test_probs, y["test"]),
                                    intervals, extra)
     return records
+
+
+def _linear_segmentation(spec, task, seed, config, sha256, splits, preprocessing, grid, started,
+                         feature_seconds) -> dict[str, Any]:
+    """The linear protocol on a segmentation task (see the module's docstring): patch tokens on ``grid``."""
+    fit_started = time.perf_counter()
+    size = list(preprocessing.size)
+    masks = np.stack([TF.resize(torch.from_numpy(mask_labels(task, i))[None], size,
+                                interpolation=TF.InterpolationMode.NEAREST)[0].numpy() for i in splits["train"].ids])
+    classes = len(task.spec.classes)
+
+    def dice(head, split) -> DiceAccumulator:
+        accumulator = DiceAccumulator(classes)
+        with torch.no_grad():
+            logits = patch_logits(head, torch.from_numpy(splits[split].patches), grid)
+        for item, row in zip(splits[split].ids, logits):
+            accumulator.add(row, torch.from_numpy(mask_labels(task, item)), task.cases[item][0] if task.cases else None)
+        return accumulator
+
+    best = None
+    for lr in config.segmentation_lr:
+        head = fit_patch_classifier(splits["train"].patches, masks, grid, classes, lr, config.segmentation_epochs,
+                                    seed=seed)
+        value = dice(head, "val").value()
+        if best is None or value > best[0]:
+            best = (value, lr, head)
+    _, lr, head = best
+    val = scores_with_intervals(dice(head, "val"))[0]
+    collected = dice(head, "test")
+    test, intervals = scores_with_intervals(collected, config.bootstrap, seed)
+    record = _record(spec, task, seed, "linear", config, sha256, splits, started, feature_seconds, fit_started, val,
+                     test, intervals, {"chosen": {"lr": lr}, "test_outputs": per_image_outputs(collected,
+                                                                                               splits["test"].ids)})
+    return {**record, "score_name": "dice"}
 
 
 def _mean(rows) -> dict[str, float]:

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import dex
@@ -25,8 +26,6 @@ PROBE = ProbeConfig(knn_k=[2], fewshot_n=[1, 2], fewshot_draws=3, bootstrap=50)
 
 
 def _encoder(folder, seed=0):
-    import torch
-
     torch.manual_seed(seed)
     dex.save_pretrained(DEXViT(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, num_experts=2,
                                top_k=1), folder)
@@ -40,8 +39,8 @@ def test_frozen_protocols_use_one_cached_feature_pass_and_leave_the_encoder_as_i
     weights = (folder / "model.safetensors").read_bytes()
     spec = EncoderSpec("dex", str(folder))
     calls = []
-    real = features_module.features
-    monkeypatch.setattr(features_module, "features", lambda *a: calls.append(1) or real(*a))
+    real = features_module.tokens
+    monkeypatch.setattr(features_module, "tokens", lambda *a: calls.append(1) or real(*a))
     variants = ["linear", *protocol_variants("knn", PROBE), *protocol_variants("fewshot", PROBE)]
     records = run_frozen(spec, task, 0, variants, PROBE, tmp_path / "cache")
     first = len(calls)
@@ -80,10 +79,10 @@ def test_the_feature_key_changes_with_the_preprocessing_the_split_and_the_files(
     assert base != feature_key("abc", task, "train", Preprocessing(size=32))
 
 
-def test_frozen_protocols_refuse_segmentation_tasks(tmp_path, phantom_collection):
+def test_a_segmentation_task_takes_the_linear_protocol_only(tmp_path, phantom_collection):
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
-    with pytest.raises(ValueError, match="pathology-nuclei: the frozen protocols take classification tasks"):
-        run_frozen(EncoderSpec("dex", str(_encoder(tmp_path / "e"))), task, 0, ["linear"], PROBE, None)
+    with pytest.raises(ValueError, match="pathology-nuclei: a segmentation task takes the linear protocol only"):
+        run_frozen(EncoderSpec("dex", str(_encoder(tmp_path / "e"))), task, 0, ["linear", "knn-k2"], PROBE, None)
 
 
 def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path, phantom_collection, monkeypatch):
@@ -99,7 +98,8 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     runs = tmp_path / "bench" / "runs" / "dex"
     stored = {p.relative_to(runs).as_posix() for p in runs.glob("*/*/seed0.json")}
     assert stored == {"photo-lesion-type/default/seed0.json", "photo-lesion-type/linear/seed0.json",
-                      "photo-lesion-type/knn-k2/seed0.json", "pathology-nuclei/default/seed0.json"}
+                      "photo-lesion-type/knn-k2/seed0.json", "pathology-nuclei/default/seed0.json",
+                      "pathology-nuclei/linear/seed0.json"}  # segmentation: the linear head on patch tokens
     assert json.loads((runs / "photo-lesion-type/default/seed0.json").read_text())["protocol"] == "finetune"
     table = (tmp_path / "bench" / "report" / "table_protocols.md").read_text()
     assert "| finetune | linear | knn-k2 |" in table and "photo-lesion-type" in table
@@ -110,6 +110,9 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     assert set(lora) == {"photo-lesion-type", "pathology-nuclei"}
     assert all(r["protocol"] == "lora" and r["config"]["lora_rank"] == 8 for r in lora.values())
     assert "| lora |" in (tmp_path / "bench" / "report" / "table_protocols.md").read_text()
+    assert main(["benchmark", str(path), "--protocols", "frozen-unetr"]) == 0  # segmentation tasks only
+    assert [p.parent.parent.name for p in runs.glob("*/frozen-unetr/seed0.json")] == ["pathology-nuclei"]
+    assert "| lora | frozen-unetr |" in (tmp_path / "bench" / "report" / "table_protocols.md").read_text()
 
     def refuse(*args, **kwargs):
         raise AssertionError("a stored fine-tuning run was trained again")
@@ -124,3 +127,42 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     assert main(["benchmark", str(path), "--protocols", "knn"]) == 0  # no fine-tuning run at all
     assert {p.name for p in (tmp_path / "frozen-only" / "report").iterdir()} == {
         "table_protocols.md", "table_protocols.csv", "runs.csv"}
+
+
+def test_frozen_unetr_trains_the_decoder_and_leaves_the_encoder_as_it_was(tmp_path, phantom_collection):
+    from dex.eval.finetune import FinetuneConfig, train_task_model
+
+    folder = _encoder(tmp_path / "encoder")
+    task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
+    record, model = train_task_model(EncoderSpec("dex", str(folder)), task, 0,
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, freeze_encoder=True))
+    original = dex.load_pretrained(folder).state_dict()
+    kept = model.network.encoder.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in original.items() if k in kept and not k.startswith("head."))
+    assert record["trainable_parameters"] == sum(p.numel() for n, p in model.network.named_parameters()
+                                                 if not n.startswith("encoder."))
+
+
+def test_linear_segmentation_learns_from_frozen_patch_tokens(tmp_path, phantom_collection):
+    task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
+    spec = EncoderSpec("dex", str(_encoder(tmp_path / "encoder")))
+    record = run_frozen(spec, task, 0, ["linear"], ProbeConfig(segmentation_epochs=5, bootstrap=20),
+                        tmp_path / "cache")["linear"]
+    assert record["protocol"] == "linear" and record["score_name"] == "dice" and 0 <= record["test"]["dice"] <= 1
+    assert record["chosen"]["lr"] in (1e-3, 1e-2) and len(record["test_outputs"]["dice"]) == len(task.splits["test"])
+    cached = next((tmp_path / "cache").glob("pathology-nuclei-train-*.npz"))
+    with np.load(cached) as stored:
+        assert stored["patches"].shape == (len(task.splits["train"]), 4, 32)  # 32 px / 16: a 2 x 2 grid of tokens
+
+
+def test_the_patch_classifier_fits_a_rule_of_the_tokens():
+    from dex.eval.probes import fit_patch_classifier, patch_logits
+
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(24, 16, 8)).astype(np.float16)
+    labels = (patches[..., 0] > 0).astype(np.int64).reshape(24, 4, 4)  # class = sign of the first feature
+    masks = labels.repeat(4, axis=1).repeat(4, axis=2)  # 16 x 16 masks, one 4 x 4 block per token
+    head = fit_patch_classifier(patches, masks, (4, 4), 2, lr=1e-2, epochs=60, batch_size=8)
+    with torch.no_grad():
+        predicted = patch_logits(head, torch.from_numpy(patches), (4, 4)).argmax(1).numpy()
+    assert (predicted == labels).mean() > 0.95
