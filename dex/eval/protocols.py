@@ -35,8 +35,7 @@ from dex.data.tasks import SPLITS, Task, mask_labels
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.eval.features import split_features
 from dex.eval.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256
-from dex.eval.metrics import DiceAccumulator
-from dex.eval.metrics import classification_intervals, classification_metrics
+from dex.eval.metrics import DiceAccumulator, classification_metrics
 from dex.eval.probes import (
     KNN_TEMPERATURE,
     LINEAR_C,
@@ -96,8 +95,8 @@ def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], config: ProbeConfig,
                cache: str | Path | None) -> dict[str, dict[str, Any]]:
-    """The records of ``variants`` (of :func:`protocol_variants`) for ``spec`` on the classification ``task``:
-    one feature pass per split (or none, from ``cache``), then every classifier."""
+    """The records of ``variants`` (of :func:`protocol_variants`; a segmentation task: ``["linear"]``) for ``spec``
+    on ``task``: one feature pass per split (or none, from ``cache``), then every classifier."""
     if task.spec.type != "classification" and variants != ["linear"]:
         raise ValueError(f"{task.name}: a segmentation task takes the linear protocol only, not {variants}")
     started = time.perf_counter()
@@ -144,13 +143,11 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
             continue
         else:
             raise ValueError(f"unknown frozen protocol variant {variant!r}")
-        test = torch.from_numpy(test_probs).clamp_min(1e-12).log()
-        intervals = (classification_intervals(test, torch.from_numpy(y["test"]), config.bootstrap, seed)
-                     if config.bootstrap else {})
-        extra["test_outputs"] = per_image_outputs((test, torch.from_numpy(y["test"])), splits["test"].ids)
+        collected = (torch.from_numpy(test_probs).clamp_min(1e-12).log(), torch.from_numpy(y["test"]))
+        test, intervals = scores_with_intervals(collected, config.bootstrap, seed)
+        extra["test_outputs"] = per_image_outputs(collected, splits["test"].ids)
         records[variant] = _record(spec, task, seed, variant, config, sha256, splits, started, feature_seconds,
-                                   fit_started, _metrics(val_probs, y["val"]), _metrics(test_probs, y["test"]),
-                                   intervals, extra)
+                                   fit_started, _metrics(val_probs, y["val"]), test, intervals, extra)
     return records
 
 
