@@ -106,7 +106,8 @@ def main() -> None:
                                 "ratio": round(full / bare, 3)})
                 print(f"{task_type}, {name}: dex predict {full:.1f} images/s, bare forward {bare:.1f} images/s, "
                       f"ratio {full / bare:.2f}")
-    report = {"model": ARCHITECTURES[args.model], "size": args.size, "volume": args.volume, "batch_size": args.batch_size,
+    report = {"model": ARCHITECTURES[args.model], "size": args.size, "volume": args.volume,
+              "batch_size": args.batch_size,
               "device": args.device, "threads": torch.get_num_threads(), "machine": platform.processor() or
               platform.machine(), "torch": torch.__version__, "results": results}
     if args.json:

@@ -331,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     embedding = _command(
         commands, "embed", help="an encoder's features of images (class token and mean patch token)",
         description="Embed every image, volume slice and DICOM frame of INPUT (image, NIfTI or DICOM files, or "
-                    "folders of them, sorted by path) with ENCODER (an exported or saved encoder, a pretraining run, a dex finetune model folder, "
-                    "timm:ARCH:FILE), read as its folder records: OUT/cls.npy and OUT/mean_patch.npy ([N, D] "
-                    "float32), OUT/index.csv (row, input, slice). Unreadable inputs go to OUT/errors.csv and the command "
-                    "exits with status 3.")
+                    "folders of them, sorted by path) with ENCODER (an exported or saved encoder, a pretraining "
+                    "run, a dex finetune model folder, timm:ARCH:FILE), read as its folder records: OUT/cls.npy and "
+                    "OUT/mean_patch.npy ([N, D] float32), OUT/index.csv (row, input, slice). Unreadable inputs go "
+                    "to OUT/errors.csv and the command exits with status 3.")
     embedding.add_argument("encoder", help="the encoder source")
     _inference_flags(embedding, 64)
     embedding.set_defaults(func=_embed)

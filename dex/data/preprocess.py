@@ -136,7 +136,8 @@ class Preprocessing:
                              f"{self.slice_axis!r}")
         window = _floats("ct_window", self.ct_window, 2, what=" (low and high HU)")
         if window[0] >= window[1]:
-            raise ValueError(f"preprocessing: ct_window: expected [low, high] HU with low < high, got {self.ct_window!r}")
+            raise ValueError(f"preprocessing: ct_window: expected [low, high] HU with low < high, got "
+                             f"{self.ct_window!r}")
         set_(self, "ct_window", window)
 
     # --- serialisation ---------------------------------------------------------------------------------------

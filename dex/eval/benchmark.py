@@ -360,8 +360,8 @@ def report(suite: Suite) -> None:
 
 
 def _protocols(out: Path, records) -> None:
-    """Per task and encoder that another protocol than fine-tuning ran on, the test score of every protocol (fine-tuning and the
-    frozen ones, LoRA), mean ± std over seeds."""
+    """Per task and encoder that another protocol than fine-tuning ran on, the test score of every protocol
+    (fine-tuning, the frozen ones, LoRA, frozen UNETR), mean ± std over seeds."""
     if all(r["protocol"] == "finetune" for r in records):
         return
 

@@ -3,10 +3,11 @@
 
 A split's features (:func:`split_features`) are the class token and the mean patch token of the encoder's final
 normalised output (:func:`dex.eval.embed.tokens`, as ``dex embed`` gives them) of each image, read by the
-encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything
-they depend on: the encoder's weights (:func:`dex.eval.finetune.state_dict_sha256`), the task's folder and the
-split's image ids, files (size and modification time) and labels, the preprocessing, and this format's version; a
-change of any makes a new key, so a stale file is never read. A file is written whole or not at all (a temporary
+encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as
+``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything they depend on: the encoder's weights
+(:func:`dex.eval.finetune.state_dict_sha256`), the task's folder and the split's image ids, files (size and
+modification time) and labels, the preprocessing, and this format's version; a change of any makes a new key, so a
+stale file is never read. A file is written whole or not at all (a temporary
 file renamed), so an interrupted suite leaves only complete ones.
 """
 

@@ -1,4 +1,5 @@
-"""``dex predict``: a fine-tuned model (``dex finetune``) run on new images, DICOM objects and series, and NIfTI volumes.
+"""``dex predict``: a fine-tuned model (``dex finetune``) run on new images, DICOM objects and series, and NIfTI
+volumes.
 
 Inputs are found and read as :mod:`dex.eval.inputs` describes (the model folder's preprocessing drives the reading;
 ``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs; ``tta="flip"``
@@ -268,7 +269,8 @@ class _Writer:
                                   *np.bincount(picture_labels.ravel(), minlength=len(classes)).tolist()])
             labels = maps[0] if len(maps) == 1 else None  # the frames of a multi-frame object are not one case
         if self.dicom_seg and case.dicom_files and labels is not None:
-            write_dicom_seg(labels, case, classes, self.out / "masks" / case.name.with_name(case.name.name + ".seg.dcm"))
+            seg = self.out / "masks" / case.name.with_name(case.name.name + ".seg.dcm")
+            write_dicom_seg(labels, case, classes, seg)
         if labels is not None:
             self._score_segmentation(case, labels)
 

@@ -12,11 +12,11 @@ probing; MedMoE: linear probes at a fraction of the labels).
   standard deviation over the draws (variants ``fewshot-1``, ``fewshot-5``, ``fewshot-10``).
 
 They apply to classification tasks; on a segmentation task ``linear`` is DINOv2's linear segmentation: a batch
-norm and linear head on each frozen patch token, its logits upsampled to the mask (:func:`dex.eval.probes.
-fit_patch_classifier`), the learning rate of best validation Dice kept, scored by Dice as fine-tuning scores it. Each record has
-the fields of a fine-tuning record that the reports read (task, modality, type, seed, score_name, val, test, and the
-test metrics' 95% bootstrap intervals; few-shot: the standard deviation over draws instead) and names its
-``protocol``.
+norm and linear head on each frozen patch token, its logits upsampled to the mask
+(:func:`dex.eval.probes.fit_patch_classifier`), the learning rate of best validation Dice kept, scored by Dice as
+fine-tuning scores it. Each record has the fields of a fine-tuning record that the reports read (task, modality,
+type, seed, score_name, val, test, and the test metrics' 95% bootstrap intervals; few-shot: the standard deviation
+over draws instead) and names its ``protocol``.
 """
 
 from __future__ import annotations

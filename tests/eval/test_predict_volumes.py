@@ -207,7 +207,8 @@ def test_classification_of_a_volume_has_a_row_per_slice_and_their_mean(tmp_path,
             labels=tmp_path / "labels.csv")
     rows = _rows(tmp_path / "out" / "predictions.csv")
     slices, total = rows[:-1], rows[-1]
-    assert [r["slice"] for r in slices] == [str(z) for z in range(read_nifti(tmp_path / "case.nii.gz")[0].values.shape[0])]
+    depth = read_nifti(tmp_path / "case.nii.gz")[0].values.shape[0]
+    assert [r["slice"] for r in slices] == [str(z) for z in range(depth)]
     assert total["slice"] == "all"
     mean = np.mean([[float(r["p_normal"]), float(r["p_abnormal"])] for r in slices], axis=0)
     np.testing.assert_allclose([float(total["p_normal"]), float(total["p_abnormal"])], mean, atol=2e-6)

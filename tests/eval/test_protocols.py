@@ -61,7 +61,10 @@ def test_frozen_protocols_use_one_cached_feature_pass_and_leave_the_encoder_as_i
     # the second run reads every split from the cache: no forward pass, the same records
     again = run_frozen(spec, task, 0, variants, PROBE, tmp_path / "cache")
     assert len(calls) == first and all(r["features_cached"] for r in again.values())
-    assert json.dumps({k: r["test"] for k, r in again.items()}) == json.dumps({k: r["test"] for k, r in records.items()})
+    def tests(rs):
+        return json.dumps([r["test"] for r in rs.values()])  # NaN AUROC on 12 test images: compared as text
+
+    assert tests(again) == tests(records)
     # other weights under the same folder: recomputed
     _encoder(folder, seed=1)
     changed = run_frozen(spec, task, 0, ["linear"], PROBE, tmp_path / "cache")
