@@ -333,6 +333,21 @@ def read_dicom_series_display(paths: Sequence[str | Path]) -> Volume:
     return display
 
 
+def read_label_volume(path: str | Path, image: Volume, image_name: str) -> np.ndarray:
+    """A NIfTI label volume drawn on ``image`` (named ``image_name`` in errors), in the display layout as int64
+    labels; a ReadError when it is not in the image's space (another shape after reorientation, or affines more
+    than 0.01 mm apart), rather than a silently misaligned truth."""
+    labels = read_nifti(path)[0]
+    if labels.values.shape != image.values.shape:
+        raise ReadError(path, f"label volume is {labels.values.shape}, the image {image_name} is "
+                              f"{image.values.shape} (after reorientation)")
+    offset = float(np.abs(image.meta["affine"] - labels.meta["affine"]).max())
+    if offset > 0.01:
+        raise ReadError(path, f"label volume is not in the space of the image {image_name} (their affines differ "
+                              f"by up to {offset:.3g} mm)")
+    return np.rint(labels.values).astype(np.int64)
+
+
 def read_volume(path: str | Path, channel: int = 0, suv: bool = False,
                 problems: list[Problem] | None = None) -> Volume:
     """An image volume in the display layout with its geometry: a NIfTI file (channel ``channel`` of a 4D one)

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from dex.data.normalize import SLICE_AXES
-from dex.data.readers import Problem, ReadError, read_label_map, read_nifti, source_grid
+from dex.data.readers import Problem, ReadError, read_label_map, read_label_volume, source_grid
 from dex.data.tasks import SPLITS, load_task, mask_labels
 from dex.eval.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.eval.metrics import classification_metrics, label_map, segmentation_case_metrics
@@ -126,20 +126,8 @@ class GroundTruth:
         for name in names:
             for suffix in (".nii.gz", ".nii"):
                 if (path := self.folder / case.name.with_name(name + suffix)).is_file():
-                    return _label_volume(path, case)
+                    return read_label_volume(path, case.volume, case.source)
         return None
-
-
-def _label_volume(path: Path, case: Case) -> np.ndarray:
-    truth = read_nifti(path)[0]
-    if truth.values.shape != case.volume.values.shape:
-        raise ReadError(path, f"label volume is {truth.values.shape}, the image {case.source} is "
-                              f"{case.volume.values.shape} (after reorientation)")
-    offset = float(np.abs(truth.meta["affine"] - case.volume.meta["affine"]).max())
-    if offset > 0.01:
-        raise ReadError(path, f"label volume is not in the space of the image {case.source} (their affines differ "
-                              f"by up to {offset:.3g} mm)")
-    return np.rint(truth.values).astype(np.int64)
 
 
 def _slice_name(index: int) -> str:

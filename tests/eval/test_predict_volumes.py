@@ -30,7 +30,7 @@ from dex.eval.embed import embed
 from dex.eval.finetune import task_preprocessing
 from dex.eval.metrics import segmentation_case_metrics
 from dex.eval.predict import predict
-from dex.eval.task_model import TaskModel, build_network, load_model
+from dex.eval.task_model import TaskModel, build_network
 from dex.models import DEXViT
 
 SHARED_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-lung-dicom" / "images"
@@ -235,6 +235,14 @@ def test_volume_metrics_against_label_volumes_match_direct_formulas(tmp_path, mo
         if p.any() and t.any():
             assert float(rows[name]["hd95"]) == pytest.approx(_hd95(p, t, spacing), abs=1e-3)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["cases"] == 1
+    # a truth drawn in another space is reported, not scored against a misaligned prediction
+    shifted = OBLIQUE.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(grid, shifted), tmp_path / "labels" / "case.nii.gz")
+    predict(models["segmentation"], [tmp_path / "case_0000.nii.gz"], tmp_path / "moved", labels=tmp_path / "labels")
+    errors = _rows(tmp_path / "moved" / "errors.csv")
+    assert len(errors) == 1 and "not in the space of the image" in errors[0]["reason"]
+    assert _rows(tmp_path / "moved" / "metrics.csv") == []
 
 
 def _hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
@@ -292,4 +300,4 @@ def test_the_real_ct_series_gets_a_label_volume_and_a_dicom_seg(tmp_path, models
     assert abs(abs(label.affine[2, 2]) - float(first.SliceThickness)) < 0.5  # axial: slices along z
     seg = hd.seg.segread(tmp_path / "out" / "masks" / f"{series.name}.seg.dcm")
     assert len(seg.get_source_image_uids()) == len(files)
-    assert load_model(models["segmentation"]).classes == CLASSES
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == CLASSES[1:]  # one segment per foreground class

@@ -10,7 +10,7 @@ import numpy as np
 from dex.data.importers.masks import MaskMapping
 from dex.data.importers.writer import Item, MakeItems, TaskWriter, _clean, _read_split_file
 from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS, normalize_volume, volume_slice
-from dex.data.readers import Problem, ReadError, read_nifti, read_volume
+from dex.data.readers import Problem, ReadError, read_label_volume, read_volume
 from dex.data.tasks import split_of
 
 
@@ -68,15 +68,7 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
             if case not in label_files:
                 raise ReadError(path, f"no label volume {case}.nii.gz in {labels}")
             volume = read_volume(path, 0 if path in file_channel else channel, normalization == "pet_suv", problems)
-            label_volume = read_nifti(label_files[case])[0]
-            if volume.values.shape != label_volume.values.shape:
-                raise ReadError(label_files[case], f"label volume is {label_volume.values.shape}, the image "
-                                                   f"{path.name} is {volume.values.shape} (after reorientation)")
-            offset = float(np.abs(volume.meta["affine"] - label_volume.meta["affine"]).max())
-            if offset > 0.01:
-                raise ReadError(label_files[case], f"label volume is not in the space of the image {path.name} "
-                                                   f"(their affines differ by up to {offset:.3g} mm)")
-            raw = np.rint(label_volume.values).astype(np.int64)
+            raw = read_label_volume(label_files[case], volume, path.name)
             classes = mapping(label_files[case], raw, volume=True)
             normalised = normalize_volume(volume.values, normalization)
             keep = [i for i in range(raw.shape[dim]) if slices == "all" or np.take(classes, i, dim).any()][::stride]
