@@ -114,7 +114,7 @@ def sections(folder: Path) -> list[tuple[str, str]]:
     for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
         if (path / "log.jsonl").is_file() and (path / "config.yaml").is_file():
             found.append((f"run {path.name}", _run_section(path)))
-        if (path / "table1_modalities.md").is_file():
+        if any(path.glob("table1_modalities*.md")):
             found.append((f"benchmark {path.parent.name}", _benchmark_section(path)))
         if (path / "analysis.md").is_file():
             title = path.name if "analysis" in path.name else f"analysis {path.name}"

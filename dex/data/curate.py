@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dex.config import ConfigError
 from dex.data.dedup import NearDuplicateIndex, phash
 from dex.data.journal import append_record, append_records, read_journal
 from dex.data.normalize import VOLUME_NORMALIZERS, normalize_volume, scale_255
@@ -58,6 +59,7 @@ from dex.data.readers import (
 )
 from dex.data.recipe import MODALITIES, Recipe, Source, canonical_modality
 from dex.data.shards import INDEX, ShardWriter, read_index, shard_problem
+from dex.data.tasks import load_task
 from dex.files import write_json
 from dex.parallel import ordered_map
 
@@ -115,14 +117,28 @@ class UnitResult:
 
 # --- discovery ---------------------------------------------------------------------------------------------------
 
-def discover_units(recipe: Recipe, source: Source) -> list[Unit]:
-    """The units of one source, sorted by key. A missing root gives an empty list (reported by the caller)."""
+def held_out_files(recipe: Recipe) -> set[Path]:
+    """The resolved paths of the images of every task split the recipe holds out (``hold_out``)."""
+    held = set()
+    for entry in recipe.hold_out:
+        try:
+            task = load_task(recipe.resolve(entry.task), seed=entry.seed)
+        except ValueError as err:
+            raise ConfigError(f"{recipe.path}: hold_out task {entry.task!r}: {err}") from err
+        held |= {task.images[i].resolve() for split in entry.splits for i in task.splits[split]}
+    return held
+
+
+def discover_units(recipe: Recipe, source: Source, held_out: set[Path] = frozenset()) -> list[Unit]:
+    """The units of one source, sorted by key, without the files in ``held_out`` (resolved paths: the images of
+    the recipe's held-out task splits). A missing root gives an empty list (reported by the caller)."""
     root = recipe.root_of(source)
     if root is None or not root.is_dir():
         return []
     if source.index_csv:
-        return _units_from_csv(root, source)
-    files = sorted(p for p in root.glob(source.pattern) if p.is_file())
+        units = _units_from_csv(root, source)
+        return [u for u in units if (root / u.key).resolve() not in held_out]
+    files = sorted(p for p in root.glob(source.pattern) if p.is_file() and p.resolve() not in held_out)
     if source.format == "dicom":
         by_folder: dict[str, list[str]] = defaultdict(list)
         for path in files:
@@ -392,7 +408,8 @@ def _public_sources(recipe: Recipe, salt: str) -> tuple[list[dict[str, Any]], st
     everything about them, to tell on resume whether the recipe changed."""
     full = [asdict(s) for s in recipe.sources]
     public = [{k: v for k, v in s.items() if k not in PATH_FIELDS} for s in full]
-    return public, _salted(salt, json.dumps(full, sort_keys=True), 64)
+    described = [full, [asdict(h) for h in recipe.hold_out]] if recipe.hold_out else full
+    return public, _salted(salt, json.dumps(described, sort_keys=True), 64)
 
 
 def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: bool = False, part: str = "0/1",
@@ -422,6 +439,10 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
             dedup[row["source"]].add(int(row["phash"], 16))
 
     skipped, jobs = [], []
+    held_out = held_out_files(recipe)
+    if held_out:
+        log.info("hold_out: %d images of %d task split(s) kept out of the collection", len(held_out),
+                 sum(len(h.splits) for h in recipe.hold_out))
     for source in recipe.sources:
         root = recipe.root_of(source)
         if root is None or not root.is_dir():
@@ -429,7 +450,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
             log.warning("source %s: root %s is %s; skipped", source.name, source.root or "(empty)",
                         "not set" if root is None else "missing")
             continue
-        for unit in discover_units(recipe, source):
+        for unit in discover_units(recipe, source, held_out):
             if part_of(unit, parts) == index and (unit.source, unit_id(salt, unit)) not in done_units:
                 jobs.append((unit, source, str(root), salt, options))
     sources, digest = _public_sources(recipe, salt)

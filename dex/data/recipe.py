@@ -18,6 +18,17 @@ A recipe is YAML::
 
 A source of ``format: image`` may name ``index_csv`` (relative to its root): a CSV with columns ``path,modality``
 (optionally ``anatomy``) listing the files and the modality of each, for folders that mix modalities.
+
+``hold_out`` keeps the images of task splits out of the collection, so that a model pretrained on it can be
+evaluated on those tasks without having seen their test images::
+
+    hold_out:
+      - task: ../tasks/us-breast-busi   # a task folder (dex.data.tasks.load_task), relative to the recipe file
+        splits: [test]                  # the default
+        seed: 0                         # the seed of the 60/20/20 split of a folder without splits.csv
+
+A file is held out when its resolved path is the image of a held-out id; the match is by path, so an image copied
+elsewhere under another name is not caught (near-duplicates are only removed within a source).
 """
 
 from __future__ import annotations
@@ -78,11 +89,22 @@ class Source:
 
 @STRICT
 @dataclass
+class HoldOut:
+    """The splits of one task whose images stay out of the collection."""
+
+    task: str
+    splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["test"])
+    seed: int = 0
+
+
+@STRICT
+@dataclass
 class RecipeFile:
     """The schema of a recipe file."""
 
     sources: list[Source]
     name: str | None = None
+    hold_out: list[HoldOut] = field(default_factory=list)
 
 
 @dataclass
@@ -90,18 +112,22 @@ class Recipe:
     name: str
     sources: list[Source] = field(default_factory=list)
     path: Path | None = None  # the file it was read from: relative roots resolve against its folder
+    hold_out: list[HoldOut] = field(default_factory=list)
+
+    def resolve(self, folder: str) -> Path:
+        """A path of the recipe (a source's root, a held-out task) as an absolute path: relative ones are relative to
+        the recipe file."""
+        path = Path(folder).expanduser()
+        return path if path.is_absolute() or self.path is None else self.path.parent / path
 
     def root_of(self, source: Source) -> Path | None:
         """The source's root folder as an absolute path, or None when the recipe leaves it empty."""
-        if not source.root:
-            return None
-        root = Path(source.root).expanduser()
-        if not root.is_absolute() and self.path is not None:
-            root = self.path.parent / root
-        return root
+        return self.resolve(source.root) if source.root else None
 
     def save(self, path: str | Path) -> None:
         data = {"name": self.name, "sources": [dataclasses.asdict(s) for s in self.sources]}
+        if self.hold_out:
+            data["hold_out"] = [dataclasses.asdict(h) for h in self.hold_out]
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
@@ -112,4 +138,4 @@ class Recipe:
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"{path}: source names {twice} are used twice; each source needs its own")
-        return cls(data.name or path.stem, data.sources, path)
+        return cls(data.name or path.stem, data.sources, path, data.hold_out)

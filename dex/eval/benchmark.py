@@ -22,11 +22,13 @@ A suite is YAML::
       experts_vs_director: {encoders: [dex, dex-scratch], tasks: [...]}               # Table 4
       components: {encoders: [scratch, mae, experts, dex], tasks: [...]}               # Table 6
 
-Paths are relative to the working directory. An ablation may set its own ``seeds``.
+Paths are relative to the working directory. An ablation may set its own ``seeds`` and ``protocols`` (default
+``[finetune]``; see :func:`plan` for the variants they make).
 
 Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (written atomically) and skipped when it
-exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or an ablation's: ablations are
-fine-tuning runs); the frozen protocols (:mod:`dex.eval.protocols`, classification tasks) are variants named by the
+exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or an ablation's setting,
+``top_k=2``; under another protocol ``top_k=2,linear``); the frozen protocols (:mod:`dex.eval.protocols`,
+classification tasks) are variants named by the
 protocol (``linear``, ``knn-k10``, ``fewshot-5``, ...), their features cached in ``features/``
 (:mod:`dex.eval.features`); ``lora`` runs are fine-tuning runs of a frozen encoder with LoRA adapters
 (:mod:`dex.eval.lora`), variant ``lora``, and ``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on
@@ -49,8 +51,8 @@ from typing_extensions import TypedDict
 
 from dex.config import STRICT, ConfigError, read_yaml, validate
 from dex.data.recipe import MODALITIES
-from dex.data.tasks import TaskSpec, load_task
-from dex.eval.metrics import paired_gain_interval
+from dex.data.tasks import Task, TaskSpec, load_task
+from dex.eval.metrics import paired_gain_interval, score_interval
 from dex.eval.encoders import EncoderSpec
 from dex.eval.finetune import FinetuneConfig, train_task_model
 from dex.eval.protocols import FROZEN_PROTOCOLS, PROTOCOLS, ProbeConfig, protocol_variants, run_frozen
@@ -71,6 +73,7 @@ class Ablation(TypedDict, total=False):
     values: list[int | float]
     tasks: list[str]
     seeds: list[int]
+    protocols: list[Literal[PROTOCOLS]]
 
 
 @STRICT
@@ -161,52 +164,67 @@ def _model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> 
 def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, EncoderSpec,
                                                              FinetuneConfig | ProbeConfig]]:
     """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings, or the
-    probe settings for a frozen protocol's run). kNN and few-shot are planned for classification tasks only."""
+    probe settings for a frozen protocol's run). kNN and few-shot are planned for classification tasks only,
+    frozen UNETR for segmentation tasks only. An ablation's settings run under its ``protocols`` (default
+    ``[finetune]``): fine-tuning as variant ``top_k=2``, another protocol as ``top_k=2,linear``, ``top_k=2,knn-k10``,
+    ... (the components ablation: the protocol's own names)."""
     runs = []
-    frozen = [v for protocol in suite.protocols if protocol in FROZEN_PROTOCOLS
-              for v in protocol_variants(protocol, suite.probe)]
     for name, spec in suite.encoders.items():
         for task in tasks:
             for seed in suite.seeds:
-                if "finetune" in suite.protocols:
-                    runs.append((name, task, "default", seed, spec, suite.finetune))
-                if tasks[task].spec.type == "classification":
-                    runs += [(name, task, variant, seed, spec, suite.probe) for variant in frozen]
-                elif "linear" in suite.protocols:  # segmentation: DINOv2's linear head on the patch tokens
-                    runs.append((name, task, "linear", seed, spec, suite.probe))
-                if "lora" in suite.protocols:
-                    runs.append((name, task, "lora", seed, spec, dataclasses.replace(
-                        suite.finetune, lora_rank=suite.probe.lora_rank, lora_alpha=suite.probe.lora_alpha)))
-                if "frozen-unetr" in suite.protocols and tasks[task].spec.type == "segmentation":
-                    runs.append((name, task, "frozen-unetr", seed, spec,
-                                 dataclasses.replace(suite.finetune, freeze_encoder=True)))
+                runs += _protocol_runs(suite, tasks[task], name, seed, spec, suite.finetune, suite.protocols)
     unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
     if unknown:
         raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
     for kind, ablation in suite.ablations.items():
+        protocols = ablation.get("protocols") or ["finetune"]
+        if kind == "trainable_blocks" and protocols != ["finetune"]:
+            raise ValueError(f"{suite.path}: ablations.trainable_blocks: the blocks trained are fine-tuning's "
+                             f"setting; its protocols can only be [finetune], not {protocols}")
         names = ablation.get("encoders") or [ablation["encoder"]]
         for name in (n for n in names if n in suite.encoders):
             spec = suite.encoders[name]
+            if kind == "top_k":
+                settings = [(f"top_k={k}", dataclasses.replace(spec, mode="experts", top_k=k), suite.finetune)
+                            for k in ablation["values"]]
+            elif kind in ("data_fraction", "trainable_blocks"):
+                settings = [(f"{kind}={value}", spec, dataclasses.replace(suite.finetune, **{kind: value}))
+                            for value in ablation["values"]]
+            elif kind == "experts_vs_director":
+                settings = [(f"mode={mode}", dataclasses.replace(spec, mode=mode), suite.finetune)
+                            for mode in ("experts", "director")]
+            else:  # components: the default runs of the named encoders
+                settings = [("", spec, suite.finetune)]
             for task in ablation.get("tasks") or list(tasks):
                 for seed in ablation.get("seeds", suite.seeds):
-                    if kind == "top_k":
-                        for k in ablation["values"]:
-                            runs.append((name, task, f"top_k={k}", seed, dataclasses.replace(spec, mode="experts",
-                                                                                          top_k=k), suite.finetune))
-                    elif kind in ("data_fraction", "trainable_blocks"):
-                        for value in ablation["values"]:
-                            config = dataclasses.replace(suite.finetune, **{kind: value})
-                            runs.append((name, task, f"{kind}={value}", seed, spec, config))
-                    elif kind == "experts_vs_director":
-                        for mode in ("experts", "director"):
-                            runs.append((name, task, f"mode={mode}", seed, dataclasses.replace(spec, mode=mode),
-                                         suite.finetune))
-                    else:  # components: the default runs of the named encoders
-                        runs.append((name, task, "default", seed, spec, suite.finetune))
+                    for base, setting_spec, config in settings:
+                        runs += _protocol_runs(suite, tasks[task], name, seed, setting_spec, config, protocols, base)
     unique = {}
     for run in runs:
         unique.setdefault(run[:4], run)
     return list(unique.values())
+
+
+def _protocol_runs(suite: Suite, task: Task, name: str, seed: int, spec: EncoderSpec, config: FinetuneConfig,
+                   protocols: list[str], base: str = "") -> list[tuple]:
+    """The runs of one setting (``spec`` and fine-tuning ``config``; ``base`` names an ablation's) under each of
+    ``protocols``; the frozen probes take the setting's ``data_fraction``."""
+    probe = dataclasses.replace(suite.probe, data_fraction=config.data_fraction)
+    variants: list[tuple[str, FinetuneConfig | ProbeConfig]] = []
+    for protocol in protocols:
+        if protocol == "finetune":
+            variants.append(("default", config))
+        elif protocol in FROZEN_PROTOCOLS and task.spec.type == "classification":
+            variants += [(v, probe) for v in protocol_variants(protocol, suite.probe)]
+        elif protocol == "linear":  # segmentation: DINOv2's linear head on the patch tokens
+            variants.append(("linear", probe))
+        elif protocol == "lora":
+            variants.append(("lora", dataclasses.replace(config, lora_rank=suite.probe.lora_rank,
+                                                         lora_alpha=suite.probe.lora_alpha)))
+        elif protocol == "frozen-unetr" and task.spec.type == "segmentation":
+            variants.append(("frozen-unetr", dataclasses.replace(config, freeze_encoder=True)))
+    return [(name, task.name, base if variant == "default" and base else f"{base},{variant}" if base else variant,
+             seed, spec, variant_config) for variant, variant_config in variants]
 
 
 def run_suite(suite: Suite) -> Path:
@@ -221,17 +239,20 @@ def run_suite(suite: Suite) -> Path:
             or (suite.keep_models and isinstance(r[5], FinetuneConfig)
                 and not _model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
     log.info("%d runs, %d stored, %d to do", len(runs), len(runs) - len(todo), len(todo))
-    frozen: dict[tuple[str, str, int], list[str]] = {}  # one feature pass serves every frozen run of a key
+    frozen: dict[tuple[str, str, int, str], list[str]] = {}  # one feature pass serves every frozen run of a key
     for encoder, task, variant, seed, spec, config in todo:
         if isinstance(config, ProbeConfig):
-            frozen.setdefault((encoder, task, seed), []).append(variant)
+            frozen.setdefault((encoder, task, seed, variant.rpartition(",")[0]), []).append(variant)
     done = 0
     for encoder, task, variant, seed, spec, config in todo:
         if isinstance(config, ProbeConfig):
-            if (encoder, task, seed) not in frozen:
-                continue  # run with the first frozen run of its encoder, task and seed
-            records = run_frozen(spec, tasks[task], seed, frozen.pop((encoder, task, seed)), config,
+            base = variant.rpartition(",")[0]
+            if (encoder, task, seed, base) not in frozen:
+                continue  # run with the first frozen run of its encoder, task, seed and ablation setting
+            names = frozen.pop((encoder, task, seed, base))
+            records = run_frozen(spec, tasks[task], seed, [n.rpartition(",")[2] for n in names], config,
                                  suite.out_dir / "features")
+            records = {(f"{base},{protocol}" if base else protocol): r for protocol, r in records.items()}
         else:
             record, model = train_task_model(spec, tasks[task], seed, config,
                                              bootstrap=1000 if suite.keep_models else 0)
@@ -267,7 +288,8 @@ def stored_runs(out: Path) -> list[dict[str, Any]]:
                         "type": record["type"], "variant": record["variant"], "seed": record["seed"],
                         "protocol": record.get("protocol", "finetune"),
                         "score": 100 * record["test"][record["score_name"]], "score_name": record["score_name"],
-                        "test": record["test"], "test_outputs": record.get("test_outputs")})
+                        "test": record["test"], "test_outputs": record.get("test_outputs"),
+                        "test_std": record.get("test_std")})
     return records
 
 
@@ -317,71 +339,98 @@ def report(suite: Suite) -> None:
     records = stored_runs(suite.out_dir)
     if not records:
         raise ValueError(f"{suite.out_dir}: no stored runs to report on")
-    if not any(r["variant"] == "default" for r in records):  # frozen protocols only: no fine-tuning tables
-        _protocols(out, records)
-        _gains(out, records, suite.baseline)
-        _runs_csv(out, records)
-        return
-    encoders = sorted({r["encoder"] for r in records if r["variant"] == "default"})
-    if suite.baseline in encoders:
-        encoders = [suite.baseline] + [e for e in encoders if e != suite.baseline]
-    tasks = sorted({r["task"] for r in records if r["variant"] == "default"},
-                   key=lambda t: (_modality_rank(records, t), t))
-    modality = {r["task"]: r["modality"] for r in records}
-    means = {key: _mean_std(values) for key, values in _scores(records).items()}
-    seeds = sorted({r["seed"] for r in records})
-    over = f"mean ± std over seeds {seeds}" + (f", gain over {suite.baseline} in brackets" if suite.baseline else "")
-    # Table 5: per task, mean ± std over seeds, gain over the baseline
-    _write(out, "table5_tasks", ["task"] + encoders, _task_rows(means, tasks, encoders, suite.baseline, modality),
-           f"Per-task test scores (x100; {SCORES}), {over}")
-    dice_3d = {key: _mean_std(values) for key, values in _scores(records, metric="dice_3d").items()}
-    if dice_3d:
-        tasks_3d = [t for t in tasks if any((e, t) in dice_3d for e in encoders)]
-        _write(out, "table5_tasks_dice3d", ["task"] + encoders,
-               _task_rows(dice_3d, tasks_3d, encoders, suite.baseline, modality),
-               f"Per-task test DSC per case (x100; a case's slices scored as one 3D volume per class, Decathlon "
-               f"rule: an empty prediction on an empty truth scores 1, false positives in a case without the class "
-               f"score 0), {over}")
-    # Table 1: per modality and overall
-    rows = []
-    for mod in [m for m in MODALITIES if m in modality.values()] + sorted(set(modality.values()) - set(MODALITIES)):
-        members = [t for t in tasks if modality[t] == mod]
-        rows.append([f"{mod} ({len(members)} task{'s' if len(members) > 1 else ''})"] +
-                    [_average_cell(means, encoder, members, suite.baseline) for encoder in encoders])
-    rows.append([f"Avg. ({len(tasks)} tasks)"] + [_average_cell(means, encoder, tasks, suite.baseline)
-                                                 for encoder in encoders])
-    _write(out, "table1_modalities", ["modality"] + encoders, rows,
-           f"Average test score per modality and overall (x100; {SCORES}), gain over the baseline in brackets")
-    _radar(out, encoders, tasks, means)
+    for variant in _protocol_variants(records):
+        _paper_tables(out, records, suite.baseline, variant)
     _protocols(out, records)
     _gains(out, records, suite.baseline)
     _ablations(out, records, suite)
     _runs_csv(out, records)
 
 
-def _protocols(out: Path, records) -> None:
-    """Per task and encoder that another protocol than fine-tuning ran on, the test score of every protocol
-    (fine-tuning, the frozen ones, LoRA, frozen UNETR), mean ± std over seeds."""
-    if all(r["protocol"] == "finetune" for r in records):
-        return
-
-    def order(variant: str) -> tuple[int, int]:  # finetune, linear, knn-k10, knn-k20, fewshot-1, ..., lora, ...
+def _protocol_variants(records) -> list[str]:
+    """The variants of the suite's protocols (not an ablation's), fine-tuning (``default``) first:
+    finetune, linear, knn-k10, knn-k20, fewshot-1, ..., lora, frozen-unetr."""
+    def order(variant: str) -> tuple[int, int]:
+        if variant == "default":
+            return 0, 0
         if variant in PROTOCOLS:
             return PROTOCOLS.index(variant), 0
         protocol, _, number = variant.rpartition("-")
         return PROTOCOLS.index(protocol), int(number.lstrip("k"))
 
-    variants = ["default"] + sorted({r["variant"] for r in records if r["protocol"] in PROTOCOLS[1:]}, key=order)
-    scores: dict[tuple[str, str, str], list[float]] = {}
-    for r in records:
-        scores.setdefault((r["task"], r["encoder"], r["variant"]), []).append(r["score"])
+    return sorted({r["variant"] for r in records if "=" not in r["variant"] and "," not in r["variant"]}, key=order)
+
+
+def _paper_tables(out: Path, records, baseline: str | None, variant: str) -> None:
+    """Tables 1 and 5 and Fig. 4 of one protocol's runs: ``table5_tasks``, ``table1_modalities``, ``radar.png``
+    for fine-tuning, ``table5_tasks_linear``, ``table1_modalities_knn-k10``, ... for the others."""
+    suffix, protocol = ("", "") if variant == "default" else (f"_{variant}", f", {variant}")  # default: fine-tuning
+    encoders = sorted({r["encoder"] for r in records if r["variant"] == variant})
+    if baseline in encoders:
+        encoders = [baseline] + [e for e in encoders if e != baseline]
+    tasks = sorted({r["task"] for r in records if r["variant"] == variant},
+                   key=lambda t: (_modality_rank(records, t), t))
+    modality = {r["task"]: r["modality"] for r in records}
+    means = {key: _mean_std(values) for key, values in _scores(records, variant).items()}
+    seeds = sorted({r["seed"] for r in records})
+    over = f"mean ± std over seeds {seeds}" + (f", gain over {baseline} in brackets" if baseline else "")
+    # Table 5: per task, mean ± std over seeds, gain over the baseline
+    _write(out, f"table5_tasks{suffix}", ["task"] + encoders, _task_rows(means, tasks, encoders, baseline, modality),
+           f"Per-task test scores{protocol} (x100; {SCORES}), {over}")
+    dice_3d = {key: _mean_std(values) for key, values in _scores(records, variant, metric="dice_3d").items()}
+    if dice_3d:
+        tasks_3d = [t for t in tasks if any((e, t) in dice_3d for e in encoders)]
+        _write(out, f"table5_tasks_dice3d{suffix}", ["task"] + encoders,
+               _task_rows(dice_3d, tasks_3d, encoders, baseline, modality),
+               f"Per-task test DSC per case{protocol} (x100; a case's slices scored as one 3D volume per class, "
+               f"Decathlon rule: an empty prediction on an empty truth scores 1, false positives in a case without "
+               f"the class score 0), {over}")
+    # Table 1: per modality and overall
     rows = []
-    for task, encoder in sorted({(t, e) for t, e, v in scores if v in variants[1:]}):  # tasks a probe ran on
-        cells = [_mean_std(scores[(task, encoder, v)]) if (task, encoder, v) in scores else None for v in variants]
-        rows.append([task, encoder] + [_cell(c[0], std=c[1]) if c else "-" for c in cells])
-    _write(out, "table_protocols", ["task", "encoder", "finetune"] + variants[1:], rows,
-           f"Test score per protocol (x100; {SCORES}), mean ± std over seeds; knn and fewshot: "
+    for mod in [m for m in MODALITIES if m in modality.values()] + sorted(set(modality.values()) - set(MODALITIES)):
+        members = [t for t in tasks if modality[t] == mod]
+        if members:
+            rows.append([f"{mod} ({len(members)} task{'s' if len(members) > 1 else ''})"] +
+                        [_average_cell(means, encoder, members, baseline) for encoder in encoders])
+    rows.append([f"Avg. ({len(tasks)} tasks)"] + [_average_cell(means, encoder, tasks, baseline)
+                                                 for encoder in encoders])
+    _write(out, f"table1_modalities{suffix}", ["modality"] + encoders, rows,
+           f"Average test score per modality and overall{protocol} (x100; {SCORES}), gain over the baseline in "
+           "brackets")
+    if variant == "default":
+        _radar(out, encoders, tasks, means)
+
+
+def _protocols(out: Path, records) -> None:
+    """The table encoders x protocols x tasks: per task and encoder, the test score of every protocol of the suite
+    (fine-tuning, the frozen ones, LoRA, frozen UNETR). One seed: the score and its bootstrap 95% interval on the
+    test images; few-shot: the mean ± std over the draws; several seeds: the mean ± std over seeds."""
+    variants = _protocol_variants(records)
+    if variants in ([], ["default"]):
+        return
+    runs: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        runs.setdefault((r["task"], r["encoder"], r["variant"]), []).append(r)
+    rows = []
+    for task, encoder in sorted({(t, e) for t, e, v in runs if v in variants}):
+        rows.append([task, encoder] + [_protocol_cell(runs.get((task, encoder, v))) for v in variants])
+    _write(out, "table_protocols", ["task", "encoder"] + ["finetune" if v == "default" else v for v in variants],
+           rows, f"Test score per protocol (x100; {SCORES}); one seed: [bootstrap 95% interval over the test "
+           "images]; few-shot: ± std over the draws; several seeds: ± std over seeds. knn and fewshot: "
            "classification tasks; linear on a segmentation task: a linear head on the frozen patch tokens")
+
+
+def _protocol_cell(runs: list[dict] | None) -> str:
+    if not runs:
+        return "-"
+    if len(runs) > 1:
+        mean, std = _mean_std([r["score"] for r in runs])
+        return _cell(mean, std=std)
+    run = runs[0]
+    if run["test_std"]:
+        return _cell(run["score"], std=100 * run["test_std"][run["score_name"]])
+    interval = score_interval(run["test_outputs"], run["score_name"], seed=run["seed"])
+    return _cell(run["score"]) + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
 
 
 def _gains(out: Path, records, baseline: str | None) -> None:
@@ -483,17 +532,31 @@ def _ablations(out: Path, records, suite: Suite) -> None:
     for r in records:
         by_variant.setdefault((r["encoder"], r["task"], r["variant"]), []).append(r["score"])
     mean = {k: float(np.mean(v)) for k, v in by_variant.items()}
+
+    def settings(prefix: str) -> list[tuple[str, str, str]]:
+        """(encoder, task, protocol variant) of the runs of an ablation's settings ``prefix...[,variant]``."""
+        return sorted({(e, t, v.partition(",")[2]) for e, t, v in mean if v.startswith(prefix)})
+
+    def variant(setting: str, protocol: str) -> str:
+        return f"{setting},{protocol}" if protocol else setting
+
+    def label(name: str, protocol: str) -> str:
+        return f"{name} ({protocol})" if protocol else name
+
     for kind in ("top_k", "data_fraction", "trainable_blocks"):
         if kind not in suite.ablations:
             continue
         values = suite.ablations[kind]["values"]
-        series = sorted({(e, t) for e, t, v in mean if v.startswith(f"{kind}=")})
-        rows = [[f"{e} on {t}"] + [_cell(mean.get((e, t, f"{kind}={v}"))) for v in values] for e, t in series]
+        series = settings(f"{kind}=")
+        rows = [[label(f"{e} on {t}", p)] + [_cell(mean.get((e, t, variant(f"{kind}={v}", p)))) for v in values]
+                for e, t, p in series]
         _write(out, f"fig5_{kind}", [kind] + [str(v) for v in values], rows,
-               f"Fig. 5 sweep over {kind}: test score (x100; {SCORES}), mean over seeds")
+               f"Fig. 5 sweep over {kind}: test score (x100; {SCORES}), mean over seeds; the protocol in brackets "
+               "where it is not fine-tuning")
         fig, ax = plt.subplots(figsize=(6, 4))
-        for e, t in series:
-            ax.plot(values, [mean.get((e, t, f"{kind}={v}"), np.nan) for v in values], marker="o", label=f"{e}: {t}")
+        for e, t, p in series:
+            ax.plot(values, [mean.get((e, t, variant(f"{kind}={v}", p)), np.nan) for v in values], marker="o",
+                    label=label(f"{e}: {t}", p))
         ax.set(xlabel=kind, ylabel="test score (x100)")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -501,15 +564,21 @@ def _ablations(out: Path, records, suite: Suite) -> None:
         plt.close(fig)
     if "experts_vs_director" in suite.ablations:
         names = suite.ablations["experts_vs_director"]["encoders"]
-        tasks = sorted({t for e, t, v in mean if v.startswith("mode=")})
-        rows = [[t] + [_cell(mean.get((e, t, f"mode={m}"))) for e in names for m in ("experts", "director")]
-                for t in tasks]
+        series = sorted({(t, p) for _, t, p in settings("mode=")})
+        rows = [[label(t, p)] + [_cell(mean.get((e, t, variant(f"mode={m}", p)))) for e in names
+                                 for m in ("experts", "director")] for t, p in series]
         _write(out, "table4_experts_director", ["task"] + [f"{e} {m}" for e in names for m in ("DEX-E", "DEX-D")],
                rows, f"Table 4: adaptation through the experts (DEX-E) or the director (DEX-D), test score (x100; "
-                     f"{SCORES})")
+                     f"{SCORES}); the protocol in brackets where it is not fine-tuning")
     if "components" in suite.ablations:
-        names = suite.ablations["components"]["encoders"]
-        tasks = suite.ablations["components"].get("tasks") or sorted({t for _, t, _ in mean})
-        rows = [[t] + [_cell(mean.get((e, t, "default"))) for e in names] for t in tasks]
+        ablation = suite.ablations["components"]
+        names = ablation["encoders"]
+        tasks = ablation.get("tasks") or sorted({t for _, t, _ in mean})
+        wanted = ablation.get("protocols") or ["finetune"]
+        variants = [v for v in _protocol_variants(records)
+                    if any(r["variant"] == v and r["protocol"] in wanted for r in records)]
+        rows = [[label(t, "" if v == "default" else v)] + [_cell(mean.get((e, t, v))) for e in names]
+                for t in tasks for v in variants]
         _write(out, "table6_components", ["task"] + names, rows,
-               f"Table 6: components, test score (x100; {SCORES}), mean over seeds")
+               f"Table 6: components, test score (x100; {SCORES}), mean over seeds; the protocol in brackets where "
+               "it is not fine-tuning")

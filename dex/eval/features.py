@@ -5,7 +5,8 @@ A split's features (:func:`split_features`) are the class token and the mean pat
 normalised output (:func:`dex.eval.embed.tokens`, as ``dex embed`` gives them) of each image, read by the
 encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as
 ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything they depend on: the encoder's weights
-(:func:`dex.eval.finetune.state_dict_sha256`), the task's folder and the split's image ids, files (size and
+(:func:`dex.eval.finetune.state_dict_sha256`, with a DEX encoder's ``mode`` and ``top_k`` where a run sets
+them), the task's folder and the split's image ids, files (size and
 modification time) and labels, the preprocessing, and this format's version; a change of any makes a new key, so a
 stale file is never read. A file is written whole or not at all (a temporary
 file renamed), so an interrupted suite leaves only complete ones.
@@ -51,6 +52,12 @@ class SplitFeatures:
         if kind == "both":
             return np.concatenate([self.cls, self.mean_patch], axis=1)
         raise ValueError(f"features must be cls, mean or both, got {kind!r}")
+
+    def subset(self, ids: list[str]) -> SplitFeatures:
+        """The rows of ``ids`` (in the order given)."""
+        rows = [self.ids.index(i) for i in ids]
+        return SplitFeatures(self.cls[rows], self.mean_patch[rows], self.labels[rows], list(ids),
+                             None if self.patches is None else self.patches[rows], self.cached)
 
 
 def feature_key(encoder_sha256: str, task: Task, split: str, preprocessing: Preprocessing) -> str:

@@ -105,7 +105,9 @@ def build_model(encoder: nn.Module, task: Task, config: FinetuneConfig) -> nn.Mo
     return encoder
 
 
-def _subset(ids: list[str], fraction: float, seed: int) -> list[str]:
+def train_subset(task: Task, fraction: float, seed: int) -> list[str]:
+    """The training ids of a ``data_fraction`` run: a seeded share of the split, at least one image (Fig. 5-b)."""
+    ids = task.splits["train"]
     if not 0 < fraction <= 1:
         raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
     count = max(1, round(len(ids) * fraction))
@@ -223,7 +225,7 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
     model = build_model(encoder, task, config).to(device)
     preprocessing = encoder_preprocessing(encoder_spec, encoder)
-    train = TaskImages(task, _subset(task.splits["train"], config.data_fraction, seed), preprocessing, config.flip,
+    train = TaskImages(task, train_subset(task, config.data_fraction, seed), preprocessing, config.flip,
                        seed)
     val, test = (TaskImages(task, task.splits[split], preprocessing) for split in ("val", "test"))
     if not len(train) or not len(val) or not len(test):

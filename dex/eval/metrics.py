@@ -107,23 +107,35 @@ def classification_intervals(logits: Tensor, target: Tensor, resamples: int = 10
                                                             bootstrap_indices(len(target), resamples, seed)))
 
 
+def score_draws(outputs: dict, score_name: str, indices: np.ndarray) -> np.ndarray:
+    """[R] the score of each bootstrap resample ``indices`` [R, N] of a record's ``test_outputs`` (labels and
+    probabilities, or per-image Dice [N, C-1]: the mean over images, then classes)."""
+    if "probabilities" in outputs:
+        logits = torch.tensor(outputs["probabilities"]).clamp_min(1e-12).log()
+        return classification_metric_draws(logits, torch.tensor(outputs["labels"]), indices)[score_name]
+    return np.asarray(outputs["dice"], dtype=np.float64)[indices].mean(1).mean(-1)
+
+
+def score_interval(outputs: dict, score_name: str, resamples: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> list[float] | None:
+    """The percentile bootstrap interval of a record's test score from its ``test_outputs``; None without them."""
+    if not outputs or not outputs.get("ids"):
+        return None
+    indices = bootstrap_indices(len(outputs["ids"]), resamples, seed)
+    return percentile_intervals({"score": score_draws(outputs, score_name, indices)}, level)["score"]
+
+
 def paired_gain_interval(baseline: dict, other: dict, score_name: str, resamples: int = 1000, seed: int = 0,
                          level: float = 0.95) -> list[float] | None:
     """The paired bootstrap interval of ``other``'s gain in ``score_name`` over ``baseline`` on the same test
     images: both scored on each of the same resamples of the images, the percentile interval of the differences.
-    ``baseline`` and ``other`` are records' ``test_outputs`` (labels and probabilities, or per-image Dice); None when
-    they are not of the same images in the same order."""
+    ``baseline`` and ``other`` are records' ``test_outputs`` (:func:`score_draws`); None when they are not of the
+    same images in the same order."""
     if baseline.get("ids") != other.get("ids") or not baseline.get("ids"):
         return None
     indices = bootstrap_indices(len(baseline["ids"]), resamples, seed)
-
-    def draws(outputs: dict) -> np.ndarray:
-        if "probabilities" in outputs:
-            logits = torch.tensor(outputs["probabilities"]).clamp_min(1e-12).log()
-            return classification_metric_draws(logits, torch.tensor(outputs["labels"]), indices)[score_name]
-        return np.asarray(outputs["dice"], dtype=np.float64)[indices].mean(1).mean(-1)  # [R]: images, then classes
-
-    return percentile_intervals({"gain": draws(other) - draws(baseline)}, level)["gain"]
+    gains = score_draws(other, score_name, indices) - score_draws(baseline, score_name, indices)
+    return percentile_intervals({"gain": gains}, level)["gain"]
 
 
 def label_map(scores: Tensor, size: tuple[int, int]) -> Tensor:

@@ -58,10 +58,15 @@ def _full_probabilities(model: LogisticRegression, x: np.ndarray, num_classes: i
 
 def linear_probe(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray,
                  test: np.ndarray, num_classes: int, score: Callable[[np.ndarray, np.ndarray], float],
-                 cs: Sequence[float] = LINEAR_C, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+                 cs: Sequence[float] = LINEAR_C, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Fit one logistic regression per ``C`` of ``cs`` on standardised ``train`` features, keep the one whose
     validation probabilities score best by ``score(probabilities, labels)``; returns its validation and test
-    probabilities ([M, C] each) and its ``C``."""
+    probabilities ([M, C] each) and its ``C``. Training labels of one class (a small share of a task's labels)
+    give that class with probability 1 and ``C`` None: there is nothing to fit."""
+    present = np.unique(train_labels)
+    if len(present) == 1:
+        constant = np.eye(num_classes)[present[0]]
+        return np.tile(constant, (len(val), 1)), np.tile(constant, (len(test), 1)), None
     scaler = StandardScaler().fit(train)
     train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
     best = None

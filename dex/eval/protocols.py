@@ -11,6 +11,9 @@ probing; MedMoE: linear probes at a fraction of the labels).
   protocol on each drawn set (its L2 strength chosen on the full validation split), the test metrics' mean and
   standard deviation over the draws (variants ``fewshot-1``, ``fewshot-5``, ``fewshot-10``).
 
+``data_fraction`` < 1 fits every probe on that share of the training split (the same seeded subset fine-tuning's
+``data_fraction`` takes; MedMoE's linear probes at 1 % and 10 % of the labels); validation and test stay whole.
+
 They apply to classification tasks; on a segmentation task ``linear`` is DINOv2's linear segmentation: a batch
 norm and linear head on each frozen patch token, its logits upsampled to the mask
 (:func:`dex.eval.probes.fit_patch_classifier`), the learning rate of best validation Dice kept, scored by Dice as
@@ -34,7 +37,7 @@ from dex.config import STRICT
 from dex.data.tasks import SPLITS, Task, mask_labels
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.eval.features import split_features
-from dex.eval.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256
+from dex.eval.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256, train_subset
 from dex.eval.metrics import DiceAccumulator, classification_metrics
 from dex.eval.probes import (
     KNN_TEMPERATURE,
@@ -71,11 +74,14 @@ class ProbeConfig:
     segmentation_epochs: int = 20
     lora_rank: int = 8  # the lora protocol: fine-tuning's settings with these adapters (dex.eval.lora)
     lora_alpha: float = 16.0
+    data_fraction: float = 1.0  # share of the training split the probes are fitted on (an ablation's values)
 
     def __post_init__(self) -> None:
         if (self.fewshot_draws < 1 or any(n < 1 for n in self.fewshot_n) or any(k < 1 for k in self.knn_k)
                 or self.lora_rank < 1):
             raise ValueError("probe: fewshot_draws, fewshot_n, knn_k and lora_rank must be positive")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError(f"probe: data_fraction must be in (0, 1], got {self.data_fraction}")
 
 
 def protocol_variants(protocol: str, config: ProbeConfig) -> list[str]:
@@ -103,8 +109,12 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
     encoder = load_encoder(spec).to(config.device).eval()
     sha256 = state_dict_sha256(encoder.state_dict())
     preprocessing = encoder_preprocessing(spec, encoder)
-    splits = {name: split_features(encoder, sha256, task, name, preprocessing, cache, config.batch_size,
+    # an ablation's top_k or mode changes the features, not the weights: both belong to the cache key
+    runs_as = "".join(f"|{k}={getattr(spec, k)}" for k in ("mode", "top_k") if getattr(spec, k) is not None)
+    splits = {name: split_features(encoder, sha256 + runs_as, task, name, preprocessing, cache, config.batch_size,
                                    config.device) for name in SPLITS}
+    if config.data_fraction < 1:
+        splits["train"] = splits["train"].subset(train_subset(task, config.data_fraction, seed))
     feature_seconds = time.perf_counter() - started
     if task.spec.type == "segmentation":
         grid = tuple(encoder.patch_embed.grid_size)

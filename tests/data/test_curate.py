@@ -23,12 +23,14 @@ from pydicom.data import get_testdata_file
 from torch.utils.data import DataLoader
 
 from dex.cli import main
+from dex.config import ConfigError
 from dex.data.curate import CurateOptions, curate, finalize
 from dex.data.normalize import ct_hu, pet_suv
 from dex.data.readers import read_dicom_series, read_nifti
-from dex.data.recipe import MODALITIES, Recipe, Source
+from dex.data.recipe import MODALITIES, HoldOut, Recipe, Source
 from dex.data.shards import iter_shard
 from dex.data.stream import CuratedImages, decode_png, modality_weights
+from dex.data.tasks import load_task
 from dex.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform
 from tests.conftest import ct_series
 
@@ -247,6 +249,24 @@ def test_shared_real_data(tmp_path):
     kept = {r["path"] for r in manifest(tmp_path / "out") if r["source"] == "busi"}
     assert stats["busi"]["dropped"]["near-duplicate"] > 50
     assert not {"benign_105.png", "benign_156.png"} <= kept and not {"benign_131.png", "malignant_51.png"} <= kept
+
+
+def test_held_out_task_splits_stay_out_of_the_collection(tmp_path):
+    chase = SHARED / "fundus-vessels-chase"
+    task = load_task(chase, seed=0)
+    test = {task.images[i].name for i in task.splits["test"]}
+    path = tmp_path / "recipe.yaml"
+    Recipe("test", [Source("chase", "Fundus", str(chase / "images"), "image", "scale_255", pattern="*.jpg")],
+           hold_out=[HoldOut(str(chase))]).save(path)
+    assert Recipe.load(path).hold_out == [HoldOut(str(chase), ["test"], 0)]
+    curate(path, tmp_path / "out", options=OPTIONS, progress=False)
+    kept = {r["path"] for r in manifest(tmp_path / "out")}
+    stats = json.loads((tmp_path / "out/stats.json").read_text())["sources"][0]
+    assert len(test) >= 5 and not kept & test
+    assert stats["images"] + sum(stats["dropped"].values()) == 28 - len(test)
+    Recipe("test", Recipe.load(path).sources, hold_out=[HoldOut(str(tmp_path / "no-task"))]).save(path)
+    with pytest.raises(ConfigError, match=r"recipe.yaml: hold_out task .*no-task.*: .*no images/ folder"):
+        curate(path, tmp_path / "again", options=OPTIONS, progress=False)
 
 
 def test_csv_index_names_the_modality_per_file(tmp_path):

@@ -14,6 +14,7 @@ from dex.eval.metrics import (
     classification_metric_draws,
     classification_metrics,
     paired_gain_interval,
+    score_interval,
 )
 from dex.eval.probes import LINEAR_C, _logistic, fewshot_indices, knn_probabilities, linear_probe
 
@@ -49,6 +50,36 @@ def test_the_linear_probe_recovers_a_linear_rule_and_picks_c_on_validation():
         scores[candidate] = linear_probe(x[train], y[train], x[val], y[val], x[test], 3, _accuracy, [candidate])[0]
     assert c == max(LINEAR_C, key=lambda v: (_accuracy(scores[v], y[val]), -LINEAR_C.index(v)))
     np.testing.assert_array_equal(val_probs, scores[c])
+
+
+def test_a_training_set_of_one_class_gives_that_class():
+    rng = np.random.default_rng(2)
+    val_probs, test_probs, c = linear_probe(rng.normal(size=(4, 3)), np.full(4, 2), rng.normal(size=(5, 3)),
+                                            np.arange(5) % 3, rng.normal(size=(6, 3)), 3, _accuracy)
+    assert c is None and val_probs.shape == (5, 3) and (test_probs.argmax(1) == 2).all()
+    np.testing.assert_array_equal(test_probs.sum(1), 1)
+
+
+def test_a_score_interval_holds_the_score_and_narrows_with_more_images():
+    rng = np.random.default_rng(3)
+
+    def outputs(count):
+        labels = rng.integers(0, 2, count)
+        right = rng.random(count) < 0.8
+        probs = np.where((labels == 1) == right, 0.9, 0.1)
+        return {"ids": [str(i) for i in range(count)], "labels": labels.tolist(),
+                "probabilities": np.stack([1 - probs, probs], 1).tolist()}
+
+    small, large = outputs(40), outputs(400)
+    for run in (small, large):
+        accuracy = float(np.mean(np.argmax(run["probabilities"], 1) == run["labels"]))
+        low, high = score_interval(run, "accuracy", resamples=500)
+        assert low <= accuracy <= high
+    assert np.diff(score_interval(large, "accuracy", resamples=500)) < np.diff(score_interval(small, "accuracy",
+                                                                                            resamples=500))
+    assert score_interval({}, "accuracy") is None
+    dice = {"ids": ["a", "b", "c"], "dice": [[1.0], [0.5], [0.0]]}
+    assert score_interval(dice, "dice", resamples=200)[0] < 0.5 < score_interval(dice, "dice", resamples=200)[1]
 
 
 def test_the_linear_probe_passes_l2_regularisation_of_strength_c_to_scikit_learn():

@@ -128,8 +128,58 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     data["out_dir"] = str(tmp_path / "frozen-only")
     path.write_text(yaml.safe_dump(data))
     assert main(["benchmark", str(path), "--protocols", "knn"]) == 0  # no fine-tuning run at all
-    assert {p.name for p in (tmp_path / "frozen-only" / "report").iterdir()} == {
-        "table_protocols.md", "table_protocols.csv", "runs.csv"}
+    assert {p.name for p in (tmp_path / "frozen-only" / "report").iterdir()} == {  # the paper's layouts per protocol
+        "table_protocols.md", "table_protocols.csv", "runs.csv", "table1_modalities_knn-k2.md",
+        "table1_modalities_knn-k2.csv", "table5_tasks_knn-k2.md", "table5_tasks_knn-k2.csv"}
+    report = tmp_path / "frozen-only" / "report"
+    assert "Per-task test scores, knn-k2" in (report / "table5_tasks_knn-k2.md").read_text()
+    assert main(["report", str(tmp_path / "frozen-only")]) == 0  # the page finds a frozen-only benchmark
+    page = (tmp_path / "frozen-only" / "report.html").read_text()
+    assert "Test score per protocol" in page and "Average test score per modality and overall, knn-k2" in page
+
+
+def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, monkeypatch):
+    tasks = phantom_collection / "raw" / "tasks"
+    scratch = {"source": "scratch", "img_size": 32, "scratch_experts": True,
+               "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_experts": 4}}
+    data = {"out_dir": str(tmp_path / "bench"), "seeds": [0], "protocols": ["knn"],
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "probe": {"knn_k": [2], "bootstrap": 20}, "encoders": {"dex": scratch},
+            "tasks": [str(tasks / "photo-lesion-type"), str(tasks / "pathology-nuclei")],
+            "ablations": {"top_k": {"encoder": "dex", "values": [1, 4], "tasks": ["photo-lesion-type"],
+                                    "protocols": ["finetune", "linear"]},
+                          "data_fraction": {"encoders": ["dex"], "values": [0.25, 1.0], "protocols": ["linear"]}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    suite = benchmark.Suite.load(path)
+    planned = {(task, variant): config for _, task, variant, _, _, config in
+               benchmark.plan(suite, {t.name: t for t in map(load_task, data["tasks"])})}
+    assert set(planned) == {
+        ("photo-lesion-type", "knn-k2"), ("photo-lesion-type", "top_k=1"), ("photo-lesion-type", "top_k=1,linear"),
+        ("photo-lesion-type", "top_k=4"), ("photo-lesion-type", "top_k=4,linear"),
+        ("photo-lesion-type", "data_fraction=0.25,linear"), ("photo-lesion-type", "data_fraction=1.0,linear"),
+        ("pathology-nuclei", "data_fraction=0.25,linear"), ("pathology-nuclei", "data_fraction=1.0,linear")}
+    assert planned[("pathology-nuclei", "data_fraction=0.25,linear")].data_fraction == 0.25
+    forwards = []
+    real = features_module.tokens
+    monkeypatch.setattr(features_module, "tokens", lambda encoder, images: forwards.append(
+        encoder.blocks[0].dex.top_k) or real(encoder, images))
+    assert main(["benchmark", str(path)]) == 0
+    runs = tmp_path / "bench" / "runs" / "dex"
+    record = json.loads((runs / "photo-lesion-type" / "top_k=4,linear" / "seed0.json").read_text())
+    assert record["protocol"] == "linear" and record["encoder_spec"]["top_k"] == 4
+    assert {1, 4} <= set(forwards)  # each top_k its own feature pass: the cache key knows the setting
+    task = load_task(tasks / "photo-lesion-type")
+    fraction = json.loads((runs / "photo-lesion-type" / "data_fraction=0.25,linear" / "seed0.json").read_text())
+    assert fraction["split_images"]["train"] == round(len(task.splits["train"]) * 0.25)
+    assert fraction["split_images"]["test"] == len(task.splits["test"])  # validation and test stay whole
+    sweep = (tmp_path / "bench" / "report" / "fig5_top_k.md").read_text()
+    assert "| dex on photo-lesion-type |" in sweep and "| dex on photo-lesion-type (linear) |" in sweep
+    fractions = (tmp_path / "bench" / "report" / "fig5_data_fraction.md").read_text()
+    assert "| dex on pathology-nuclei (linear) |" in fractions
+    data["ablations"]["trainable_blocks"] = {"encoder": "dex", "values": [1], "protocols": ["linear"]}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["benchmark", str(path)]) == 2  # a frozen probe has no blocks to train
 
 
 def test_frozen_unetr_trains_the_decoder_and_leaves_the_encoder_as_it_was(tmp_path, phantom_collection):
