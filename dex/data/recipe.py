@@ -27,6 +27,10 @@ evaluated on those tasks without having seen their test images::
         splits: [test]                  # the default
         seed: 0                         # the seed of the 60/20/20 split of a folder without splits.csv
 
+``include`` lists other recipe files (relative to this one) whose sources and hold-outs come first::
+
+    include: [../runs/cpu/phantoms/recipe.yaml]
+
 A file is held out when its resolved path is the image of a held-out id; the match is by path, so an image copied
 elsewhere under another name is not caught (near-duplicates are only removed within a source).
 """
@@ -102,9 +106,10 @@ class HoldOut:
 class RecipeFile:
     """The schema of a recipe file."""
 
-    sources: list[Source]
+    sources: list[Source] = field(default_factory=list)
     name: str | None = None
     hold_out: list[HoldOut] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,11 +136,24 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> Recipe:
+    def load(cls, path: str | Path, _including: tuple[Path, ...] = ()) -> Recipe:
         path = Path(path)
+        if path.resolve() in _including:
+            raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in _including)})")
         data = validate(RecipeFile, read_yaml(path, "recipe"), str(path))
-        names = [s.name for s in data.sources]
+        recipe = cls(data.name or path.stem, [], path)
+        for name in data.include:  # their sources and hold-outs first, their paths made absolute
+            inner = cls.load(recipe.resolve(name), (*_including, path.resolve()))
+            recipe.sources += [dataclasses.replace(s, root=str(inner.root_of(s).resolve()) if s.root else "")
+                               for s in inner.sources]
+            recipe.hold_out += [dataclasses.replace(h, task=str(inner.resolve(h.task).resolve()))
+                                for h in inner.hold_out]
+        recipe.sources += data.sources
+        recipe.hold_out += data.hold_out
+        if not recipe.sources:
+            raise ConfigError(f"{path}: sources: the recipe lists no source (and includes none)")
+        names = [s.name for s in recipe.sources]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"{path}: source names {twice} are used twice; each source needs its own")
-        return cls(data.name or path.stem, data.sources, path, data.hold_out)
+        return recipe

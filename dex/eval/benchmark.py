@@ -157,6 +157,23 @@ def _record_path(out: Path, encoder: str, task: str, variant: str, seed: int) ->
     return out / "runs" / encoder / task / variant / f"seed{seed}.json"
 
 
+def variant_name(setting: str, protocol_variant: str) -> str:
+    """The stored variant of a run of ``protocol_variant`` (``default`` for fine-tuning, ``linear``, ``knn-k10``,
+    ...) under an ablation's ``setting`` (``top_k=2``; empty for the suite's own runs): ``top_k=2`` for fine-tuning,
+    ``top_k=2,linear`` for another protocol."""
+    if not setting:
+        return protocol_variant
+    return setting if protocol_variant == "default" else f"{setting},{protocol_variant}"
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """(setting, protocol variant) of a stored variant: the inverse of :func:`variant_name`."""
+    if "," in variant:
+        setting, _, protocol_variant = variant.partition(",")
+        return setting, protocol_variant
+    return (variant, "default") if "=" in variant else ("", variant)
+
+
 def _model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
     return out / "models" / encoder / task / variant / f"seed{seed}"
 
@@ -223,8 +240,8 @@ def _protocol_runs(suite: Suite, task: Task, name: str, seed: int, spec: Encoder
                                                          lora_alpha=suite.probe.lora_alpha)))
         elif protocol == "frozen-unetr" and task.spec.type == "segmentation":
             variants.append(("frozen-unetr", dataclasses.replace(config, freeze_encoder=True)))
-    return [(name, task.name, base if variant == "default" and base else f"{base},{variant}" if base else variant,
-             seed, spec, variant_config) for variant, variant_config in variants]
+    return [(name, task.name, variant_name(base, variant), seed, spec, variant_config)
+            for variant, variant_config in variants]
 
 
 def run_suite(suite: Suite) -> Path:
@@ -242,17 +259,17 @@ def run_suite(suite: Suite) -> Path:
     frozen: dict[tuple[str, str, int, str], list[str]] = {}  # one feature pass serves every frozen run of a key
     for encoder, task, variant, seed, spec, config in todo:
         if isinstance(config, ProbeConfig):
-            frozen.setdefault((encoder, task, seed, variant.rpartition(",")[0]), []).append(variant)
+            frozen.setdefault((encoder, task, seed, split_variant(variant)[0]), []).append(variant)
     done = 0
     for encoder, task, variant, seed, spec, config in todo:
         if isinstance(config, ProbeConfig):
-            base = variant.rpartition(",")[0]
+            base = split_variant(variant)[0]
             if (encoder, task, seed, base) not in frozen:
                 continue  # run with the first frozen run of its encoder, task, seed and ablation setting
             names = frozen.pop((encoder, task, seed, base))
-            records = run_frozen(spec, tasks[task], seed, [n.rpartition(",")[2] for n in names], config,
+            records = run_frozen(spec, tasks[task], seed, [split_variant(n)[1] for n in names], config,
                                  suite.out_dir / "features")
-            records = {(f"{base},{protocol}" if base else protocol): r for protocol, r in records.items()}
+            records = {variant_name(base, protocol): r for protocol, r in records.items()}
         else:
             record, model = train_task_model(spec, tasks[task], seed, config,
                                              bootstrap=1000 if suite.keep_models else 0)
@@ -358,7 +375,7 @@ def _protocol_variants(records) -> list[str]:
         protocol, _, number = variant.rpartition("-")
         return PROTOCOLS.index(protocol), int(number.lstrip("k"))
 
-    return sorted({r["variant"] for r in records if "=" not in r["variant"] and "," not in r["variant"]}, key=order)
+    return sorted({r["variant"] for r in records if not split_variant(r["variant"])[0]}, key=order)
 
 
 def _paper_tables(out: Path, records, baseline: str | None, variant: str) -> None:
@@ -534,28 +551,25 @@ def _ablations(out: Path, records, suite: Suite) -> None:
     mean = {k: float(np.mean(v)) for k, v in by_variant.items()}
 
     def settings(prefix: str) -> list[tuple[str, str, str]]:
-        """(encoder, task, protocol variant) of the runs of an ablation's settings ``prefix...[,variant]``."""
-        return sorted({(e, t, v.partition(",")[2]) for e, t, v in mean if v.startswith(prefix)})
+        """(encoder, task, protocol variant) of the runs of an ablation's settings ``prefix...``."""
+        return sorted({(e, t, split_variant(v)[1]) for e, t, v in mean if v.startswith(prefix)})
 
-    def variant(setting: str, protocol: str) -> str:
-        return f"{setting},{protocol}" if protocol else setting
-
-    def label(name: str, protocol: str) -> str:
-        return f"{name} ({protocol})" if protocol else name
+    def label(name: str, protocol_variant: str) -> str:
+        return name if protocol_variant == "default" else f"{name} ({protocol_variant})"
 
     for kind in ("top_k", "data_fraction", "trainable_blocks"):
         if kind not in suite.ablations:
             continue
         values = suite.ablations[kind]["values"]
         series = settings(f"{kind}=")
-        rows = [[label(f"{e} on {t}", p)] + [_cell(mean.get((e, t, variant(f"{kind}={v}", p)))) for v in values]
+        rows = [[label(f"{e} on {t}", p)] + [_cell(mean.get((e, t, variant_name(f"{kind}={v}", p)))) for v in values]
                 for e, t, p in series]
         _write(out, f"fig5_{kind}", [kind] + [str(v) for v in values], rows,
                f"Fig. 5 sweep over {kind}: test score (x100; {SCORES}), mean over seeds; the protocol in brackets "
                "where it is not fine-tuning")
         fig, ax = plt.subplots(figsize=(6, 4))
         for e, t, p in series:
-            ax.plot(values, [mean.get((e, t, variant(f"{kind}={v}", p)), np.nan) for v in values], marker="o",
+            ax.plot(values, [mean.get((e, t, variant_name(f"{kind}={v}", p)), np.nan) for v in values], marker="o",
                     label=label(f"{e}: {t}", p))
         ax.set(xlabel=kind, ylabel="test score (x100)")
         ax.legend(fontsize=7)
@@ -565,7 +579,7 @@ def _ablations(out: Path, records, suite: Suite) -> None:
     if "experts_vs_director" in suite.ablations:
         names = suite.ablations["experts_vs_director"]["encoders"]
         series = sorted({(t, p) for _, t, p in settings("mode=")})
-        rows = [[label(t, p)] + [_cell(mean.get((e, t, variant(f"mode={m}", p)))) for e in names
+        rows = [[label(t, p)] + [_cell(mean.get((e, t, variant_name(f"mode={m}", p)))) for e in names
                                  for m in ("experts", "director")] for t, p in series]
         _write(out, "table4_experts_director", ["task"] + [f"{e} {m}" for e in names for m in ("DEX-E", "DEX-D")],
                rows, f"Table 4: adaptation through the experts (DEX-E) or the director (DEX-D), test score (x100; "
@@ -577,7 +591,7 @@ def _ablations(out: Path, records, suite: Suite) -> None:
         wanted = ablation.get("protocols") or ["finetune"]
         variants = [v for v in _protocol_variants(records)
                     if any(r["variant"] == v and r["protocol"] in wanted for r in records)]
-        rows = [[label(t, "" if v == "default" else v)] + [_cell(mean.get((e, t, v))) for e in names]
+        rows = [[label(t, v)] + [_cell(mean.get((e, t, v))) for e in names]
                 for t in tasks for v in variants]
         _write(out, "table6_components", ["task"] + names, rows,
                f"Table 6: components, test score (x100; {SCORES}), mean over seeds; the protocol in brackets where "

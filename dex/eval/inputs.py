@@ -10,7 +10,8 @@ An input is a file or a folder (searched recursively, in sorted order). Files ar
   by file name: a CT, MR or PET series of two or more single-frame files is a volume, its slices ordered by position
   along the slice normal and placed in patient space by its geometry
   (:func:`dex.data.readers.read_dicom_series_display`); any other DICOM object (a radiograph, an ultrasound still
-  or cine, one CT slice, a multi-frame object) gives its frames as pictures. A DICOM object of another modality than the model's is refused.
+  or cine, one CT slice, a multi-frame object) gives its frames as pictures. A DICOM object of another modality
+  than the model's is refused.
 
 A folder's files of other kinds are passed over; a file given by name that is none of these is refused.
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dex.data.normalize import ct_hu, mr_percentile, normalize_volume, pet_raw, pet_suv, scale_255, volume_slice
-from dex.data.recipe import Recipe, Source
+from dex.data.recipe import HoldOut, Recipe, Source
 
 
 def test_ct_window():
@@ -44,6 +44,35 @@ def test_recipe_round_trip_and_relative_roots(tmp_path):
     assert loaded.sources == recipe.sources
     assert loaded.root_of(loaded.sources[0]) == tmp_path / "data" / "a"
     assert loaded.root_of(loaded.sources[1]) is None  # left for the user to fill
+
+
+def test_an_included_recipe_brings_its_sources_and_hold_outs_with_their_own_paths(tmp_path):
+    base = tmp_path / "phantoms" / "recipe.yaml"
+    base.parent.mkdir()
+    Recipe("base", [Source("a", "CT", "sources/a", "nifti", "ct_hu"), Source("b", "US", "", "video", "scale_255")],
+           hold_out=[HoldOut("tasks/t")]).save(base)
+    top = tmp_path / "configs" / "recipe.yaml"
+    top.parent.mkdir()
+    top.write_text("include: [../phantoms/recipe.yaml]\nsources:\n"
+                   "  - {name: c, modality: MR, root: real/c, format: image, normalization: scale_255}\n"
+                   "hold_out: [{task: real/task}]\n")
+    recipe = Recipe.load(top)
+    assert [s.name for s in recipe.sources] == ["a", "b", "c"]
+    roots = [recipe.root_of(s) for s in recipe.sources]
+    assert [r and r.resolve() for r in roots] == [(tmp_path / "phantoms" / "sources" / "a").resolve(), None,
+                                                  (tmp_path / "configs" / "real" / "c").resolve()]
+    assert [recipe.resolve(h.task).resolve() for h in recipe.hold_out] == [
+        (tmp_path / "phantoms" / "tasks" / "t").resolve(), (tmp_path / "configs" / "real" / "task").resolve()]
+    top.write_text("include: [../phantoms/recipe.yaml]\nsources:\n"
+                   "  - {name: a, modality: MR, root: x, format: image, normalization: scale_255}\n")
+    with pytest.raises(ValueError, match=r"source names \['a'\] are used twice"):
+        Recipe.load(top)
+    top.write_text("include: [recipe.yaml]\n")
+    with pytest.raises(ValueError, match="recipe.yaml: includes itself"):
+        Recipe.load(top)
+    top.write_text("name: empty\n")
+    with pytest.raises(ValueError, match="recipe.yaml: sources: the recipe lists no source"):
+        Recipe.load(top)
 
 
 @pytest.mark.parametrize("entry,message", [

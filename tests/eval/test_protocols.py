@@ -138,6 +138,15 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     assert "Test score per protocol" in page and "Average test score per modality and overall, knn-k2" in page
 
 
+def test_a_stored_variant_names_its_setting_and_protocol():
+    assert benchmark.variant_name("top_k=2", "default") == "top_k=2"
+    assert benchmark.variant_name("top_k=2", "knn-k10") == "top_k=2,knn-k10"
+    assert benchmark.variant_name("", "linear") == "linear"
+    for setting in ("", "top_k=2", "data_fraction=0.25", "mode=director"):
+        for variant in ("default", "linear", "knn-k10", "fewshot-5", "frozen-unetr"):
+            assert benchmark.split_variant(benchmark.variant_name(setting, variant)) == (setting, variant)
+
+
 def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, monkeypatch):
     tasks = phantom_collection / "raw" / "tasks"
     scratch = {"source": "scratch", "img_size": 32, "scratch_experts": True,
