@@ -71,6 +71,23 @@ def build(variant: str, path: str, model_name: str, img_size: int, device: torch
     return mae, forward, optimizer, director_update
 
 
+def median_step_seconds(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Run ``step(i)`` for ``warmup`` untimed then ``steps`` timed indices; the median seconds of a timed step
+    (the device synchronised around each)."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step(warmup + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(variant, path, compiled, args, device) -> dict:
     model_name, img_size, batch, warmup, steps = SIZES[args.model]
     batch = args.batch or batch
@@ -91,19 +108,8 @@ def measure(variant, path, compiled, args, device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step(warmup + i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    median = median_step_seconds(step, warmup, steps, device)
     flops = step(0, count_flops=True) if not compiled else None  # counted eagerly, once per model
-    median = statistics.median(times)
     return {
         "variant": variant, "path": path, "compile": compiled, "images_per_s": batch / median,
         "step_ms": 1000 * median, "gflop_per_image": flops / batch / 1e9 if flops else None,

@@ -16,10 +16,16 @@ from dex.analysis.cost import activation_cost
 from dex.analysis.patterns import pattern_layout, patch_features
 from dex.analysis.probes import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
+from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
+from dex.config import read_yaml
 from dex.data.recipe import MODALITIES
 from dex.data.preprocess import Preprocessing
 from dex.data.stream import CuratedImages, FolderImages
+from dex.data.transforms import MultiViewTransform
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.train.export import run_objective
+from dex.train.objective import RunConfig
+from dex.train.objectives import objective_class
 
 
 def labelled_images(data: str | Path, preprocessing: Preprocessing, per_modality: int
@@ -53,6 +59,28 @@ def shared_experts(table: torch.Tensor, threshold: float = 0.1) -> int:
 def _batches(images: torch.Tensor, labels: torch.Tensor, size: int = 64):
     for start in range(0, len(images), size):
         yield {"image": images[start:start + size], "modality": labels[start:start + size]}
+
+
+def _images(images: torch.Tensor, size: int = 64):
+    return (images[start:start + size] for start in range(0, len(images), size))
+
+
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., 3, H, W] model inputs resized (bilinear) to ``size``."""
+    flat = images.reshape(-1, *images.shape[-3:])
+    return torch.nn.functional.interpolate(flat, size=size, mode="bilinear").reshape(*images.shape[:-2], size, size)
+
+
+def routed_projector(source: str | Path) -> torch.nn.Module | None:
+    """The routed projector of a pretraining run whose objective has one (an M-IDoL run: its teacher's, from the
+    newest checkpoint); None for any other source."""
+    config = Path(str(source)) / "config.yaml"
+    if not config.is_file():
+        return None
+    objective = objective_class(read_yaml(config).get("objective", RunConfig.objective))
+    if not hasattr(objective, "routed_projector"):
+        return None
+    return run_objective(source).routed_projector().eval()
 
 
 def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dict[str, str] | None = None,
@@ -110,14 +138,26 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
                       model_args={k: v for k, v in getattr(encoder, "model_args", {}).items() if k != "img_size"})
     encoders = {name: encoder, **{other: load_encoder(EncoderSpec(other, source, **same_shape)).eval()
                                   for other, source in (compare or {}).items()}}
-    result["collapse"] = {}
+    view_images, view_labels = labelled_images(data, MultiViewTransform(size), per_modality)
+    if not torch.equal(view_labels, labels):
+        raise RuntimeError(f"{data}: the augmented views do not come from the same images")
+    projector = routed_projector(encoder_source)
+    result["collapse"], result["subspaces"] = {}, {}
     for label, model in encoders.items():
         model_size = model.patch_embed.img_size[0]
-        inputs = images if model_size == size else torch.nn.functional.interpolate(images, size=model_size,
-                                                                                   mode="bilinear")
+        inputs, views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
         per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
                                                          for batch in _batches(inputs, labels)))]
         result["collapse"][label] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
+        # M-IDoL's specificity (the analysed encoder's routed projector) and diversity (every encoder)
+        routed = projector if label == name else None
+        features, experts = features_and_experts(model, _images(inputs), routed)
+        view_features = [features_and_experts(model, _images(views[:, v]))[0] for v in (0, 1)]
+        result["subspaces"][label] = subspace_diagnostics(features, tuple(view_features), labels, list(MODALITIES),
+                                                          experts, routed.num_experts if routed else None)
+        if label == name:
+            plots.feature_map(tsne_map(features, seed), [MODALITIES[m] for m in labels.tolist()],
+                              out / "subspaces.png", None if experts is None else experts.tolist())
     plots.collapse_curves(result["collapse"], out / "collapse.png")
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "analysis.md").write_text(markdown(result))
@@ -157,4 +197,22 @@ def markdown(result: dict[str, Any]) -> str:
               "| encoder | layer | probe accuracy | between-modality share |", "| --- | ---: | ---: | ---: |"]
     for name, rows in result["collapse"].items():
         lines += [f"| {name} | {r['layer']} | {r['probe_accuracy']:.3f} | {r['between_share']:.3f} |" for r in rows]
+    lines += ["", "## Specificity and diversity (M-IDoL's claims)", "", "![subspaces](subspaces.png)", ""]
+    for name, sub in result["subspaces"].items():
+        if "nmi" in sub:
+            lines += [f"{name}: NMI(routed expert; modality) {sub['nmi']:.3f}; expert load "
+                      + ", ".join(f"{x:.2f}" for x in sub["expert_load"]) + ".", "",
+                      "| modality | " + " | ".join(f"expert {k}" for k in range(len(sub["expert_load"]))) + " |",
+                      "| --- |" + " ---: |" * len(sub["expert_load"])]
+            lines += [f"| {m} | " + " | ".join(map(str, row)) + " |" for m, row in sub["expert_table"].items()]
+            lines.append("")
+    lines += ["Diversity on L2-normalised pooled features: spread E||f - mean||^2, alignment of two augmented views "
+              "(lower: more invariant) and uniformity log E exp(-2||f_i - f_j||^2) (lower: more spread), "
+              "per modality.", "",
+              "| encoder | modality | images | spread | alignment | uniformity |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, sub in result["subspaces"].items():
+        lines += [f"| {name} | {r['modality']} | {r['images']} | {r['spread']:.3f} | {r['alignment']:.3f} | "
+                  f"{r['uniformity']:.3f} |" for r in sub["per_modality"]]
+        lines.append(f"| {name} | all | | | {sub['alignment']:.3f} | {sub['uniformity']:.3f} |")
     return "\n".join(lines) + "\n"

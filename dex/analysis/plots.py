@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -31,29 +32,62 @@ def run_top_k(model_args: dict) -> int | None:
     return settings.top_k if isinstance(settings.top_k, int) and settings.num_experts else None
 
 
-def training_curves(rows: list[dict], path: Path, top_k: int | None = None) -> None:
-    """Loss terms and per-layer expert usage entropy over a run's ``log.jsonl`` rows; ``top_k`` (the run's K, when
-    the same in every layer) marks the balance loss of a perfectly balanced routing."""
+def training_curves(rows: list[dict], path: Path, top_k: int | None = None,
+                    terms: tuple[str, ...] = ("reconstruction", "alignment", "balance")) -> None:
+    """A run's ``log.jsonl`` rows: the loss with its first term, one panel per other loss term (``terms``, the
+    objective's), and what the run logged of its routing: per-layer DEX expert usage entropy, and for a routed
+    projector (M-IDoL) the load entropy and the agreement of the views. ``top_k`` (the run's K, when the same in
+    every layer) marks the balance loss of a perfectly balanced DEX routing."""
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for key in ("loss", "reconstruction"):
+    entropy = np.array([r["usage_entropy"] for r in rows if r.get("usage_entropy")])
+    projector = [key for key in ("load_entropy", "view_agreement", "code_agreement") if key in rows[-1]]
+    panels = len(terms) + (1 if entropy.size else 0) + (1 if projector else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    for key in ("loss", terms[0]):
         axes[0].plot(steps, [r[key] for r in rows], label=key)
-    axes[0].set(title="MAE-DEX loss (Eq. 8)", xlabel="step", yscale="log")
+    axes[0].set(title="loss", xlabel="step", yscale="log")
     axes[0].legend()
-    axes[1].plot(steps, [r["alignment"] for r in rows])
-    axes[1].set(title="alignment (1/L sum alpha_l L_co)", xlabel="step")
-    axes[2].plot(steps, [r["balance"] for r in rows])
-    if top_k is not None:
-        axes[2].axhline(top_k, color="grey", linestyle="--", label=f"balanced (K = {top_k})")
-        axes[2].legend()
-    axes[2].set(title="balance (Eq. 18)", xlabel="step")
-    entropy = np.array([r["usage_entropy"] for r in rows if r["usage_entropy"]])
-    for layer in range(entropy.shape[1] if entropy.size else 0):
-        axes[3].plot(steps[-len(entropy):], entropy[:, layer], color=plt.cm.viridis(layer / max(entropy.shape[1] - 1, 1)),
-                     label=f"layer {layer + 1}" if layer in (0, entropy.shape[1] - 1) else None)
-    axes[3].set(title="expert usage entropy / log R", xlabel="step", ylim=(0, 1.05))
+    for ax, term in zip(axes[1:], terms[1:]):
+        ax.plot(steps, [r[term] for r in rows])
+        ax.set(title=term, xlabel="step")
+        if term == "balance" and top_k is not None:
+            ax.axhline(top_k, color="grey", linestyle="--", label=f"balanced (K = {top_k})")
+            ax.legend()
+    panel = len(terms)
     if entropy.size:
-        axes[3].legend()
+        ax = axes[panel]
+        layers = entropy.shape[1]
+        for layer in range(layers):
+            ax.plot(steps[-len(entropy):], entropy[:, layer], color=plt.cm.viridis(layer / max(layers - 1, 1)),
+                    label=f"layer {layer + 1}" if layer in (0, layers - 1) else None)
+        ax.set(title="expert usage entropy / log R", xlabel="step", ylim=(0, 1.05))
+        ax.legend()
+        panel += 1
+    if projector:
+        ax = axes[panel]
+        for key in projector:
+            ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key)
+        ax.set(title="projector routing", xlabel="step", ylim=(0, 1.05))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
+def feature_map(points: np.ndarray, labels: Sequence[str], path: Path, experts: Sequence[int] | None = None) -> None:
+    """A 2D map of features ([N, 2], e.g. t-SNE) coloured by modality and, when given, by routed expert."""
+    panels = [("modality", list(labels))] + ([("expert", [f"expert {e}" for e in experts])] if experts is not None
+                                             else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels):
+        names = sorted(set(groups))
+        colours = plt.cm.tab10 if len(names) <= 10 else plt.cm.tab20
+        for i, name in enumerate(names):
+            chosen = np.array([g == name for g in groups])
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=9, color=colours(i % colours.N), label=name)
+        ax.set(title=f"features by {title}", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, **SAVE)
     plt.close(fig)

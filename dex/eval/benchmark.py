@@ -111,11 +111,12 @@ class Suite:
     def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True,
              protocols: list[str] | None = None) -> Suite:
         """Read and check a suite: every key and value, the names the ablations refer to and, with
-        ``check_encoders`` (not needed to report on stored runs), every encoder's architecture and files;
-        ``protocols`` replaces the suite's. Errors name the file and the key."""
+        ``check_encoders`` (not needed to report on stored runs), the architecture and files of every encoder
+        that will run (those of ``only``, when given); ``protocols`` replaces the suite's. Errors name the file and
+        the key."""
         path = Path(path)
         data = validate(SuiteFile, read_yaml(path, "suite"), str(path))
-        encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders)
+        encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders and (not only or name in only))
                     for name, value in data.encoders.items()}
         if data.baseline is not None and data.baseline not in encoders:
             raise ConfigError(f"{path}: baseline {data.baseline!r} is not one of the encoders {sorted(encoders)}")

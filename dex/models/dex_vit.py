@@ -186,6 +186,22 @@ class DEXViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    def draw_router_eps(self, generator: torch.Generator, global_batch: int, rows: slice,
+                        tokens: int) -> list[Tensor | None]:
+        """The standard normal draws of every router's noise (Eq. 21) for a global batch of sequences of
+        ``tokens`` tokens (class token included), cut to ``rows`` (this rank's images): per block [b, R]
+        image-wise or [b * tokens, R] token-wise, None for plain blocks (the ``router_eps`` of
+        :meth:`forward_tokens`)."""
+        router_eps: list[Tensor | None] = []
+        for block in self.blocks:
+            if block.dex is None:
+                router_eps.append(None)
+                continue
+            per_image = tokens if block.dex.router.activation == "token" else 1
+            eps = torch.randn(global_batch * per_image, block.dex.num_experts, generator=generator)
+            router_eps.append(eps[rows.start * per_image: rows.stop * per_image])
+        return router_eps
+
     def embed(self, x: Tensor) -> Tensor:
         """[B, C_in, H, W] images -> [B, N, C] patch tokens with their positional embedding (no class token)."""
         return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :]

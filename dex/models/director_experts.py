@@ -243,6 +243,8 @@ class LayerLosses(NamedTuple):
 def layer_losses(aux: Sequence[DEXAux], device: torch.device | None = None) -> LayerLosses:
     """Combine the per-layer alignment and balance losses as Eq. 8 does."""
     zero = torch.zeros((), device=device)
+    if not aux:  # an encoder without DEX blocks
+        return LayerLosses(zero, zero, zero.new_zeros(0), zero.new_zeros(0))
     alignment = torch.stack([zero if a.alignment is None else a.alignment.float() for a in aux])
     balance = torch.stack([zero if a.balance is None else a.balance.float() for a in aux])
     depth = len(aux)

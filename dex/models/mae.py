@@ -127,15 +127,8 @@ class MaskedAutoencoderDEX(nn.Module):
         patches = self.grid_size[0] * self.grid_size[1]
         tokens = self.encoder.num_prefix_tokens + int(patches * (1 - ratio))
         mask_noise = torch.rand(global_batch, patches, generator=generator)[rows]
-        router_eps = []
-        for block in self.encoder.blocks:
-            if block.dex is None:
-                router_eps.append(None)
-                continue
-            per_image = tokens if block.dex.router.activation == "token" else 1
-            eps = torch.randn(global_batch * per_image, block.dex.num_experts, generator=generator)
-            router_eps.append(eps[rows.start * per_image: rows.stop * per_image])
-        return {"mask_noise": mask_noise, "router_eps": router_eps}
+        return {"mask_noise": mask_noise, "router_eps": self.encoder.draw_router_eps(generator, global_batch, rows,
+                                                                                     tokens)}
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """[B, 1 + N_keep, C] -> [B, N, p*p*C_in] predicted patches."""

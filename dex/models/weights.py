@@ -105,14 +105,14 @@ def _pretrained_cfg(preprocessing: Preprocessing, num_classes: int) -> dict[str,
 
 
 def _write_folder(directory: str | Path, architecture: str, model_args: dict[str, Any],
-                  tensors: dict[str, Tensor]) -> Path:
+                  tensors: dict[str, Tensor], num_features: int | None = None) -> Path:
     directory = Path(directory)
     preprocessing = model_preprocessing(model_args)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "architecture": architecture,
         "num_classes": model_args.get("num_classes", 0),
-        "num_features": model_args["embed_dim"],
+        "num_features": num_features or model_args["embed_dim"],
         "global_pool": model_args.get("global_pool", "token"),
         "model_args": model_args,
         "pretrained_cfg": _pretrained_cfg(preprocessing, model_args.get("num_classes", 0)),
@@ -135,10 +135,23 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | Path) -> None:
     tmp.replace(path)
 
 
-def save_pretrained(model: DEXViT, directory: str | Path) -> Path:
-    """Write ``model`` (any mode; the routing statistics included) as config.json + model.safetensors."""
+def create_model(architecture: str, **model_args: Any) -> nn.Module:
+    """``timm.create_model(architecture, pretrained=False, **model_args)``; a model that is not a
+    :class:`DEXViT` (e.g. a timm Swin) keeps its arguments as ``model.model_args``, as a DEXViT reports its own, so
+    that :func:`save_pretrained` writes a folder :func:`load_pretrained` rebuilds."""
+    model = timm.create_model(architecture, pretrained=False, **model_args)
+    if not isinstance(model, DEXViT):
+        model.model_args = dict(model_args)
+    return model
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` (a :class:`DEXViT` in any mode, the routing statistics included, or a model from
+    :func:`create_model`) as config.json + model.safetensors."""
     architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or "dex_vit_base_patch16_256"
-    return _write_folder(directory, architecture, model.model_args, model.state_dict())
+    if not isinstance(getattr(model, "model_args", None), dict):
+        raise ValueError(f"a {type(model).__name__} without model_args: build it with dex.models.create_model")
+    return _write_folder(directory, architecture, model.model_args, model.state_dict(), model.num_features)
 
 
 def export_director(model: DEXViT, directory: str | Path) -> Path:

@@ -4,6 +4,7 @@ pattern layout, collapse diagnostics against direct formulas, and the whole comm
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_measured_forward_times_reach_the_cost_table():
     cost = activation_cost(TINY, sizes=(32,), batches=(2,), fixed_size=32, measure=True, device="cpu")
     for row in cost["by_size"] + cost["by_batch"]:
         assert all(row[f"{name}_s"] > 0 for name in ("vit", "image", "token"))
-    result = {"encoder": "e", "data": "d", "images": 0, "modalities": {}, "cost": cost, "collapse": {}}
+    result = {"encoder": "e", "data": "d", "images": 0, "modalities": {}, "cost": cost, "collapse": {},
+              "subspaces": {}}
     table = [line for line in markdown(result).splitlines() if line.startswith("| 32 | 2 |")]
     assert len(table) == 1 and len(table[0].split("|")) == 12  # 10 columns: sizes, FLOPs, routing and 3 times
 
@@ -148,10 +150,15 @@ def test_analyze_writes_every_figure_and_number(analysis):
     for rows in result["collapse"].values():
         assert len(rows) == 3
         assert all(0 <= r["probe_accuracy"] <= 1 and 0 <= r["between_share"] <= 1 for r in rows)
-    for figure in ("routing", "attention", "patterns", "cost", "collapse"):
+    assert set(result["subspaces"]) == {"encoder", "scratch"}
+    for sub in result["subspaces"].values():  # no routed projector: diversity only
+        assert "nmi" not in sub and [r["modality"] for r in sub["per_modality"]] == list(result["modalities"])
+        assert all(r["images"] == 8 and 0 <= r["spread"] <= 4 and r["uniformity"] <= 0 for r in sub["per_modality"])
+    for figure in ("routing", "attention", "patterns", "cost", "collapse", "subspaces"):
         assert is_png(analysis / f"{figure}.png"), figure
     markdown = (analysis / "analysis.md").read_text()
-    assert markdown.count("| scratch |") == 3 and "## Routing (Fig. 9)" in markdown
+    assert len(re.findall(r"^\| scratch \| \d+ \|", markdown, re.M)) == 3 and "## Routing (Fig. 9)" in markdown
+    assert markdown.count("| scratch | all |") == 1
 
 
 def test_analyze_reports_bad_input(tmp_path, capsys):

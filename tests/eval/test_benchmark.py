@@ -100,6 +100,11 @@ def test_suite_errors(suite, tmp_path, capsys):
                        not in text else "") + text + "\n")
         with pytest.raises(ValueError, match=f"bad.yaml: .*{message}"):
             benchmark.Suite.load(bad)
+    # --encoders runs a subset: the others' files are not needed (an encoder not made yet), only theirs
+    bad.write_text(f"tasks: []\nencoders: {{a: scratch, b: {tmp_path / 'not-yet'}}}\n")
+    assert list(benchmark.Suite.load(bad, only=["a"]).encoders) == ["a"]
+    with pytest.raises(ValueError, match="encoder 'b'.*not-yet"):
+        benchmark.Suite.load(bad)
 
 
 def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):

@@ -124,6 +124,23 @@ def test_two_cpu_runs_with_one_seed_are_bit_for_bit_identical(tmp_path, phantom_
 
 # --- resume ------------------------------------------------------------------------------------------------------
 
+def run_and_kill(command: list[str], run_dir: Path, after_step: int = 3) -> None:
+    """Start ``command`` (a ``dex pretrain`` run into ``run_dir``) and SIGKILL it once it has checkpointed
+    ``after_step`` steps."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = run_dir / "checkpoints" / "index.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if max(e["step"] for e in json.loads(index.read_text())["checkpoints"]) >= after_step:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
+            pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, workers):
     args = [*curated, f"num_workers={workers}", "epochs=8", "keep_checkpoints=3"]
@@ -132,18 +149,7 @@ def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, work
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "dex", "pretrain", "configs/pretrain_demo.yaml", "--set", *args,
                f"out_dir={killed}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = killed / "checkpoints" / "index.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once the run has checkpointed a few steps
-        try:
-            if max(e["step"] for e in json.loads(index.read_text())["checkpoints"]) >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
-            pass
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_and_kill(command, killed)
     assert not (killed / "encoder").exists()  # killed part-way
     resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -8,8 +8,9 @@ from pathlib import Path
 from dex.config import ConfigError, load_config, merge, parse_overrides, read_yaml
 from dex.train.objective import Objective, RunConfig
 from dex.train.objectives.mae_dex import MAEDEXConfig, MAEDEXObjective
+from dex.train.objectives.midol import MIDoLConfig, MIDoLObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective,)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective, MIDoLObjective)}
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -32,5 +33,6 @@ def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str
 
 
 __all__ = [
-    "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "build_objective", "load_pretrain_config", "objective_class",
+    "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "MIDoLConfig", "MIDoLObjective", "build_objective",
+    "load_pretrain_config", "objective_class",
 ]

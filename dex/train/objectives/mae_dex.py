@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import timm
 from torch import Tensor, nn
 
 from dex.config import STRICT
 from dex.data.transforms import PretrainTransform
-from dex.models import MaskedAutoencoderDEX, init_from_vit_checkpoint
+from dex.models import MaskedAutoencoderDEX, create_model, init_from_vit_checkpoint
 from dex.schedules import cosine
 from dex.train.hooks import DirectorUpdate
 from dex.train.objective import Objective, RunConfig, StepHook, StepOutput
@@ -25,21 +24,12 @@ from dex.train.objective import Objective, RunConfig, StepHook, StepOutput
 
 @STRICT
 @dataclass
-class MAEDEXConfig(RunConfig):
-    """A MAE-DEX pretraining run: the loop's settings and the method's. Defaults are the paper's where it gives
-    them (coefficients, schedules, mask ratio, decoder)."""
+class DEXEncoderConfig(RunConfig):
+    """The encoder of a run and, for a DEX encoder, the DEX terms of Eq. 8 with their schedules (cosine over the
+    whole run; the paper's coefficients). Any objective that trains a DEX encoder shares these keys."""
 
-    objective: Literal["mae_dex"] = "mae_dex"
-    # model
     model: str = "dex_vit_base_patch16_256"
     model_args: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    init_checkpoint: str | None = None  # a plain ViT / MAE checkpoint to warm-start from (reference: D10)
-    # DEX objective (Eq. 8) and its schedules (cosine over the whole run)
     lambda_co: float = 0.1
     lambda_bal: float = 0.001
     lambda_bal_final: float = 0.0
@@ -47,6 +37,38 @@ class MAEDEXConfig(RunConfig):
     momentum_final: float = 1.0
     noise_std: float = 1.0  # sigma, Eq. 21
     noise_std_final: float = 0.0
+
+    def dex_schedule(self, step: int, total: int) -> dict[str, float]:
+        """The scheduled DEX values at ``step`` of ``total``: GEMA momentum, router noise, lambda_bal."""
+        return {
+            "momentum": cosine(self.momentum, self.momentum_final, step, total),
+            "noise_std": cosine(self.noise_std, self.noise_std_final, step, total),
+            "lambda_bal": cosine(self.lambda_bal, self.lambda_bal_final, step, total),
+        }
+
+
+def create_encoder(config: DEXEncoderConfig, **defaults: Any) -> nn.Module:
+    """The encoder ``config`` names, without weights (``defaults`` give way to ``model_args``); an unknown
+    architecture or argument is a ValueError naming both."""
+    try:
+        return create_model(config.model, **{**defaults, **config.model_args})
+    except (TypeError, RuntimeError) as err:  # an unknown architecture or argument
+        raise ValueError(f"model {config.model!r} with model_args {config.model_args}: {err}") from err
+
+
+@STRICT
+@dataclass
+class MAEDEXConfig(DEXEncoderConfig):
+    """A MAE-DEX pretraining run: the loop's settings and the method's. Defaults are the paper's where it gives
+    them (coefficients, schedules, mask ratio, decoder)."""
+
+    objective: Literal["mae_dex"] = "mae_dex"
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    init_checkpoint: str | None = None  # a plain ViT / MAE checkpoint to warm-start from (reference: D10)
 
 
 class MAEDEXObjective(MaskedAutoencoderDEX, Objective):
@@ -66,11 +88,7 @@ class MAEDEXObjective(MaskedAutoencoderDEX, Objective):
 
     @classmethod
     def from_config(cls, config: MAEDEXConfig) -> MAEDEXObjective:
-        try:
-            encoder = timm.create_model(config.model, pretrained=False, **config.model_args)
-        except (TypeError, RuntimeError) as err:  # an unknown architecture or argument
-            raise ValueError(f"model {config.model!r} with model_args {config.model_args}: {err}") from err
-        objective = cls(encoder, config)
+        objective = cls(create_encoder(config), config)
         if config.init_checkpoint:
             init_from_vit_checkpoint(objective, config.init_checkpoint)
         return objective
@@ -90,12 +108,7 @@ class MAEDEXObjective(MaskedAutoencoderDEX, Objective):
         return PretrainTransform(self.encoder.patch_embed.img_size[0])
 
     def schedule(self, step: int, total: int) -> dict[str, float]:
-        c = self.config
-        return {
-            "momentum": cosine(c.momentum, c.momentum_final, step, total),
-            "noise_std": cosine(c.noise_std, c.noise_std_final, step, total),
-            "lambda_bal": cosine(c.lambda_bal, c.lambda_bal_final, step, total),
-        }
+        return self.config.dex_schedule(step, total)
 
     def step_inputs(self, generator, global_batch: int, rows: slice) -> dict[str, Any]:
         return self.draw_noise(generator, global_batch, rows)

@@ -1,0 +1,150 @@
+"""M-IDoL as a pretraining objective: the teacher, the views, a short run on phantoms, resume after a kill, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dex
+from dex.config import ConfigError
+from dex.data.transforms import MultiViewTransform, ViewAugmentation
+from dex.train.export import export_run
+from dex.train.objectives import MIDoLObjective, build_objective, load_pretrain_config
+from dex.train.pretrain import pretrain
+from tests.train.test_engine import run_and_kill
+
+TINY = [
+    "objective=midol", "model=dex_vit_tiny_patch16_256", "model_args.img_size=32", "model_args.patch_size=8",
+    "model_args.embed_dim=32", "model_args.depth=2", "model_args.num_heads=2", "model_args.num_experts=0",
+    "projector_hidden_dim=32", "projector_dim=16", "batch_size=16", "warmup_epochs=1", "log_every=1",
+    "device=cpu", "shuffle_buffer=16", "tensorboard=false", "samples_per_epoch=64", "base_lr=5e-2",
+]
+CONFIG = "configs/pretrain_midol_tiny_cpu.yaml"
+DEX_BACKBONE = ["model_args.num_experts=4", "model_args.top_k=2"]
+
+
+def tiny(*overrides: str) -> MIDoLObjective:
+    return build_objective(load_pretrain_config(None, [*TINY, *overrides])).train()
+
+
+def views(batch: int = 16) -> torch.Tensor:
+    return torch.rand(batch, 2, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def midol_run(phantom_collection, tmp_path_factory):
+    """80 steps of 16 images on the 10-modality phantoms (about 20 s)."""
+    out = tmp_path_factory.mktemp("midol") / "run"
+    torch.manual_seed(0)
+    config = load_pretrain_config(None, [*TINY, f"data={phantom_collection / 'curated'}", "epochs=20",
+                                         "checkpoint_every=0", f"out_dir={out}"])
+    result = pretrain(config)
+    return out, result.model, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_teacher_gets_no_gradient_and_follows_the_ema_formula():
+    objective = tiny(*DEX_BACKBONE)
+    assert objective.teachers() == {"teacher": objective.teacher} and not objective.teacher.training
+    out = objective({"image": views()}, objective.schedule(0, 10), {})
+    out.loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in objective.teacher.parameters())
+    assert all(p.grad is not None for p in objective.student.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in objective.student.parameters():
+            p.add_(0.1)
+    before = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
+    student = objective.student.state_dict()
+    objective.ema.after_step({"teacher_momentum": 0.9})
+    for key, value in objective.teacher.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * student[key], rtol=0, atol=1e-6)
+
+
+def test_dex_backbone_adds_its_terms_and_the_router_noise_is_cut_per_rank():
+    objective = tiny(*DEX_BACKBONE)
+    full = objective.step_inputs(torch.Generator().manual_seed(5), 8, slice(0, 8))["router_eps"]
+    part = objective.step_inputs(torch.Generator().manual_seed(5), 8, slice(4, 8))["router_eps"]
+    for whole, rank in zip(full, part, strict=True):  # [V * b, R], view-major
+        assert whole.shape == (16, 4) and rank.shape == (8, 4)
+        torch.testing.assert_close(rank, torch.cat([whole[4:8], whole[12:16]]))
+    out = objective({"image": views(8)}, objective.schedule(0, 10),
+                    objective.step_inputs(torch.Generator().manual_seed(5), 8, slice(0, 8)))
+    assert out.terms["alignment"] > 0 and out.terms["balance"] > 0
+    terms = {k: float(v.detach()) for k, v in out.terms.items()}
+    assert float(out.loss.detach()) == pytest.approx(terms["route"] + terms["contrast"] + 0.1 * terms["alignment"]
+                                            + 0.001 * terms["balance"], rel=1e-5)
+    assert tiny().step_inputs(torch.Generator(), 8, slice(0, 8)) == {}  # a plain ViT has no routers
+
+
+def test_views_are_independent_reproducible_and_checked():
+    transform = MultiViewTransform(32, ViewAugmentation(views=3))
+    image = torch.rand(1, 48, 40)
+    torch.manual_seed(0)
+    first = transform(image)
+    torch.manual_seed(0)
+    assert first.shape == (3, 3, 32, 32) and torch.equal(first, transform(image))
+    assert not torch.equal(first[0], first[1])
+    with pytest.raises(ConfigError, match="views"):
+        load_pretrain_config(None, [*TINY, "augment.views=1"])
+    with pytest.raises(ConfigError, match="gamma"):
+        load_pretrain_config(None, [*TINY, "augment.gamma=[1.5, 0.5]"])
+
+
+def test_a_short_run_lowers_the_loss_and_keeps_every_expert_in_use(midol_run):
+    out, objective, rows = midol_run
+    assert len(rows) == 80 and all({"route", "contrast", "teacher_momentum", "contrast_temperature",
+                                    "expert_load", "load_entropy", "view_agreement"} <= row.keys() for row in rows)
+    quarter = len(rows) // 4
+    mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
+    assert mean("loss", rows[-quarter:]) < mean("loss", rows[:quarter]) - 0.05
+    assert mean("route", rows[-quarter:]) < mean("route", rows[:quarter])
+    last = torch.tensor([r["expert_load"] for r in rows[-quarter:]]).sum(0)
+    assert (last > 0).all() and mean("load_entropy", rows) > 0.8
+    assert rows[-1]["teacher_momentum"] > rows[0]["teacher_momentum"] == pytest.approx(0.996)
+
+
+def test_the_run_keeps_the_teacher_encoder_without_the_projector(midol_run, tmp_path):
+    out, objective, _ = midol_run
+    saved = dex.load_pretrained(out / "encoder")
+    teacher = objective.teacher["encoder"].state_dict()
+    assert saved.state_dict().keys() == teacher.keys()
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in teacher.items())
+    assert not any("projector" in k for k in saved.state_dict())
+    student = objective.student["encoder"].state_dict()
+    assert any(not torch.equal(student[k], v) for k, v in teacher.items())
+    exported = export_run(out, tmp_path / "export")
+    assert dex.load_pretrained(exported).state_dict().keys() == teacher.keys()
+
+
+def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, phantom_collection):
+    args = [*TINY, f"data={phantom_collection / 'curated'}", "epochs=4", "checkpoint_every=1",
+            "keep_checkpoints=3", "samples_per_epoch=32"]
+    clean = tmp_path / "clean"
+    pretrain(load_pretrain_config(CONFIG, [*args, f"out_dir={clean}"]))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dex", "pretrain", CONFIG, "--set", *args, f"out_dir={killed}"]
+    run_and_kill(command, killed)
+    assert not (killed / "encoder").exists()
+    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    read = lambda run: (run / "encoder" / "model.safetensors").read_bytes()  # noqa: E731
+    assert read(killed) == read(clean)
+
+
+def test_a_swin_backbone_trains_a_step_and_its_teacher_round_trips(tmp_path):
+    objective = tiny("model=swin_tiny_patch4_window7_224", "model_args={img_size: 32, window_size: 4, "
+                     "embed_dim: 16, depths: [1, 1], num_heads: [1, 2]}")
+    out = objective({"image": views(8)}, objective.schedule(0, 10), {})
+    out.loss.backward()
+    assert float(out.terms["alignment"]) == 0.0 and torch.isfinite(out.loss)
+    encoder = objective.kept()["encoder"]
+    dex.save_pretrained(encoder, tmp_path / "swin")
+    loaded = dex.load_pretrained(tmp_path / "swin").eval()
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), encoder.eval()(image))
