@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dex.models import DirectorExperts, discard_usage_, update_directors_
 from dex.train.monitor import normalised_entropy
@@ -50,7 +51,10 @@ class EMATeacher(StepHook):
     def after_step(self, schedule: Mapping[str, float]) -> None:
         pairs = [(t, s) for t, s in zip(_tensors(self.teacher), _tensors(self.student), strict=True)
                  if t.is_floating_point()]
-        torch._foreach_lerp_([t for t, _ in pairs], [s for _, s in pairs], 1.0 - schedule[self.key])
+        for kind in (DTensor, Tensor):  # under FSDP parameters are sharded DTensors, buffers plain tensors
+            group = [(t, s) for t, s in pairs if isinstance(t, DTensor) == (kind is DTensor)]
+            if group:
+                torch._foreach_lerp_([t for t, _ in group], [s for _, s in group], 1.0 - schedule[self.key])
 
 
 def _tensors(module: nn.Module) -> list[Tensor]:

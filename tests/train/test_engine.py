@@ -21,6 +21,7 @@ from dex.config import load_config
 from dex.models import MaskedAutoencoderDEX
 from dex.train.checkpoint import CheckpointManager, NoUsableCheckpointError
 from dex.train.monitor import RunMonitor, normalised_entropy
+from dex.train.objectives import load_pretrain_config
 from dex.train.pretrain import PretrainConfig, pretrain
 from tests.train.test_pretrain import TINY_ARGS
 
@@ -234,7 +235,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, curated, monkeypatch):
 def _rank(rank: int, world: int, port: int, args: list[str], out: str, resume: str | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    config = load_config(PretrainConfig, None, [*args, f"out_dir={out}"])
+    config = load_pretrain_config(None, [*args, f"out_dir={out}"])
     result = pretrain(config, resume=resume)
     if config.distributed == "ddp":
         torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import dex
 from dex.config import ConfigError
@@ -15,7 +17,7 @@ from dex.data.transforms import MultiViewTransform, ViewAugmentation
 from dex.train.export import export_run
 from dex.train.objectives import MIDoLObjective, build_objective, load_pretrain_config
 from dex.train.pretrain import pretrain
-from tests.train.test_engine import run_and_kill
+from tests.train.test_engine import _rank, image_folder, run_and_kill  # noqa: F401 (image_folder: a fixture)
 
 TINY = [
     "objective=midol", "model=dex_vit_tiny_patch16_256", "model_args.img_size=32", "model_args.patch_size=8",
@@ -134,6 +136,32 @@ def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, phantom_colle
     assert "resumed from" in resumed.stderr
     read = lambda run: (run / "encoder" / "model.safetensors").read_bytes()  # noqa: E731
     assert read(killed) == read(clean)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, image_folder, mode):  # noqa: F811
+    """Sinkhorn over the global batch (all-reduced columns) and the gathered keys and codes make two ranks of 4
+    images the step of one process of 8; a DEX backbone's balance loss and directors too."""
+    args = [*TINY, *DEX_BACKBONE, f"data={image_folder}", "batch_size=8", "epochs=2", "checkpoint_every=0",
+            f"distributed={mode}"]
+    port = 28600 + os.getpid() % 500 + (0 if mode == "ddp" else 500)
+    mp.spawn(_rank, args=(2, port, args, str(tmp_path / mode)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = pretrain(load_pretrain_config(None, [*args, f"out_dir={tmp_path / 'one'}"])).model.state_dict()
+    # the key part of qkv.bias has no true gradient (softmax ignores it): Adam makes its float noise lr-sized steps
+    atol = lambda key: 1e-4 if key.endswith("qkv.bias") else 1e-5  # noqa: E731
+    if mode == "ddp":
+        ranks = [torch.load(tmp_path / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        for key, value in single.items():
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=atol(key), msg=key)
+    kept = dex.load_pretrained(tmp_path / mode / "encoder").state_dict()  # the teacher, gathered from the shards
+    for key, value in kept.items():
+        torch.testing.assert_close(value, single[f"teacher.encoder.{key}"], rtol=1e-4, atol=atol(key), msg=key)
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(one, two, strict=True):  # the logged routing is the global batch's
+        assert a["expert_load"] == pytest.approx(b["expert_load"]) and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
 def test_a_swin_backbone_trains_a_step_and_its_teacher_round_trips(tmp_path):

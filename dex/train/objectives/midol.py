@@ -80,7 +80,7 @@ class MIDoLConfig(DEXEncoderConfig):
 
 
 class RoutingLog(StepHook):
-    """Logs the routing of the last micro-batch: expert load (share of images per expert), the normalised entropy
+    """Logs the routing of the last micro-batch (of all ranks): expert load (share of images per expert), the normalised entropy
     of that load (1 balanced), and the share of images whose views agree (student routers; teacher codes)."""
 
     def __init__(self) -> None:
@@ -196,6 +196,9 @@ class MIDoLObjective(Objective):
         dex = layer_losses(aux, device=flat.device)
         loss = (self.config.lambda_route * route + self.config.lambda_cst * contrast
                 + self.config.lambda_co * dex.alignment + schedule["lambda_bal"] * dex.balance)
-        self.routing_log.stats = routing_stats(scores.detach(), codes, assignment, experts)
+        with torch.no_grad():  # the global batch's routing, for the log
+            global_view = lambda x: gather_batch(x.transpose(0, 1).contiguous()).transpose(0, 1)  # noqa: E731
+            self.routing_log.stats = routing_stats(global_view(scores.detach()), global_view(codes), key_assignment,
+                                                   experts)
         return StepOutput(loss, {"route": route, "contrast": contrast, "alignment": dex.alignment,
                                  "balance": dex.balance})
