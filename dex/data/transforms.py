@@ -1,6 +1,8 @@
 """Pretraining augmentation (App. C.2.1): random resized crop that refuses near-black crops, horizontal flip,
 random affine, then the shared tail of :class:`dex.data.preprocess.Preprocessing` (clamp, grey to 3 channels,
-ImageNet z-score). The evaluation transform is :class:`~dex.data.preprocess.Preprocessing` itself."""
+ImageNet z-score); and the views of multi-view methods (M-IDoL): :class:`ViewAugmentation`,
+:class:`MultiViewTransform`.
+The evaluation transform is :class:`~dex.data.preprocess.Preprocessing` itself."""
 
 from __future__ import annotations
 

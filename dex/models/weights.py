@@ -176,7 +176,7 @@ def load_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     except (KeyError, TypeError) as err:
         raise ValueError(f"{config_path}: not a model config ({err})") from err
     directory = Path(directory)
-    model = timm.create_model(architecture, pretrained=False, **{**model_args, **overrides})
+    model = create_model(architecture, **{**model_args, **overrides})
     state_dict = load_state_dict_file(directory / WEIGHTS_NAME)
     try:
         model.load_state_dict(state_dict, strict=True)

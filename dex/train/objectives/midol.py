@@ -80,8 +80,9 @@ class MIDoLConfig(DEXEncoderConfig):
 
 
 class RoutingLog(StepHook):
-    """Logs the routing of the last micro-batch (of all ranks): expert load (share of images per expert), the normalised entropy
-    of that load (1 balanced), and the share of images whose views agree (student routers; teacher codes)."""
+    """Logs the routing of the last micro-batch (of all ranks): expert load (share of images per expert), the
+    normalised entropy of that load (1 balanced), and the share of images whose views agree (student routers;
+    teacher codes)."""
 
     def __init__(self) -> None:
         self.stats = None
@@ -175,7 +176,8 @@ class MIDoLObjective(Objective):
         local, num_views = views.shape[:2]
         flat = views.transpose(0, 1).reshape(num_views * local, *views.shape[2:])  # view-major
         experts = self.config.num_experts
-        features, aux = pooled_features(self.student["encoder"], flat, schedule["noise_std"], inputs.get("router_eps"))
+        features, aux = pooled_features(self.student["encoder"], flat, schedule["noise_std"],
+                                        inputs.get("router_eps"))
         scores, embeddings = self.student["projector"](features)
         with torch.no_grad():
             teacher_features = pooled_features(self.teacher["encoder"], flat)[0]
@@ -189,7 +191,8 @@ class MIDoLObjective(Objective):
             keys = gather_batch(keys).permute(1, 2, 0, 3)  # [V, N, B, D]
             key_assignment = gather_batch(assignment)
         scores = scores.view(num_views, local, experts)
-        own = embeddings.view(experts, num_views, local, -1)[assignment, :, torch.arange(local)]  # [b, V, D]
+        # each image's views embedded by its own expert: [b, V, D]
+        own = embeddings.view(experts, num_views, local, -1)[assignment, :, torch.arange(local, device=flat.device)]
         route = route_loss(scores, codes, self.config.router_temperature)
         contrast = subspace_infonce(own.transpose(0, 1), keys, assignment, key_assignment,
                                     schedule["contrast_temperature"], self.config.negatives, batch_offset(local))
