@@ -36,5 +36,6 @@ __all__ = [
     "MAEOutput", "MaskedAutoencoderDEX", "Routing", "alignment_loss", "alignment_loss_kd", "balance_loss",
     "balance_loss_reference", "create_model", "director_state_dict", "discard_usage_", "export_director",
     "group_ema_", "init_from_vit_checkpoint", "layer_losses", "layer_weights", "load_pretrained",
-    "load_state_dict_file", "patchify", "random_masking", "save_pretrained", "sincos_2d", "unpatchify", "update_directors_", "vit_to_dex_state_dict",
+    "load_state_dict_file", "patchify", "random_masking", "save_pretrained", "sincos_2d", "unpatchify",
+    "update_directors_", "vit_to_dex_state_dict",
 ]
