@@ -5,6 +5,7 @@ number), ``analysis.md`` (tables) and the figures."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
 from dex.config import read_yaml
 from dex.data.recipe import MODALITIES
-from dex.data.preprocess import Preprocessing
 from dex.data.stream import CuratedImages, FolderImages
 from dex.data.transforms import MultiViewTransform
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
@@ -28,10 +28,10 @@ from dex.train.objective import RunConfig
 from dex.train.objectives import objective_class
 
 
-def labelled_images(data: str | Path, preprocessing: Preprocessing, per_modality: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``per_modality`` images of each modality (model inputs by ``preprocessing``: [N, 3, H, W], z-scored)
-    and their modality indices."""
+def labelled_images(data: str | Path, preprocessing: Callable[[torch.Tensor], torch.Tensor],
+                    per_modality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``per_modality`` images of each modality (model inputs by ``preprocessing``, e.g. a
+    :class:`~dex.data.preprocess.Preprocessing`: [N, 3, H, W], z-scored) and their modality indices."""
     data = Path(data)
     dataset = (CuratedImages(data, preprocessing, seed=0, shuffle_buffer=4096) if (data / "index.json").is_file()
                else FolderImages(data, preprocessing))
@@ -59,10 +59,6 @@ def shared_experts(table: torch.Tensor, threshold: float = 0.1) -> int:
 def _batches(images: torch.Tensor, labels: torch.Tensor, size: int = 64):
     for start in range(0, len(images), size):
         yield {"image": images[start:start + size], "modality": labels[start:start + size]}
-
-
-def _images(images: torch.Tensor, size: int = 64):
-    return (images[start:start + size] for start in range(0, len(images), size))
 
 
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -100,7 +96,10 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     encoder = load_encoder(spec).eval()
     size = encoder.patch_embed.img_size[0]
     preprocessing = encoder_preprocessing(spec, encoder)
-    images, labels = labelled_images(data, preprocessing, per_modality)
+    views = MultiViewTransform(size)  # two augmented views of every image, for the alignment of its features
+    samples, labels = labelled_images(data, lambda image: torch.cat([preprocessing(image)[None], views(image)]),
+                                      per_modality)
+    images, view_images = samples[:, 0], samples[:, 1:]
     present = sorted(set(labels.tolist()))
     result: dict[str, Any] = {"encoder": str(encoder_source), "data": str(data), "images": len(images),
                               "modalities": {MODALITIES[m]: int((labels == m).sum()) for m in present}}
@@ -138,21 +137,19 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
                       model_args={k: v for k, v in getattr(encoder, "model_args", {}).items() if k != "img_size"})
     encoders = {name: encoder, **{other: load_encoder(EncoderSpec(other, source, **same_shape)).eval()
                                   for other, source in (compare or {}).items()}}
-    view_images, view_labels = labelled_images(data, MultiViewTransform(size), per_modality)
-    if not torch.equal(view_labels, labels):
-        raise RuntimeError(f"{data}: the augmented views do not come from the same images")
     projector = routed_projector(encoder_source)
     result["collapse"], result["subspaces"] = {}, {}
     for label, model in encoders.items():
         model_size = model.patch_embed.img_size[0]
-        inputs, views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
+        inputs, model_views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
         per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
                                                          for batch in _batches(inputs, labels)))]
         result["collapse"][label] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
         # M-IDoL's specificity (the analysed encoder's routed projector) and diversity (every encoder)
         routed = projector if label == name else None
-        features, experts = features_and_experts(model, _images(inputs), routed)
-        view_features = [features_and_experts(model, _images(views[:, v]))[0] for v in (0, 1)]
+        features, experts = features_and_experts(model, (b["image"] for b in _batches(inputs, labels)), routed)
+        view_features = [features_and_experts(model, (b["image"] for b in _batches(model_views[:, v], labels)))[0]
+                         for v in (0, 1)]
         result["subspaces"][label] = subspace_diagnostics(features, tuple(view_features), labels, list(MODALITIES),
                                                           experts, routed.num_experts if routed else None)
         if label == name:

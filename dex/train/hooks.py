@@ -51,8 +51,8 @@ class EMATeacher(StepHook):
     def after_step(self, schedule: Mapping[str, float]) -> None:
         pairs = [(t, s) for t, s in zip(_tensors(self.teacher), _tensors(self.student), strict=True)
                  if t.is_floating_point()]
-        for kind in (DTensor, Tensor):  # under FSDP parameters are sharded DTensors, buffers plain tensors
-            group = [(t, s) for t, s in pairs if isinstance(t, DTensor) == (kind is DTensor)]
+        for sharded in (True, False):  # under FSDP parameters are DTensors, buffers plain tensors: one call each
+            group = [(t, s) for t, s in pairs if isinstance(t, DTensor) == sharded]
             if group:
                 torch._foreach_lerp_([t for t, _ in group], [s for _, s in group], 1.0 - schedule[self.key])
 

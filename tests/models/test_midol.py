@@ -85,14 +85,16 @@ def test_subspace_infonce_equals_a_direct_computation(negatives, views):
 
 
 def test_same_expert_negatives_leave_out_the_other_subspaces():
-    """An image alone in its subspace has no negatives: its term is 0; with all negatives it is not."""
+    """Image 0 is alone in expert 0's subspace: with same-expert negatives it has no candidate but itself (its
+    term is 0), with all negatives the images of expert 1 are its negatives."""
     queries = F.normalize(torch.randn(2, 3, 4), dim=-1)
     keys = F.normalize(torch.randn(2, 2, 3, 4), dim=-1)
     assignment = torch.tensor([0, 1, 1])
-    alone = subspace_infonce(queries[:, :1], keys[..., :1, :].expand(2, 2, 1, 4).clone(), assignment[:1],
-                             assignment[:1], negatives="same_expert")
-    assert float(alone) == 0.0
-    assert float(subspace_infonce(queries, keys, assignment, assignment, negatives="all")) > 0
+    alone = queries[:, :1], keys, assignment[:1], assignment  # image 0's queries against all three key images
+    assert float(subspace_infonce(*alone, negatives="same_expert")) == 0.0
+    assert float(subspace_infonce(*alone, negatives="all")) > 0.1
+    assert subspace_infonce(queries, keys, assignment, assignment, negatives="same_expert") < \
+        subspace_infonce(queries, keys, assignment, assignment, negatives="all")
     with pytest.raises(ValueError, match="negatives"):
         subspace_infonce(queries, keys, assignment, assignment, negatives="other")
 
