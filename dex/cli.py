@@ -130,8 +130,10 @@ def _export(args: argparse.Namespace) -> int:
     from dex.train.export import export_run
 
     out = export_run(args.run_dir, args.out)
-    print(f"DEX encoder: {out} (dex.load_pretrained); director path as a timm ViT: {out / 'director'} "
-          f"(timm.create_model('local-dir:{out / 'director'}', pretrained=True))")
+    print(f"encoder: {out} (dex.load_pretrained)")
+    if (out / "director").is_dir():
+        print(f"director path as a timm ViT: {out / 'director'} "
+              f"(timm.create_model('local-dir:{out / 'director'}', pretrained=True))")
     return 0
 
 
@@ -279,11 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue from the newest complete checkpoint of the run (auto) or from a file")
     pretrain.set_defaults(func=_pretrain)
 
-    export = _command(commands, "export", help="write a run's encoder, and its director path as a timm ViT",
+    export = _command(commands, "export", help="write a run's encoder (and a ViT's director path as a timm ViT)",
                       description="Write the encoder of a pretraining run (its final encoder, else its "
                                   "newest checkpoint) to OUT (config.json + model.safetensors, read by "
-                                  "dex.load_pretrained) and its director path as a plain timm ViT to "
-                                  "OUT/director.")
+                                  "dex.load_pretrained) and, for a ViT, its director path as a plain timm "
+                                  "ViT to OUT/director.")
     export.add_argument("run_dir", help="a dex pretrain run folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)

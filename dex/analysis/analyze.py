@@ -14,7 +14,7 @@ import torch
 from dex.analysis import plots
 from dex.analysis.attention import last_layer_attention
 from dex.analysis.cost import activation_cost
-from dex.analysis.patterns import pattern_layout, patch_features
+from dex.analysis.patterns import pattern_layout
 from dex.analysis.probes import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
@@ -23,6 +23,7 @@ from dex.data.recipe import MODALITIES
 from dex.data.stream import CuratedImages, FolderImages
 from dex.data.transforms import MultiViewTransform
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.models.backbones import final_tokens, input_size, is_vit, token_grid
 from dex.train.export import run_objective
 from dex.train.objective import RunConfig
 from dex.train.objectives import objective_class
@@ -94,7 +95,7 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     torch.manual_seed(seed)
     spec = EncoderSpec("analysed", encoder_source)
     encoder = load_encoder(spec).eval()
-    size = encoder.patch_embed.img_size[0]
+    size = input_size(encoder)[0]
     preprocessing = encoder_preprocessing(spec, encoder)
     views = MultiViewTransform(size)  # two augmented views of every image, for the alignment of its features
     samples, labels = labelled_images(data, lambda image: torch.cat([preprocessing(image)[None], views(image)]),
@@ -111,19 +112,23 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
             {"layer": i + 1, "nmi": nmi, "usage_entropy": entropy, "shared_experts": shared_experts(t)}
             for i, (t, nmi, entropy) in enumerate(zip(tables, layer_nmi(tables), usage_entropy(tables)))]
         result["routing_tables"] = tables.tolist()
-    # attention: the first image of each modality
-    grid = encoder.patch_embed.grid_size
-    query = (grid[0] // 2, grid[1] // 2)
-    firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
-    attention = last_layer_attention(encoder, images[firsts], query)
-    plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
-                         size // grid[1], out / "attention.png", preprocessing)
-    # pattern layout per modality
+    grid = token_grid(encoder)
     patch = size // grid[1]
+    # attention: the first image of each modality (a ViT's global attention; a Swin's is windowed)
+    if is_vit(encoder):
+        query = (grid[0] // 2, grid[1] // 2)
+        firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
+        attention = last_layer_attention(encoder, images[firsts], query)
+        plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
+                             patch, out / "attention.png", preprocessing)
+        result["attention"] = "attention.png"
+    # pattern layout per modality
     rows = []
     for m in present:
         members = images[labels == m]
-        _, representatives = pattern_layout(patch_features(encoder, members), clusters, 3, seed)
+        with torch.no_grad():
+            tokens = final_tokens(encoder, members)[1]
+        _, representatives = pattern_layout(tokens, clusters, 3, seed)
         crops = [[plots.display(members[i], preprocessing)[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
                                             (p % grid[1]) * patch:(p % grid[1] + 1) * patch]
                   for i, p in cluster] for cluster in representatives]
@@ -140,7 +145,7 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     projector = routed_projector(encoder_source)
     result["collapse"], result["subspaces"] = {}, {}
     for label, model in encoders.items():
-        model_size = model.patch_embed.img_size[0]
+        model_size = input_size(model)[0]
         inputs, model_views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
         per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
                                                          for batch in _batches(inputs, labels)))]
@@ -172,7 +177,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {r['layer']} | {r['nmi']:.3f} | {r['usage_entropy']:.3f} | {r['shared_experts']} |"
                   for r in result["routing"]]
         lines.append("")
-    lines += ["## Attention of the centre patch, last block (Fig. 6)", "", "![attention](attention.png)", "",
+    lines += ["## Attention of the centre patch, last block (Fig. 6)", "",
+              "![attention](attention.png)" if "attention" in result else
+              "Not drawn: the encoder's attention is windowed (a Swin), not global.", "",
               "## Pattern layout (Fig. 7)", "", "![patterns](patterns.png)", "",
               "## Computation: image-wise vs token-wise activation (Fig. 8)", "", "![cost](cost.png)", ""]
     cost = result["cost"]

@@ -9,12 +9,6 @@ from scipy.cluster.vq import kmeans2
 from torch import Tensor, nn
 
 
-@torch.no_grad()
-def patch_features(encoder: nn.Module, images: Tensor) -> Tensor:
-    """[B, 3, H, W] -> [B, N, C] final normalised patch tokens (prefix tokens dropped)."""
-    return encoder.eval().forward_features(images)[:, encoder.num_prefix_tokens:]
-
-
 def pattern_layout(features: Tensor, clusters: int, per_cluster: int, seed: int = 0) -> tuple[np.ndarray, list]:
     """k-means (k-means++ start, seeded) on [B, N, C] patch features. Returns each patch's cluster [B, N] and, per
     cluster, the (image, patch) indices of the ``per_cluster`` patches nearest its centroid."""

@@ -10,12 +10,13 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from dex.models.backbones import depth_features
+
 
 @torch.no_grad()
 def layer_features(encoder: nn.Module, images: Tensor) -> list[Tensor]:
-    """Per block, the mean of the patch tokens of each image: a list of [B, C]."""
-    tokens = encoder.eval().forward_intermediates(images, output_fmt="NLC", intermediates_only=True)
-    return [t.mean(1).float() for t in tokens]
+    """Per block (a ViT) or stage (a Swin), the mean of the patch tokens of each image: a list of [B, C]."""
+    return [t.mean((-2, -1)).float() for t in depth_features(encoder.eval(), images)]
 
 
 def between_share(features: np.ndarray, labels: np.ndarray) -> float:
@@ -38,5 +39,6 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
 
 
 def collapse_diagnostics(per_layer: list[np.ndarray], labels: np.ndarray, seed: int = 0) -> list[dict[str, float]]:
-    return [{"layer": i + 1, "probe_accuracy": probe_accuracy(f, labels, seed), "between_share": between_share(f, labels)}
+    return [{"layer": i + 1, "probe_accuracy": probe_accuracy(f, labels, seed),
+             "between_share": between_share(f, labels)}
             for i, f in enumerate(per_layer)]

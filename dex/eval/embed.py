@@ -1,7 +1,8 @@
 """``dex embed``: an encoder's features of images and volume slices, for retrieval, clustering or a probe of your own.
 
-Per image, slice of a volume or frame of a DICOM object: the class token and the mean of the patch tokens of the
-encoder's final normalised output (``forward_features``), each as a row of a float32 matrix (``cls.npy`` and
+Per image, slice of a volume or frame of a DICOM object: the pooled feature (a ViT's class token, a Swin's average
+of its final map) and the mean of the final normalised tokens
+(:func:`dex.models.backbones.final_tokens`), each as a row of a float32 matrix (``cls.npy`` and
 ``mean_patch.npy``, [N, D]), and ``index.csv`` naming the input and slice of each row. Inputs are found and read as
 :mod:`dex.eval.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one the
 folder records, given, or its modality's), and fed in batches, in a stable order (the inputs as given, a folder's
@@ -23,6 +24,7 @@ from dex.data.readers import Problem
 from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.eval.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.files import write_csv
+from dex.models.backbones import pooled_and_mean
 
 
 class EmbedSummary(NamedTuple):
@@ -30,21 +32,6 @@ class EmbedSummary(NamedTuple):
     rows: int
     dim: int
     errors: int
-
-
-@torch.no_grad()
-def features(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-token and mean-patch features of model inputs [B, 3, H, W]: two [B, D] float32 tensors."""
-    cls, patches = tokens(encoder, images)
-    return cls, patches.mean(1)
-
-
-@torch.no_grad()
-def tokens(encoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class token [B, D] and the patch tokens [B, P, D] (row-major over the patch grid) of the encoder's final
-    normalised output (``forward_features``) of model inputs [B, 3, H, W], float32."""
-    output = encoder.forward_features(images).float()
-    return output[:, 0], output[:, getattr(encoder, "num_prefix_tokens", 1):]
 
 
 def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 64,
@@ -68,7 +55,7 @@ def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, ba
             index.append((len(index), case.source, "" if slice_index < 0 else slice_index))
 
     def compute(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cls, mean = features(encoder, images)
+        cls, mean = pooled_and_mean(encoder, images)
         return list(zip(cls.cpu(), mean.cpu()))
 
     run_batched(read_cases(entries, preprocessing, errors), preprocessing.picture_input, compute, batch_size, finish,

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from dex.config import STRICT, ConfigError, validate
 from dex.data.preprocess import Preprocessing
-from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
 from dex.eval.task_model import is_task_model, load_model
+from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
+from dex.models.backbones import input_size, trainable_units
 from dex.models.unetr import UNETR2D
 from dex.models.weights import load_preprocessing
 
@@ -58,8 +59,14 @@ class EncoderSpec:
 
 
 def _scratch_args(spec: EncoderSpec) -> dict[str, Any]:
-    args = {**spec.model_args, **({} if spec.scratch_experts else {"num_experts": 0})}
+    plain = not spec.scratch_experts and _is_dex_architecture(spec.model)
+    args = {**spec.model_args, **({"num_experts": 0} if plain else {})}
     return {**args, "img_size": spec.img_size} if spec.img_size else args
+
+
+def _is_dex_architecture(architecture: str) -> bool:
+    """Whether ``architecture`` is one of the ``dex_vit_*`` models (which take ``num_experts``)."""
+    return timm.is_model(architecture) and timm.models.model_entrypoint(architecture).__module__ == DEXViT.__module__
 
 
 def check_encoder(spec: EncoderSpec, where: str) -> None:
@@ -120,8 +127,9 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
 
 def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, dict[str, Any]]:
     """The timm architecture and arguments that rebuild ``encoder`` (loaded from ``spec``, no head) without its
-    weights: a DEX encoder's own ``model_args`` (its mode and K included), else what its source records."""
-    if isinstance(encoder, DEXViT):
+    weights: a DEX encoder's own ``model_args`` (its mode and K included) or those :func:`dex.models.create_model`
+    recorded (a Swin), else what its source records."""
+    if isinstance(getattr(encoder, "model_args", None), dict):  # a DEXViT, or a model of dex.models.create_model
         return encoder.pretrained_cfg.get("architecture") or "dex_vit_base_patch16_256", {**encoder.model_args,
                                                                                            "num_classes": 0}
     if spec.source.startswith("timm:"):
@@ -139,7 +147,7 @@ def encoder_preprocessing(spec: EncoderSpec, encoder: nn.Module) -> Preprocessin
     """How images are fed to ``encoder`` (loaded from ``spec``): what its model folder records
     (:func:`dex.models.weights.load_preprocessing`), else the default :class:`Preprocessing` at its input size.
     A folder whose recorded size is not the model's raises a ``ValueError`` naming it."""
-    size = tuple(encoder.patch_embed.img_size)
+    size = input_size(encoder)
     folder = Path(spec.source)
     if spec.source == "scratch" or spec.source.startswith("timm:") or not (folder / "config.json").is_file():
         return Preprocessing(size=size)
@@ -215,11 +223,12 @@ def _some(keys: list[str], shown: int = 8) -> str:
 
 
 def freeze_all_but_last(encoder: nn.Module, blocks: int) -> None:
-    """Train only the last ``blocks`` blocks (and the final norm): the embeddings and earlier blocks are frozen."""
-    total = len(encoder.blocks)
-    if not 0 <= blocks <= total:
-        raise ValueError(f"trainable_blocks must be between 0 and {total}, got {blocks}")
-    keep = {id(p) for block in list(encoder.blocks)[total - blocks:] for p in block.parameters()}
+    """Train only the last ``blocks`` blocks (and the final norm): the embeddings and earlier blocks are frozen. A
+    Swin's blocks count across its stages, a stage's patch merging training with the stage's first block."""
+    units = trainable_units(encoder)
+    if not 0 <= blocks <= len(units):
+        raise ValueError(f"trainable_blocks must be between 0 and {len(units)}, got {blocks}")
+    keep = {id(p) for unit in units[len(units) - blocks:] for module in unit for p in module.parameters()}
     keep |= {id(p) for p in encoder.norm.parameters()}
     for param in encoder.parameters():
         if id(param) not in keep:

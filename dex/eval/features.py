@@ -1,8 +1,9 @@
 """Frozen features of a task's images, computed once and kept on disk, so that every frozen protocol of
 ``dex benchmark`` (linear probe, kNN, few-shot) costs one forward pass over the data.
 
-A split's features (:func:`split_features`) are the class token and the mean patch token of the encoder's final
-normalised output (:func:`dex.eval.embed.tokens`, as ``dex embed`` gives them) of each image, read by the
+A split's features (:func:`split_features`) are the pooled feature (a ViT's class token, a Swin's average) and the
+mean of the final normalised tokens (:func:`dex.models.backbones.final_tokens`, as ``dex embed`` gives them) of each
+image, read by the
 encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as
 ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything they depend on: the encoder's weights
 (:func:`dex.eval.finetune.state_dict_sha256`, with a DEX encoder's ``mode`` and ``top_k`` where a run sets
@@ -25,7 +26,7 @@ from torch import nn
 
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task
-from dex.eval.embed import tokens
+from dex.models.backbones import final_tokens
 
 FORMAT_VERSION = 1
 
@@ -93,7 +94,7 @@ def split_features(encoder: nn.Module, encoder_sha256: str, task: Task, split: s
     rows: dict[str, list[np.ndarray]] = {"cls": [], "mean_patch": [], "patches": []}
     for start in range(0, len(ids), batch_size):
         images = torch.stack([preprocessing.read(task.images[i]) for i in ids[start: start + batch_size]])
-        cls, patches = tokens(encoder, images.to(device))
+        cls, patches = final_tokens(encoder, images.to(device))
         rows["cls"].append(cls.cpu().numpy())
         rows["mean_patch"].append(patches.mean(1).cpu().numpy())
         if keep_patches:

@@ -49,6 +49,8 @@ from dex.eval.probes import (
     linear_probe,
     patch_logits,
 )
+from dex.models.backbones import token_grid
+from dex.seeding import seed_everything
 
 PROTOCOLS = ("finetune", "linear", "knn", "fewshot", "lora", "frozen-unetr")
 FROZEN_PROTOCOLS = ("linear", "knn", "fewshot")
@@ -106,6 +108,7 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
     if task.spec.type != "classification" and variants != ["linear"]:
         raise ValueError(f"{task.name}: a segmentation task takes the linear protocol only, not {variants}")
     started = time.perf_counter()
+    seed_everything(seed, config.device)  # a scratch encoder is the seed's, as in fine-tuning, whatever ran before
     encoder = load_encoder(spec).to(config.device).eval()
     sha256 = state_dict_sha256(encoder.state_dict())
     preprocessing = encoder_preprocessing(spec, encoder)
@@ -117,7 +120,7 @@ def run_frozen(spec: EncoderSpec, task: Task, seed: int, variants: list[str], co
         splits["train"] = splits["train"].subset(train_subset(task, config.data_fraction, seed))
     feature_seconds = time.perf_counter() - started
     if task.spec.type == "segmentation":
-        grid = tuple(encoder.patch_embed.grid_size)
+        grid = token_grid(encoder)
         return {"linear": _linear_segmentation(spec, task, seed, config, sha256, splits, preprocessing, grid, started,
                                                feature_seconds)}
     x = {name: split.matrix(config.features) for name, split in splits.items()}

@@ -1,8 +1,11 @@
-"""UNETR (Hatamizadeh et al., WACV 2022) in 2D on a ViT encoder, built from MONAI's UNETR blocks.
+"""UNETR (Hatamizadeh et al., WACV 2022) in 2D on a ViT or Swin encoder, built from MONAI's UNETR blocks.
 
-The encoder is any ViT with ``forward_intermediates`` (a :class:`DEXViT`, or a timm ``VisionTransformer``) and
-16-pixel patches. Its blocks at depth L/4, L/2 and 3L/4 (blocks 3, 6 and 9 of ViT-B) and its final normalised
-output feed the decoder's skip connections, as in MONAI's UNETR; the image itself feeds the full-resolution one.
+A **ViT** (a :class:`DEXViT`, or a timm ``VisionTransformer``) with 16-pixel patches: its blocks at depth L/4, L/2
+and 3L/4 (blocks 3, 6 and 9 of ViT-B) and its final normalised output feed the decoder's skip connections, as in
+MONAI's UNETR, the H/16 maps brought to H/2, H/4 and H/8 by transposed convolutions. A **Swin** (a hierarchical timm
+model of four stages at H/4, H/8, H/16, H/32): its stages feed them at their own resolutions through residual
+convolution blocks and the normalised H/32 stage is the bottleneck, as in SwinUNETR (Hatamizadeh et al., 2022); with
+no H/2 stage, the last decoder step up-samples x4 (ours). In both the image itself feeds the full-resolution skip.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
+from dex.models.backbones import family, stage_shapes
+
+SWIN_REDUCTIONS = [4, 8, 16, 32]
+
 
 class UNETR2D(nn.Module):
     """[B, C_in, H, W] -> [B, num_classes, H, W] logits.
 
     Args:
-        encoder: a ViT with 16 px patches and at least 4 blocks.
+        encoder: a ViT with 16 px patches and at least 4 blocks, or a Swin of four stages (H/4 to H/32).
         num_classes: output channels (background included).
         feature_size: channels of the full-resolution stage (16 in UNETR); the deeper stages use 2x, 4x, 8x.
     """
@@ -23,40 +30,59 @@ class UNETR2D(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, feature_size: int = 16, in_chans: int = 3,
                  norm_name: str = "instance") -> None:
         super().__init__()
-        patch = encoder.patch_embed.patch_size
-        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-        depth = len(encoder.blocks)
-        if patch != 16:
-            raise ValueError(f"UNETR needs 16 px patches (four 2x up-samplings), the encoder has {patch}")
-        if depth < 4:
-            raise ValueError(f"UNETR needs an encoder of at least 4 blocks, got {depth}")
         self.encoder = encoder
-        self.block_indices = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
-        hidden = encoder.embed_dim
+        self.vit = family(encoder) == "vit"  # else hierarchical; family() refuses any other encoder
         common = dict(spatial_dims=2, kernel_size=3, norm_name=norm_name, res_block=True)
+        if self.vit:
+            patch = encoder.patch_embed.patch_size
+            patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+            depth = len(encoder.blocks)
+            if patch != 16:
+                raise ValueError(f"UNETR needs 16 px patches (four 2x up-samplings), the encoder has {patch}")
+            if depth < 4:
+                raise ValueError(f"UNETR needs an encoder of at least 4 blocks, got {depth}")
+            self.block_indices = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
+            bottleneck = encoder.embed_dim
+            self.encoder2, self.encoder3, self.encoder4 = (
+                UnetrPrUpBlock(in_channels=bottleneck, out_channels=feature_size * scale, num_layer=layers, stride=1,
+                               upsample_kernel_size=2, **common)
+                for scale, layers in ((2, 2), (4, 1), (8, 0)))
+        else:
+            stages = stage_shapes(encoder)
+            if [reduction for _, reduction in stages] != SWIN_REDUCTIONS:
+                raise ValueError(f"UNETR on a hierarchical encoder needs four stages at H/4, H/8, H/16, H/32; "
+                                 f"{type(encoder).__name__} has reductions {[r for _, r in stages]}")
+            self.block_indices = [0, 1, 2, 3]
+            bottleneck = stages[3][0]
+            self.encoder2, self.encoder3, self.encoder4 = (
+                UnetrBasicBlock(in_channels=channels, out_channels=feature_size * scale, stride=1, **common)
+                for (channels, _), scale in zip(stages[:3], (2, 4, 8)))
         self.encoder1 = UnetrBasicBlock(in_channels=in_chans, out_channels=feature_size, stride=1, **common)
-        self.encoder2, self.encoder3, self.encoder4 = (
-            UnetrPrUpBlock(in_channels=hidden, out_channels=feature_size * scale, num_layer=layers, stride=1,
-                           upsample_kernel_size=2, **common)
-            for scale, layers in ((2, 2), (4, 1), (8, 0))
-        )
-        self.decoder5 = UnetrUpBlock(in_channels=hidden, out_channels=feature_size * 8, upsample_kernel_size=2, **common)
+        self.decoder5 = UnetrUpBlock(in_channels=bottleneck, out_channels=feature_size * 8, upsample_kernel_size=2,
+                                     **common)
         self.decoder4 = UnetrUpBlock(in_channels=feature_size * 8, out_channels=feature_size * 4,
                                      upsample_kernel_size=2, **common)
         self.decoder3 = UnetrUpBlock(in_channels=feature_size * 4, out_channels=feature_size * 2,
                                      upsample_kernel_size=2, **common)
-        self.decoder2 = UnetrUpBlock(in_channels=feature_size * 2, out_channels=feature_size, upsample_kernel_size=2,
-                                     **common)
+        self.decoder2 = UnetrUpBlock(in_channels=feature_size * 2, out_channels=feature_size,
+                                     upsample_kernel_size=2 if self.vit else 4, **common)
         self.out = UnetOutBlock(spatial_dims=2, in_channels=feature_size, out_channels=num_classes)
 
+    def skips(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The three skip maps of the encoder (shallow to deep) and the bottleneck, each [B, C, h, w]."""
+        if self.vit:
+            final, (z3, z6, z9) = self.encoder.forward_intermediates(x, indices=self.block_indices, output_fmt="NCHW")
+            height, width = z3.shape[-2:]
+            prefix = self.encoder.num_prefix_tokens
+            return z3, z6, z9, final[:, prefix:].transpose(1, 2).reshape(final.shape[0], -1, height, width)
+        return tuple(self.encoder.forward_intermediates(x, indices=self.block_indices, norm=True, output_fmt="NCHW",
+                                                        intermediates_only=True))
+
     def forward(self, x: Tensor) -> Tensor:
-        final, (z3, z6, z9) = self.encoder.forward_intermediates(x, indices=self.block_indices, output_fmt="NCHW")
-        height, width = z3.shape[-2:]
-        prefix = self.encoder.num_prefix_tokens
-        z12 = final[:, prefix:].transpose(1, 2).reshape(final.shape[0], -1, height, width)
+        shallow, middle, deep, bottleneck = self.skips(x)
         enc1 = self.encoder1(x)
-        enc2, enc3, enc4 = self.encoder2(z3), self.encoder3(z6), self.encoder4(z9)
-        out = self.decoder5(z12, enc4)
+        enc2, enc3, enc4 = self.encoder2(shallow), self.encoder3(middle), self.encoder4(deep)
+        out = self.decoder5(bottleneck, enc4)
         out = self.decoder4(out, enc3)
         out = self.decoder3(out, enc2)
         return self.out(self.decoder2(out, enc1))

@@ -16,11 +16,12 @@ import dex.eval.features as features_module
 from dex.cli import main
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec
+from dex.eval.encoders import EncoderSpec, load_encoder
 from dex.eval.features import feature_key
 from dex.eval.finetune import state_dict_sha256
 from dex.eval.protocols import ProbeConfig, protocol_variants, run_frozen
 from dex.models import DEXViT
+from dex.seeding import seed_everything
 
 PROBE = ProbeConfig(knn_k=[2], fewshot_n=[1, 2], fewshot_draws=3, bootstrap=50)
 
@@ -39,8 +40,8 @@ def test_frozen_protocols_use_one_cached_feature_pass_and_leave_the_encoder_as_i
     weights = (folder / "model.safetensors").read_bytes()
     spec = EncoderSpec("dex", str(folder))
     calls = []
-    real = features_module.tokens
-    monkeypatch.setattr(features_module, "tokens", lambda *a: calls.append(1) or real(*a))
+    real = features_module.final_tokens
+    monkeypatch.setattr(features_module, "final_tokens", lambda *a: calls.append(1) or real(*a))
     variants = ["linear", *protocol_variants("knn", PROBE), *protocol_variants("fewshot", PROBE)]
     records = run_frozen(spec, task, 0, variants, PROBE, tmp_path / "cache")
     first = len(calls)
@@ -69,6 +70,20 @@ def test_frozen_protocols_use_one_cached_feature_pass_and_leave_the_encoder_as_i
     _encoder(folder, seed=1)
     changed = run_frozen(spec, task, 0, ["linear"], PROBE, tmp_path / "cache")
     assert len(calls) > first and not changed["linear"]["features_cached"]
+
+
+def test_a_scratch_encoder_is_the_runs_seed_whatever_ran_before(tmp_path, phantom_collection):
+    """The scratch baseline's frozen probes do not depend on what the process drew before (runs skipped as stored,
+    other encoders, task order): the random encoder is drawn from the run's seed, as fine-tuning draws it."""
+    task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
+    spec = EncoderSpec("scratch", "scratch", img_size=32, model_args={"embed_dim": 32, "depth": 2, "num_heads": 2})
+    first = run_frozen(spec, task, 0, ["linear"], PROBE, None)["linear"]
+    torch.rand(1000)  # another run's draws
+    again = run_frozen(spec, task, 0, ["linear"], PROBE, None)["linear"]
+    other_seed = run_frozen(spec, task, 1, ["linear"], PROBE, None)["linear"]
+    assert again["encoder_sha256"] == first["encoder_sha256"] != other_seed["encoder_sha256"]
+    seed_everything(0)
+    assert state_dict_sha256(load_encoder(spec).state_dict()) == first["encoder_sha256"]  # fine-tuning's encoder
 
 
 def test_the_feature_key_changes_with_the_preprocessing_the_split_and_the_files(tmp_path, phantom_collection):
@@ -170,8 +185,8 @@ def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, 
         ("pathology-nuclei", "data_fraction=0.25,linear"), ("pathology-nuclei", "data_fraction=1.0,linear")}
     assert planned[("pathology-nuclei", "data_fraction=0.25,linear")].data_fraction == 0.25
     forwards = []
-    real = features_module.tokens
-    monkeypatch.setattr(features_module, "tokens", lambda encoder, images: forwards.append(
+    real = features_module.final_tokens
+    monkeypatch.setattr(features_module, "final_tokens", lambda encoder, images: forwards.append(
         encoder.blocks[0].dex.top_k) or real(encoder, images))
     assert main(["benchmark", str(path)]) == 0
     runs = tmp_path / "bench" / "runs" / "dex"
