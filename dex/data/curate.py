@@ -99,6 +99,8 @@ class Unit:
     modality: str
     anatomy: str
     files: tuple[str, ...] = ()  # DICOM: the folder's files (source-relative)
+    report: str | None = None  # an image-report pair's report (an index CSV with a report column), else None
+    report_type: str = ""  # the pair's report type (the index CSV's, else the modality)
 
 
 @dataclass
@@ -155,12 +157,15 @@ def _units_from_csv(root: Path, source: Source) -> list[Unit]:
             rows = list(csv.DictReader(handle))
     except OSError as err:
         raise ValueError(f"{path}: cannot read the index CSV of source {source.name!r} ({err})") from err
+    paired = bool(rows) and "report" in rows[0]
     units = []
     for line, row in enumerate(rows, start=2):
-        modality = canonical_modality(row.get("modality") or "")
+        modality = canonical_modality(row.get("modality") or source.modality)
         if not row.get("path") or modality not in MODALITIES:
             raise ValueError(f"{path}:{line}: needs a path and a modality in {list(MODALITIES)}, got {row}")
-        units.append(Unit(source.name, row["path"], modality, row.get("anatomy") or source.anatomy))
+        report = (row.get("report") or "") if paired else None
+        units.append(Unit(source.name, row["path"], modality, row.get("anatomy") or source.anatomy,
+                          report=report, report_type=(row.get("report_type") or modality) if paired else ""))
     return sorted(units, key=lambda u: u.key)
 
 
@@ -241,7 +246,7 @@ class _UnitWork:
             "key": key, "source": self.unit.source, "modality": self.unit.modality, "anatomy": self.unit.anatomy,
             "unit": self.result.unit_id, "index": index, "phash": f"{phash(image):016x}",
             "study": study or self.default_study, "height": height, "width": width, "channels": channels,
-            "bits": bits,
+            "bits": bits, **({"report_type": self.unit.report_type} if self.unit.report is not None else {}),
         }
         self.result.samples.append((key, _encode_png(image, bits, self.options.png_level), meta, origin))
 
@@ -279,6 +284,9 @@ def process_unit(unit: Unit, source: Source, root: str, salt: str, options: Cura
     assembled), never the good series next to them."""
     work = _UnitWork(unit, source, Path(root), salt, options)
     path = Path(root) / unit.key
+    if unit.report is not None and not unit.report.strip():
+        work.quarantine(Problem(unit.key, "empty report (an image-report pair needs its report)"))
+        return work.result
     try:
         if source.format == "dicom":
             _process_dicom(work)
@@ -480,7 +488,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
                 if not dedup[meta["source"]].add(int(meta["phash"], 16)):
                     private["dropped"].append((*origin, "near-duplicate"))
                     continue
-                writer.add(key, png, meta)
+                writer.add(key, png, meta, result.unit.report)
                 private["written"].append((key, *origin))
             outcome = {"source": result.unit.source, "unit": result.unit_id, "written": len(private["written"]),
                        "dropped": dict(Counter(reason for *_, reason in private["dropped"])),
@@ -537,8 +545,8 @@ class ShardWriterForPart:
         self.done: list[dict[str, Any]] = []  # outcomes of units whose samples are all added
         self.private: list[dict[str, Any]] = []  # their path-bearing records
 
-    def add(self, key: str, png: bytes, meta: dict[str, Any]) -> None:
-        self.writer.add(key, png, meta)
+    def add(self, key: str, png: bytes, meta: dict[str, Any], report: str | None = None) -> None:
+        self.writer.add(key, png, meta, report)
         self.rows.append(meta)
         if self.writer.full:
             self.commit()
@@ -566,7 +574,7 @@ class ShardWriterForPart:
 # --- reports -----------------------------------------------------------------------------------------------------
 
 MANIFEST_FIELDS = ["key", "source", "modality", "anatomy", "unit", "index", "height", "width", "channels", "bits",
-                   "phash", "study"]
+                   "phash", "study", "report_type"]
 
 
 def finalize(out: str | Path) -> dict[str, Any]:
@@ -605,8 +613,10 @@ def finalize(out: str | Path) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(kept)
     stats = _stats(sources, kept, outcomes, len(excluded))
+    report_types = Counter(r["report_type"] for r in kept if r.get("report_type"))
     index = {"shards": shards, "samples": len(kept), "exclude": sorted(excluded),
-             "modalities": stats["modalities"]}
+             "modalities": stats["modalities"], **({"report_types": dict(sorted(report_types.items()))}
+                                                   if report_types else {})}
     write_json(out / INDEX, index)
     write_json(out / "stats.json", stats)
     (out / "stats.md").write_text(stats_markdown(stats))

@@ -16,8 +16,12 @@ A recipe is YAML::
         licence: CC BY 4.0
         reported_count: 558473      # what the paper reports, if any
 
-A source of ``format: image`` may name ``index_csv`` (relative to its root): a CSV with columns ``path,modality``
-(optionally ``anatomy``) listing the files and the modality of each, for folders that mix modalities.
+A source of ``format: image`` may name ``index_csv`` (relative to its root): a CSV with a ``path`` column listing the
+files, and optionally ``modality`` (for folders that mix modalities; the source's otherwise) and ``anatomy``. With
+a ``report`` column the source gives image-report pairs (the layout of ROCO, PMC-OA or a MIMIC-CXR export), and
+an optional ``report_type`` (the modality otherwise) names the kind of report; the shards carry each report as the
+sample's ``.txt`` member, and a row whose report is empty is quarantined. Reports are copied as given: de-identify
+hospital reports before curating them.
 
 ``hold_out`` keeps the images of task splits out of the collection, so that a model pretrained on it can be
 evaluated on those tasks without having seen their test images::

@@ -1,5 +1,5 @@
-"""Tar shards in the WebDataset layout: each sample is ``<key>.png`` and ``<key>.json`` (its metadata), stored
-consecutively. Shards are written to ``<name>.tar.tmp`` and renamed by the curation's commit, so a ``.tar`` file
+"""Tar shards in the WebDataset layout: each sample is ``<key>.png``, ``<key>.json`` (its metadata) and, for an
+image-report pair, ``<key>.txt`` (the report), stored consecutively. Shards are written to ``<name>.tar.tmp`` and renamed by the curation's commit, so a ``.tar`` file
 is always complete; headers carry no time stamps, so the same samples give the same bytes. The writer measures
 each shard's size and SHA-256 as it writes, for the collection's index (checked by ``dex data verify``).
 """
@@ -65,12 +65,14 @@ class ShardWriter:
     def full(self) -> bool:
         return self.count >= self.max_samples
 
-    def add(self, key: str, png: bytes, meta: dict[str, Any]) -> None:
+    def add(self, key: str, png: bytes, meta: dict[str, Any], report: str | None = None) -> None:
+        """Append ``<key>.png``, ``<key>.json`` and, for an image-report pair, ``<key>.txt`` (the report, UTF-8)."""
         if self._tar is None:
             self._file = _HashingFile(open(self.folder / (self.name + ".tmp"), "wb"))
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
             self.count = 0
-        for name, data in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+        members = [(f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
+        for name, data in members + ([(f"{key}.txt", report.encode())] if report is not None else []):
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))

@@ -68,7 +68,8 @@ def modality_weights(counts: dict[str, int], temperature: float) -> dict[str, fl
 
 class CuratedImages(IterableDataset):
     """Samples of a curated folder (``dex curate``'s ``index.json`` and ``shards/``) as dicts: ``image`` (the
-    transformed tensor), ``modality`` (index in MODALITIES) and ``key``.
+    transformed tensor), ``modality`` (index in MODALITIES), ``key``, and ``report`` and ``report_type`` (an
+    image-report pair's ``.txt`` member and its type; empty strings for an image without a report).
 
     Readers are the (rank, loader worker) pairs. With at least 8 shards per reader, each epoch deals whole shards
     to readers, largest-first onto the least-loaded reader, which leaves every reader within one shard of the mean;
@@ -181,6 +182,8 @@ class CuratedImages(IterableDataset):
                     if not self.by_shard and (position - 1) % readers != reader:
                         continue
                     meta = json.loads(parts["json"])
+                    if "txt" in parts:
+                        meta["report"] = parts["txt"].decode()
                     if self.accept and rng.random() >= self.accept.get(meta["modality"], 0.0):
                         continue
                     yield parts["png"], meta, shard
@@ -227,6 +230,7 @@ class CuratedImages(IterableDataset):
                     content = hashlib.blake2b(png, digest_size=8).hexdigest()
                     image = seeded(self.transform, pixels, sample_seed(self.seed, self.epoch, content))
                     yield {"image": image, "modality": MODALITIES.index(meta["modality"]), "key": meta["key"],
+                           "report": meta.get("report", ""), "report_type": meta.get("report_type", ""),
                            "bad_shards": ",".join(sorted(self.shards[i].name for i in failed))}
                 produced += 1
                 if produced == quota:

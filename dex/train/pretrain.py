@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dex._version import __version__
 from dex.config import read_yaml, save_config
+from dex.data.shards import read_index
 from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sample_seed
 from dex.models import save_pretrained
 from dex.safeload import load_torch_file
@@ -140,6 +141,19 @@ def _data(config: RunConfig, ctx: DistContext, transform, micro_batch: int) -> _
 
         return _Data(len(dataset) // global_micro // config.accum_steps, loader)
     raise FileNotFoundError(f"{root}: no such folder (a dex curate output or a folder of images)")
+
+
+def _require_pairs(root: Path, objective: str) -> None:
+    """An image-text objective trains on a ``dex curate`` collection whose every sample is an image-report pair."""
+    if not (root / "index.json").is_file():
+        raise ValueError(f"{root}: objective {objective} trains on image-report pairs: give it a dex curate collection "
+                         "of them (a recipe source whose index CSV has a report column); a folder of images has none")
+    index = read_index(root)
+    paired = sum(index.get("report_types", {}).values())
+    if paired != index["samples"]:
+        raise ValueError(f"{root / 'index.json'}: {index['samples'] - paired} of {index['samples']} samples have no "
+                         f"report, and objective {objective} trains on image-report pairs only: curate the sources "
+                         "with reports into a collection of their own")
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
@@ -263,8 +277,7 @@ def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> Pretra
             raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
                              "from; not starting over in this folder silently (run without --resume to start over)")
     if model.batch == "image_text":
-        raise ValueError(f"{config.data}: objective {config.objective} trains on image-text pairs, and dex curate "
-                         "collections and image folders hold images only (no reports)")
+        _require_pairs(Path(config.data), config.objective)
     data = _data(config, ctx, model.transform(), micro_batch)
     if data.steps_per_epoch < 1:
         raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
@@ -301,8 +314,9 @@ def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> Pretra
                 for micro in range(config.accum_steps):
                     batch = next(batches)
                     unreadable.update(n for names in batch.get("bad_shards", ()) for n in names.split(",") if n)
-                    tensors = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()
-                               if isinstance(v, torch.Tensor)}
+                    # tensors to the device; texts (reports, keys) go to the objective as they are
+                    samples = {k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                               for k, v in batch.items() if k != "bad_shards"}
                     # the step's random inputs for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
                     start = micro * global_micro + ctx.rank * micro_batch
                     inputs = model.step_inputs(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
@@ -312,7 +326,7 @@ def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> Pretra
                         model.set_requires_gradient_sync(last)
                     sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
                     with sync, torch.autocast(**autocast):
-                        out = forward(tensors, values, inputs)
+                        out = forward(samples, values, inputs)
                         (out.loss / config.accum_steps).backward()
                     losses += torch.stack([out.loss, *(out.terms[n] for n in model.loss_terms)]).detach().float()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)

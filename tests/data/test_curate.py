@@ -279,6 +279,47 @@ def test_csv_index_names_the_modality_per_file(tmp_path):
                                                                                  ("f1.png", "Fundus")}
 
 
+def test_image_report_pairs_reach_the_shards_and_the_loader_and_bad_pairs_are_quarantined(tmp_path):
+    for seed, name in enumerate(["a.png", "b.png", "empty.png", "c.png"]):
+        _image(tmp_path / "pairs" / name, seed)
+    (tmp_path / "pairs/broken.png").write_bytes(b"not a png")
+    rows = [["a.png", "X-ray", "Chest X-ray: a 7 mm nodule, left upper zone.", ""],
+            ["b.png", "US", "Fetal head, biparietal diameter 41 mm.", "obstetric US"],
+            ["empty.png", "US", "  ", ""], ["broken.png", "X-ray", "Clear lungs.", ""],
+            ["c.png", "", "Ünïcode report, no modality column value.", ""]]
+    with open(tmp_path / "pairs/index.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "modality", "report", "report_type"], *rows])
+    recipe = _recipe(tmp_path, Source("pairs", "Photo", "pairs", "image", "scale_255", index_csv="index.csv"))
+    assert main(["curate", str(recipe), "--out", str(tmp_path / "out"), "--min-size", "16"]) == 3  # quarantined
+    out = tmp_path / "out"
+    quarantine = {r["path"]: r["reason"] for r in csv.DictReader(open(out / "private/quarantine.csv"))}
+    assert set(quarantine) == {"empty.png", "broken.png"} and quarantine["empty.png"].startswith("empty report")
+    by_path = {r["path"]: r for r in manifest(out)}
+    assert set(by_path) == {"a.png", "b.png", "c.png"}
+    assert [by_path[p]["report_type"] for p in ("a.png", "b.png", "c.png")] == ["X-ray", "obstetric US", "Photo"]
+    samples = shard_samples(out)
+    reports = {r[0]: r[2] for r in rows}
+    for path, row in by_path.items():
+        parts = samples[row["key"]]
+        assert set(parts) == {"png", "json", "txt"} and parts["txt"].decode() == reports[path]
+        assert json.loads(parts["json"])["report_type"] == row["report_type"]
+    index = json.loads((out / "index.json").read_text())
+    assert index["report_types"] == {"Photo": 1, "X-ray": 1, "obstetric US": 1}
+    loaded = next(iter(DataLoader(CuratedImages(out, lambda x: x[:, :16, :16], shuffle_buffer=1,
+                                                batch_size=3), batch_size=3)))
+    key_report = {by_path[p]["key"]: reports[p] for p in by_path}
+    assert sorted(loaded["report"]) == sorted(key_report.values())
+    assert all(key_report[k] == r for k, r in zip(loaded["key"], loaded["report"]))
+    plain = tmp_path / "plain"
+    _image(plain / "x.png", 0)
+    curate(_recipe(tmp_path, Source("plain", "X-ray", "plain", "image", "scale_255")), tmp_path / "plain-out",
+           options=OPTIONS, progress=False)
+    (sample,) = shard_samples(tmp_path / "plain-out").values()
+    assert set(sample) == {"png", "json"} and "report_types" not in json.loads(
+        (tmp_path / "plain-out/index.json").read_text())
+    assert next(iter(CuratedImages(tmp_path / "plain-out", lambda x: x)))["report"] == ""
+
+
 # --- resume, partitions ------------------------------------------------------------------------------------------
 
 def _share_salt(curated: Path, other: Path) -> None:

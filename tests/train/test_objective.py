@@ -13,9 +13,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import dex  # noqa: F401  (registers the models in timm)
 from dex.config import STRICT, ConfigError
+from dex.data.curate import CurateOptions, curate
+from dex.data.recipe import Recipe, Source
 from dex.data.transforms import PretrainTransform
 from dex.schedules import cosine
 from dex.train.hooks import EMATeacher
@@ -147,8 +150,31 @@ def test_a_teacher_that_would_be_optimised_is_refused(tmp_path, consistency, mon
     assert not (tmp_path / "config.yaml").exists()
 
 
-def test_an_objective_on_image_text_pairs_is_told_the_collection_has_no_reports(tmp_path, consistency,
-                                                                                monkeypatch):
+def test_an_objective_on_image_text_pairs_gets_the_reports_and_is_refused_images_without(tmp_path, consistency,
+                                                                                         phantom_collection,
+                                                                                         monkeypatch):
     monkeypatch.setattr(ConsistencyObjective, "batch", "image_text")
-    with pytest.raises(ValueError, match="trains on image-text pairs.*no reports"):
-        pretrain(load_pretrain_config(None, [*consistency, f"out_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"curated/index.json: \d+ of \d+ samples have no report.*pairs only"):
+        pretrain(load_pretrain_config(None, [*consistency, f"out_dir={tmp_path / 'mixed'}"]))
+    with pytest.raises(ValueError, match="a folder of images has none"):
+        pretrain(load_pretrain_config(None, [*consistency, f"out_dir={tmp_path / 'folder'}",
+                                             f"data={phantom_collection / 'raw' / 'sources' / 'oct-png'}"]))
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    rows = ["path,report"]
+    for i in range(8):
+        image = torch.rand(32, 32).mul(255).byte().numpy()
+        Image.fromarray(image).save(pairs / f"{i}.png")
+        rows.append(f"{i}.png,report number {i}")
+    (pairs / "index.csv").write_text("\n".join(rows) + "\n")
+    Recipe("pairs", [Source("pairs", "OCT", str(pairs), "image", "scale_255", index_csv="index.csv")]).save(
+        tmp_path / "recipe.yaml")
+    curate(tmp_path / "recipe.yaml", tmp_path / "curated", options=CurateOptions(min_size=16), progress=False)
+    seen = []
+    forward = ConsistencyObjective.forward
+    monkeypatch.setattr(ConsistencyObjective, "forward", lambda self, batch, schedule, inputs: seen.append(
+        (batch["report"], batch["report_type"])) or forward(self, batch, schedule, inputs))
+    pretrain(load_pretrain_config(None, [*consistency, f"out_dir={tmp_path / 'run'}", f"data={tmp_path / 'curated'}",
+                                         "samples_per_epoch=8", "epochs=1"]))
+    assert len(seen) == 1 and sorted(seen[0][0]) == [f"report number {i}" for i in range(8)]
+    assert seen[0][1] == ["OCT"] * 8
