@@ -153,7 +153,7 @@ def discover_units(recipe: Recipe, source: Source, held_out: set[Path] = frozens
 def _units_from_csv(root: Path, source: Source) -> list[Unit]:
     path = root / source.index_csv
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as err:
         raise ValueError(f"{path}: cannot read the index CSV of source {source.name!r} ({err})") from err

@@ -88,7 +88,8 @@ def test_pet_suv_counts_and_resolution():
 
 
 def test_xray_is_a_beer_lambert_projection():
-    image, fields = radiology.chest_xray(np.random.default_rng(3), 64)
+    sample = radiology.chest_xray(np.random.default_rng(3), 64)
+    image, fields = sample.image, sample.masks["xray-lungs"]
     lung, heart = image[fields == 1].mean(), image[fields == 2].mean()
     assert lung < heart  # lungs attenuate least: dark on a radiograph
     spine = image[:, 30:34].mean()
@@ -222,7 +223,7 @@ def test_modalities_are_separable_from_global_statistics():
         "CT": lambda r: radiology.ct_hu(r, radiology.torso(r, 8, 48))[4],
         "MR": lambda r: radiology.mr_t1(r, radiology.torso(r, 8, 48))[4],
         "PET": lambda r: radiology.pet(r, radiology.torso(r, 8, 48)).suv[4],
-        "X-ray": lambda r: radiology.chest_xray(r, 48)[0],
+        "X-ray": lambda r: radiology.chest_xray(r, 48).image,
         "US": lambda r: ultrasound.fetal_head(r, 48).image,
         "Fundus": lambda r: eye.fundus(r, 48).image,
         "OCT": lambda r: eye.oct_bscan(r, 48).image,

@@ -43,6 +43,9 @@ def fundus(rng: np.random.Generator, size: int) -> Sample:
     exudates (yellow spots) in about half the images.
 
     Masks: ``fundus-vessels``, ``fundus-exudates`` (binary); labels: ``fundus-exudates`` (0 none, 1 present).
+    Findings: ``eye`` ("right" with the disc on the image's right, else "left"), ``disc`` (y, x, radius, vertical
+    cup-to-disc ratio), ``macula`` (y, x), ``exudates`` (a list of (y, x, radius y, radius x), the spots with a pixel
+    in the field of view).
     """
     yy, xx = grid(size)
     radius = np.hypot(yy, xx)
@@ -65,26 +68,37 @@ def fundus(rng: np.random.Generator, size: int) -> Sample:
     disc_r = rng.uniform(0.09, 0.12)
     disc_glow = np.exp(-(((yy - disc[0]) ** 2 + (xx - disc[1]) ** 2) / (disc_r**2)))
     rgb = rgb + disc_glow[..., None] * np.array([0.35, 0.5, 0.35])
-    cup = ellipse(yy, xx, disc[0], disc[1], disc_r * 0.4, disc_r * 0.35)
+    cup_ry = disc_r * 0.4
+    cup = ellipse(yy, xx, disc[0], disc[1], cup_ry, disc_r * 0.35)
     rgb[cup] = np.minimum(rgb[cup] + [0.1, 0.15, 0.15], 1.0)
     exudates = np.zeros(yy.shape, bool)
+    spots = []
     if rng.random() < 0.5:
         for _ in range(rng.integers(4, 12)):
             cy, cx = np.array(macula) + rng.normal(0, 0.15, 2)
-            exudates |= ellipse(yy, xx, cy, cx, *rng.uniform(0.012, 0.03, 2)) & fov
+            ry, rx = rng.uniform(0.012, 0.03, 2)
+            spot = ellipse(yy, xx, cy, cx, ry, rx) & fov
+            if spot.any():
+                spots.append((cy, cx, ry, rx))
+            exudates |= spot
         rgb[exudates] = [0.95, 0.88, 0.45]
     rgb = ndimage.gaussian_filter(rgb, (0.5, 0.5, 0)) + rng.normal(0, 0.01, rgb.shape)
     rgb *= fov[..., None]
     return Sample(np.clip(rgb, 0, 1).astype(np.float32),
-                  masks={"fundus-vessels": (vessels & fov).astype(np.uint8), "fundus-exudates": exudates.astype(np.uint8)},
-                  labels={"fundus-exudates": int(exudates.any())})
+                  masks={"fundus-vessels": (vessels & fov).astype(np.uint8),
+                         "fundus-exudates": exudates.astype(np.uint8)},
+                  labels={"fundus-exudates": int(exudates.any())},
+                  findings={"eye": "right" if side > 0 else "left", "disc": (*disc, disc_r, cup_ry / disc_r),
+                            "macula": macula, "exudates": spots})
 
 
 def oct_bscan(rng: np.random.Generator, size: int) -> Sample:
     """A foveal OCT B-scan: dark vitreous, curved retina with a foveal pit, alternating bright and dark layers
     (RNFL bright, INL and ONL dark, EZ/RPE brightest), textured choroid, multiplicative speckle, log display.
 
-    Masks: ``oct-layers`` with the indices of OCT_LAYERS.
+    Masks: ``oct-layers`` with the indices of OCT_LAYERS. Findings: ``fovea`` (x of the pit's centre),
+    ``central_thickness`` (from the inner limiting membrane to the bottom of the EZ/RPE in the pit's column, in
+    units of y), ``nasal`` (the side, "right", where the nerve fibre layer is thicker).
     """
     yy, xx = grid(size)
     centre = rng.uniform(-0.15, 0.15)
@@ -110,4 +124,7 @@ def oct_bscan(rng: np.random.Generator, size: int) -> Sample:
     signal[deep] *= np.exp(-15 * (yy - bottom_choroid))[deep]  # signal fades in the sclera
     grain = speckle(rng.standard_normal((2, size, size)), (0.6, 1.5))
     image = np.log1p(20 * signal * grain) / np.log1p(20 * 1.6)
-    return Sample(np.clip(image, 0, 1).astype(np.float32), masks={"oct-layers": layers})
+    pit = int(np.argmin(np.abs(xx[0] - centre)))
+    return Sample(np.clip(image, 0, 1).astype(np.float32), masks={"oct-layers": layers},
+                  findings={"fovea": centre, "central_thickness": float(boundaries[-1][0, pit] - boundaries[0][0, pit]),
+                            "nasal": "right"})

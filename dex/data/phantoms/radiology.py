@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dex.data.phantoms.shapes import ellipsoid, smooth_field
+from dex.data.phantoms.shapes import Sample, ellipsoid, smooth_field
 
 TISSUES = ("air", "soft", "fat", "lung", "heart", "liver", "spleen", "kidney", "bone", "lesion")
 T = {name: i for i, name in enumerate(TISSUES)}
@@ -27,6 +27,7 @@ XRAY_MU = np.array([0.0, 0.20, 0.18, 0.05, 0.21, 0.21, 0.21, 0.21, 0.48, 0.21]) 
 
 FIELD_MM = 400.0  # in-plane field of view
 TORSO_MM = 600.0  # superior-inferior extent of z in [-1, 1]
+XRAY_Z_RANGE = (1.12, -0.45)  # the rows of a chest radiograph, neck to upper abdomen
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Torso:
     labels: np.ndarray  # [Z, Y, X] uint8 tissue indices
     spacing: tuple[float, float, float]  # mm (z, y, x)
     lesion_suv: np.ndarray  # [Z, Y, X] uptake of the lesions (0 elsewhere)
+    organs: list[tuple[str, tuple[float, float, float], tuple[float, float, float]]]  # (tissue, centre, radii) z, y, x
 
 
 def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1), y_size: int | None = None,
@@ -87,7 +89,7 @@ def torso(rng: np.random.Generator, depth: int, size: int, z_range=(1.15, -1.1),
         labels[blob] = T["lesion"]
         lesion_suv[blob] = rng.uniform(5.0, 15.0)
     spacing = (TORSO_MM * abs(z_range[0] - z_range[1]) / 2 / max(depth - 1, 1), FIELD_MM / y_size, FIELD_MM / size)
-    return Torso(labels, spacing, lesion_suv)
+    return Torso(labels, spacing, lesion_suv, organs)
 
 
 def _box(axes, center, radii) -> tuple[slice, ...]:
@@ -161,10 +163,15 @@ def pet(rng: np.random.Generator, body: Torso) -> PETScan:
 XRAY_CLASSES = ("background", "lung", "heart")
 
 
-def chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def chest_xray(rng: np.random.Generator, size: int) -> Sample:
     """A posterior-anterior chest radiograph: Beer-Lambert line integrals through a torso, Poisson quantum noise,
-    log transform so that bone is bright. Returns the image in [0, 1] and the lung/heart field labels."""
-    body = torso(rng, size, size, z_range=(1.12, -0.45), y_size=max(size // 2, 16))
+    log transform so that bone is bright, random patient positioning.
+
+    Returns ``image`` [size, size] in [0, 1] (columns from the patient's right to left), mask ``xray-lungs`` (the
+    lung and heart fields, XRAY_CLASSES) and findings ``heart`` (column of its centre, half-width) and ``thorax``
+    (columns of the outer edges of the lungs), where the positioning put them, in the image's [-1, 1] coordinates.
+    """
+    body = torso(rng, size, size, z_range=XRAY_Z_RANGE, y_size=max(size // 2, 16))
     path_cm = body.spacing[1] / 10.0
     line_integral = (XRAY_MU[body.labels] * path_cm).sum(axis=1)  # [Z, X]
     photons = rng.uniform(3000, 8000)
@@ -181,4 +188,17 @@ def chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     offset = centre - matrix @ (centre + rng.uniform(-0.08, 0.08, 2) * np.array(image.shape))
     image = ndimage.affine_transform(image, matrix, offset, order=1, mode="constant", cval=0.0)
     fields = ndimage.affine_transform(fields, matrix, offset, order=0, mode="constant", cval=0)
-    return image.astype(np.float32), fields
+    per_unit = (size - 1) / np.array([XRAY_Z_RANGE[0] - XRAY_Z_RANGE[1], 2.0])  # pixels per torso unit (z, x)
+    to_output = np.linalg.inv(matrix)
+
+    def columns(center, radii) -> tuple[float, float]:
+        """(centre, half-width) of an organ's projected ellipse across the positioned radiograph, in [-1, 1] units."""
+        pixel = np.array([XRAY_Z_RANGE[0] - center[0], center[2] + 1.0]) * per_unit
+        column = (to_output @ (pixel - offset))[1]
+        half = np.hypot(*(to_output[1] * np.array([radii[0], radii[2]]) * per_unit))
+        return 2 * column / (size - 1) - 1, 2 * half / (size - 1)
+
+    heart = next(columns(c, r) for name, c, r in body.organs if name == "heart")
+    lungs = [columns(c, r) for name, c, r in body.organs if name == "lung"]
+    thorax = (min(c - h for c, h in lungs), max(c + h for c, h in lungs))
+    return Sample(image.astype(np.float32), masks={"xray-lungs": fields}, findings={"heart": heart, "thorax": thorax})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -13,12 +14,15 @@ class Sample:
     """One generated 2D image with its ground truth.
 
     ``image`` is float in the modality's own units before encoding (reflectance in [0, 1] for optical modalities);
-    ``masks`` maps a task name to a [H, W] uint8 label map; ``labels`` maps a task name to a class index.
+    ``masks`` maps a task name to a [H, W] uint8 label map; ``labels`` maps a task name to a class index;
+    ``findings`` holds the parameters of what was drawn that a report states (each generator's docstring lists them),
+    positions and lengths in the [-1, 1] coordinates of :func:`grid`; :mod:`dex.data.phantoms.reports` words them.
     """
 
     image: np.ndarray
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    findings: dict[str, Any] = field(default_factory=dict)
 
 
 def grid(size: int, height: int | None = None) -> tuple[np.ndarray, np.ndarray]:

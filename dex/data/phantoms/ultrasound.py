@@ -46,7 +46,10 @@ def _scan(echo_fn, size: int, rng: np.random.Generator, half_angle: float, field
 
 
 def fetal_head(rng: np.random.Generator, size: int) -> Sample:
-    """A fetal head in amniotic fluid; mask ``us-fetal-head`` is the filled skull ellipse."""
+    """A fetal head in amniotic fluid, with a midline echo; mask ``us-fetal-head`` is the filled skull ellipse.
+
+    Findings: ``head``, the skull ellipse (y, x, radius y, radius x, angle); the transducer is at y = -1.
+    """
     cy, cx = rng.uniform(0.1, 0.35), rng.uniform(-0.25, 0.25)
     ry, rx, angle = rng.uniform(0.32, 0.45), rng.uniform(0.42, 0.55), rng.uniform(-0.6, 0.6)
     tissue = np.clip(0.6 + 0.25 * smooth_field(rng, (size, size), size / 16), 0.1, None)
@@ -67,7 +70,7 @@ def fetal_head(rng: np.random.Generator, size: int) -> Sample:
     image, fov = _scan(echo_fn, size, rng, rng.uniform(0.55, 0.7))
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     head = ellipse(yy, xx, cy, cx, ry, rx, angle) & fov
-    return Sample(image, masks={"us-fetal-head": head.astype(np.uint8)})
+    return Sample(image, masks={"us-fetal-head": head.astype(np.uint8)}, findings={"head": (cy, cx, ry, rx, angle)})
 
 
 def cine(rng: np.random.Generator, size: int, frames: int) -> np.ndarray:

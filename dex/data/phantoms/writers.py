@@ -1,11 +1,14 @@
 """Writers in the formats real datasets use, byte-for-byte deterministic for the same inputs.
 
-DICOM series (pydicom), NIfTI (nibabel), PNG 8/16 bit and JPEG (Pillow), TIFF (tifffile), MP4 video (PyAV).
+DICOM series (pydicom), NIfTI (nibabel), PNG 8/16 bit and JPEG (Pillow), TIFF (tifffile), MP4 video (PyAV), and
+the index CSV that pairs images with their reports.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 UID_ROOT = "1.2.826.0.1.3680043.10.1475."  # a root under which generate_uid's hashes are namespaced
+REPORT_INDEX_COLUMNS = ("path", "modality", "anatomy", "report", "report_type")
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -40,6 +44,16 @@ def write_jpeg(path: Path, image: np.ndarray, quality: int = 92) -> None:
 def write_tiff(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, image, photometric="rgb" if image.ndim == 3 else "minisblack", metadata=None)
+
+
+def write_report_index(path: Path, rows: Iterable[tuple[str, str]], modality: str, anatomy: str) -> None:
+    """An image source's index CSV (REPORT_INDEX_COLUMNS): one row per (path relative to the CSV's folder, report),
+    sorted by path, with the source's modality and anatomy; the report type is the modality."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(REPORT_INDEX_COLUMNS)
+        writer.writerows((name, modality, anatomy, report, modality) for name, report in sorted(rows))
 
 
 def write_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float], flip_x: bool = False) -> None:
