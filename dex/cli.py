@@ -237,6 +237,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vl_eval(args: argparse.Namespace) -> int:
+    from dex.eval.vision_language import evaluate_vision_language
+
+    result = evaluate_vision_language(args.model, args.pairs, args.out, args.task, args.batch_size)
+    retrieval = result["retrieval"]
+    print(f"{retrieval['pairs']} pairs: image-to-text R@5 {100 * retrieval['i2t_R@5']:.1f}, text-to-image R@5 "
+          f"{100 * retrieval['t2i_R@5']:.1f} (chance {100 * retrieval['chance_R@5']:.1f}); tables: "
+          f"{args.out}/vl_metrics.md; every number: {args.out}/vl_metrics.json")
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from dex.analysis.analyze import analyze
 
@@ -354,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 
+    vl_eval = _command(
+        commands, "vl-eval", help="retrieval, routing and zero-shot figures of a vision-language (MedMoE) model",
+        description="Evaluate the MedMoE model MODEL (a dex export folder or a finished run) on the held-out "
+                    "image-report pairs of PAIRS (a dex curate collection of pairs): image-to-text and text-to-image "
+                    "Recall@1/5/10 against chance, overall and per report type; the routers' agreement with the "
+                    "report type; zero-shot classification of the report type and of each --task from class "
+                    "prompts. Writes vl_metrics.md and vl_metrics.json to --out.")
+    vl_eval.add_argument("model", help="a MedMoE dex export folder or finished run folder")
+    vl_eval.add_argument("pairs", help="a dex curate collection of held-out image-report pairs")
+    vl_eval.add_argument("--out", required=True, help="output folder")
+    vl_eval.add_argument("--task", nargs="+", default=[], help="classification task folders for zero-shot")
+    vl_eval.add_argument("--batch-size", type=int, default=64, help="images or texts per batch (64)")
+    vl_eval.set_defaults(func=_vl_eval)
+
     analyze = _command(
         commands, "analyze",
         help="routing, attention, pattern layout, cost and modality-collapse analyses of an encoder",
@@ -426,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "splits.csv, task.yaml). Layouts: class-folders (SRC/[split/]class/image), csv (SRC is a CSV "
                     "of image names and labels), pairs (SRC holds images, masks matched by name), volumes (SRC "
                     "holds NIfTI volumes or DICOM series folders, --labels their NIfTI label volumes; cut into "
-                    "normalised 2D slices, split by case), medmnist (SRC is a MedMNIST .npz). Items that cannot be imported are listed in "
-                    "OUT/problems.csv and the command exits with status 3.")
+                    "normalised 2D slices, split by case), medmnist (SRC is a MedMNIST .npz). Items that cannot "
+                    "be imported are listed in OUT/problems.csv and the command exits with status 3.")
     imports.add_argument("layout", choices=LAYOUTS)
     imports.add_argument("src", help="the dataset folder, CSV or .npz")
     imports.add_argument("out", help="the task folder to write")

@@ -1,7 +1,8 @@
 """Tar shards in the WebDataset layout: each sample is ``<key>.png``, ``<key>.json`` (its metadata) and, for an
-image-report pair, ``<key>.txt`` (the report), stored consecutively. Shards are written to ``<name>.tar.tmp`` and renamed by the curation's commit, so a ``.tar`` file
-is always complete; headers carry no time stamps, so the same samples give the same bytes. The writer measures
-each shard's size and SHA-256 as it writes, for the collection's index (checked by ``dex data verify``).
+image-report pair, ``<key>.txt`` (the report), stored consecutively. Shards are written to ``<name>.tar.tmp`` and
+renamed by the curation's commit, so a ``.tar`` file is always complete; headers carry no time stamps, so the same
+samples give the same bytes. The writer measures each shard's size and SHA-256 as it writes, for the collection's
+index (checked by ``dex data verify``).
 """
 
 from __future__ import annotations
@@ -147,3 +148,14 @@ def iter_shard(path: str | Path, expected: int | None = None) -> Iterator[tuple[
         count += 1
     if expected is not None and count != expected:
         raise ShardError(f"{path}: holds {count} samples where the index records {expected} (corrupt or cut)")
+
+
+def collection_reports(folder: str | Path) -> list[str]:
+    """Every report (``.txt`` member) of a finished collection's shards, in index and stored order; the samples the
+    index excludes (cross-part near-duplicates) left out."""
+    folder = Path(folder)
+    index = read_index(folder)
+    exclude = set(index.get("exclude", []))
+    return [parts["txt"].decode() for shard in index["shards"]
+            for key, parts in iter_shard(folder / "shards" / shard["name"], shard.get("stored"))
+            if "txt" in parts and key not in exclude]

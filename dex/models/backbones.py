@@ -67,6 +67,49 @@ def depth_features(encoder: nn.Module, images: Tensor) -> list[Tensor]:
     return encoder.forward_intermediates(images, output_fmt="NCHW", intermediates_only=True)
 
 
+SWIN_REDUCTIONS = [4, 8, 16, 32]
+
+
+def four_map_indices(encoder: nn.Module) -> list[int]:
+    """The blocks (a ViT: at depths L/4, L/2, 3L/4, 0-based; block L is the final output) or stages (a Swin: all four)
+    :func:`four_maps` takes, checked: a ViT needs 16 px patches and at least 4 blocks, a Swin stages at H/4 to H/32.
+    Raises a ValueError saying what the encoder lacks."""
+    if family(encoder) == "hierarchical":
+        reductions = [reduction for _, reduction in stage_shapes(encoder)]
+        if reductions != SWIN_REDUCTIONS:
+            raise ValueError(f"a hierarchical encoder needs four stages at H/4, H/8, H/16, H/32; "
+                             f"{type(encoder).__name__} has reductions {reductions}")
+        return [0, 1, 2, 3]
+    patch = encoder.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    depth = len(encoder.blocks)
+    if patch != 16:
+        raise ValueError(f"the encoder needs 16 px patches (its H/16 map brought to H/2 ... H/32), it has {patch}")
+    if depth < 4:
+        raise ValueError(f"the encoder needs at least 4 blocks (depths L/4, L/2, 3L/4 and L), got {depth}")
+    return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
+
+
+def four_maps(encoder: nn.Module, images: Tensor, indices: list[int] | None = None) -> tuple[list[Tensor], Tensor]:
+    """Four maps [B, C_l, h_l, w_l] of model inputs [B, 3, H, W], shallow to deep, and the pooled feature [B, D]:
+
+    - a ViT (UNETR's): blocks L/4, L/2, 3L/4 (raw) and the final normalised tokens, all at H/16; pooled: the class
+      token (``forward_head(pre_logits=True)``);
+    - a Swin (SwinUNETR's, timm's ``features_only``): its four stages at H/4 ... H/32, the final norm on the last;
+      pooled: the last map's average (what timm's head pools).
+
+    ``indices``: :func:`four_map_indices` (computed when not given)."""
+    indices = four_map_indices(encoder) if indices is None else indices
+    if family(encoder) == "hierarchical":
+        maps = encoder.forward_intermediates(images, indices=indices, norm=True, output_fmt="NCHW",
+                                             intermediates_only=True)
+        return maps, maps[-1].mean((-2, -1))
+    final, maps = encoder.forward_intermediates(images, indices=indices, output_fmt="NCHW")
+    height, width = maps[0].shape[-2:]
+    tokens = final[:, encoder.num_prefix_tokens:].transpose(1, 2).reshape(final.shape[0], -1, height, width)
+    return [*maps, tokens], encoder.forward_head(final, pre_logits=True)
+
+
 def stage_shapes(encoder: nn.Module) -> list[tuple[int, int]]:
     """(channels, reduction) of each of a hierarchical encoder's stages, from H/4 to H/32."""
     return [(info["num_chs"], info["reduction"]) for info in encoder.feature_info]

@@ -13,16 +13,15 @@ from __future__ import annotations
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
-from dex.models.backbones import family, stage_shapes
-
-SWIN_REDUCTIONS = [4, 8, 16, 32]
+from dex.models.backbones import family, four_map_indices, four_maps, stage_shapes
 
 
 class UNETR2D(nn.Module):
     """[B, C_in, H, W] -> [B, num_classes, H, W] logits.
 
     Args:
-        encoder: a ViT with 16 px patches and at least 4 blocks, or a Swin of four stages (H/4 to H/32).
+        encoder: a ViT with 16 px patches and at least 4 blocks, or a Swin of four stages (H/4 to H/32)
+            (:func:`dex.models.backbones.four_maps`).
         num_classes: output channels (background included).
         feature_size: channels of the full-resolution stage (16 in UNETR); the deeper stages use 2x, 4x, 8x.
     """
@@ -31,17 +30,10 @@ class UNETR2D(nn.Module):
                  norm_name: str = "instance") -> None:
         super().__init__()
         self.encoder = encoder
-        self.vit = family(encoder) == "vit"  # else hierarchical; family() refuses any other encoder
+        self.block_indices = four_map_indices(encoder)  # refuses what UNETR cannot take, saying why
+        self.vit = family(encoder) == "vit"
         common = dict(spatial_dims=2, kernel_size=3, norm_name=norm_name, res_block=True)
         if self.vit:
-            patch = encoder.patch_embed.patch_size
-            patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-            depth = len(encoder.blocks)
-            if patch != 16:
-                raise ValueError(f"UNETR needs 16 px patches (four 2x up-samplings), the encoder has {patch}")
-            if depth < 4:
-                raise ValueError(f"UNETR needs an encoder of at least 4 blocks, got {depth}")
-            self.block_indices = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
             bottleneck = encoder.embed_dim
             self.encoder2, self.encoder3, self.encoder4 = (
                 UnetrPrUpBlock(in_channels=bottleneck, out_channels=feature_size * scale, num_layer=layers, stride=1,
@@ -49,10 +41,6 @@ class UNETR2D(nn.Module):
                 for scale, layers in ((2, 2), (4, 1), (8, 0)))
         else:
             stages = stage_shapes(encoder)
-            if [reduction for _, reduction in stages] != SWIN_REDUCTIONS:
-                raise ValueError(f"UNETR on a hierarchical encoder needs four stages at H/4, H/8, H/16, H/32; "
-                                 f"{type(encoder).__name__} has reductions {[r for _, r in stages]}")
-            self.block_indices = [0, 1, 2, 3]
             bottleneck = stages[3][0]
             self.encoder2, self.encoder3, self.encoder4 = (
                 UnetrBasicBlock(in_channels=channels, out_channels=feature_size * scale, stride=1, **common)
@@ -68,18 +56,8 @@ class UNETR2D(nn.Module):
                                      upsample_kernel_size=2 if self.vit else 4, **common)
         self.out = UnetOutBlock(spatial_dims=2, in_channels=feature_size, out_channels=num_classes)
 
-    def skips(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The three skip maps of the encoder (shallow to deep) and the bottleneck, each [B, C, h, w]."""
-        if self.vit:
-            final, (z3, z6, z9) = self.encoder.forward_intermediates(x, indices=self.block_indices, output_fmt="NCHW")
-            height, width = z3.shape[-2:]
-            prefix = self.encoder.num_prefix_tokens
-            return z3, z6, z9, final[:, prefix:].transpose(1, 2).reshape(final.shape[0], -1, height, width)
-        return tuple(self.encoder.forward_intermediates(x, indices=self.block_indices, norm=True, output_fmt="NCHW",
-                                                        intermediates_only=True))
-
     def forward(self, x: Tensor) -> Tensor:
-        shallow, middle, deep, bottleneck = self.skips(x)
+        (shallow, middle, deep, bottleneck), _ = four_maps(self.encoder, x, self.block_indices)
         enc1 = self.encoder1(x)
         enc2, enc3, enc4 = self.encoder2(shallow), self.encoder3(middle), self.encoder4(deep)
         out = self.decoder5(bottleneck, enc4)

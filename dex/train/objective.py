@@ -5,7 +5,8 @@ accumulation and clipping, non-finite steps, checkpoints and exact resume, loggi
 of the method: everything else is the objective's. An objective is one ``nn.Module`` (the one the loop wraps, shards,
 optimises and checkpoints) that declares
 
-- its models: :meth:`Objective.kept` (what the run keeps at the end, e.g. ``{"encoder": ...}``), and
+- its models: :meth:`Objective.kept` (what the run keeps at the end, e.g. ``{"encoder": ...}``, and in
+  :meth:`Objective.save_extras` what else it writes, e.g. a text encoder), and
   :meth:`Objective.teachers` (modules that follow the trained ones by a hook, such as EMA teachers; their parameters
   need no gradient, so the optimiser leaves them alone, and they are part of the state dict, so checkpoints hold them);
 - the batches it needs: :meth:`Objective.transform` makes each image's sample (one augmented view; a multi-view
@@ -24,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 from torch import Tensor, nn
@@ -114,6 +116,8 @@ class Objective(nn.Module, ABC):
     config_class: ClassVar[type[RunConfig]]
     loss_terms: ClassVar[tuple[str, ...]]  # the names of StepOutput.terms, in the order the log shows them
     batch: ClassVar[BatchKind] = "image"
+    extra_folders: ClassVar[tuple[str, ...]] = ()  # the run-folder entries save_extras writes
+    extras_note: ClassVar[str] = ""  # how to read them, for the run's summary ({run}: the run folder)
 
     @classmethod
     @abstractmethod
@@ -124,6 +128,10 @@ class Objective(nn.Module, ABC):
     def kept(self) -> dict[str, nn.Module]:
         """The models the run keeps, by folder name in the run folder (written with ``save_pretrained``)."""
         ...
+
+    def save_extras(self, directory: Path) -> None:
+        """Write what the run keeps besides :meth:`kept`'s models into ``directory`` (a run folder at the end, a
+        ``dex export`` folder): MedMoE's text encoder and heads. Nothing by default."""
 
     def teachers(self) -> dict[str, nn.Module]:
         """Modules that follow the trained ones through a hook instead of the optimiser (EMA teachers)."""

@@ -114,8 +114,11 @@ def _data(config: RunConfig, ctx: DistContext, transform, micro_batch: int) -> _
     root = Path(config.data)
 
     def dataloader(dataset, **kwargs) -> DataLoader:
+        # its own generator: a loader draws its workers' base seed when an epoch's iterator starts, which from the
+        # global one would shift the draws of the training step (dropout, drop-path) after a mid-epoch resume
         return DataLoader(dataset, num_workers=config.num_workers, persistent_workers=False,
-                          pin_memory=ctx.device.type == "cuda", **kwargs)
+                          pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
+                          **kwargs)
 
     if (root / "index.json").is_file():
         dataset = CuratedImages(root, transform, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
@@ -289,8 +292,9 @@ def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> Pretra
     peak_lr = config.base_lr * config.batch_size / 512
     wrapped: nn.Module = model
     if ctx.distributed and not sharded:  # buffers stay in step through the objective's hooks: no broadcast
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                          inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+        ddp_arguments = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_arguments
+                          else {"broadcast_buffers": False})
         wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                           **no_buffer_sync)
     forward = torch.compile(wrapped) if config.compile else wrapped
@@ -378,6 +382,7 @@ def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> Pretra
 def _save_kept(objective: Objective, out_dir: Path) -> None:
     for name, module in objective.kept().items():
         save_pretrained(module, out_dir / name)
+    objective.save_extras(out_dir)
 
 
 def _load_file(path: str) -> dict[str, Any]:
@@ -411,16 +416,19 @@ def summary(run_dir: Path) -> str:
     and the models the run kept."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
-    terms = objective_class(read_yaml(run_dir / "config.yaml").get("objective", RunConfig.objective)).loss_terms
+    objective = objective_class(read_yaml(run_dir / "config.yaml").get("objective", RunConfig.objective))
     lines = [
         f"run: {run_dir}",
         f"steps: {last['step']} ({last['skipped']} skipped), {last['images_per_s']:.1f} images/s",
         f"loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
-        "  " + ", ".join(f"{name} {last[name]:.4f}" for name in terms),
+        "  " + ", ".join(f"{name} {last[name]:.4f}" for name in objective.loss_terms),
     ]
     if last.get("usage_entropy"):
         lines.append("expert usage entropy per layer (1 = balanced): "
                      + ", ".join(f"{e:.2f}" for e in last["usage_entropy"]))
     lines += [f"{folder.name}: {folder}  (dex.load_pretrained; dex export for a timm ViT of the director)"
-              for folder in sorted(run_dir.iterdir()) if (folder / "config.json").is_file()]
+              for folder in sorted(run_dir.iterdir())
+              if (folder / "config.json").is_file() and folder.name not in objective.extra_folders]
+    if objective.extras_note:
+        lines.append(objective.extras_note.format(run=run_dir))
     return "\n".join(lines)

@@ -142,6 +142,23 @@ def run_and_kill(command: list[str], run_dir: Path, after_step: int = 3) -> None
     process.wait()
 
 
+def clean_killed_resumed(config: str, args: list[str], tmp_path: Path,
+                         parts: tuple[str, ...] = ("encoder/model.safetensors",)) -> None:
+    """Run ``dex pretrain CONFIG --set ARGS`` whole, and again SIGKILLed part-way then resumed; ``parts`` of the two
+    run folders must be byte-identical."""
+    clean = tmp_path / "clean"
+    pretrain(load_pretrain_config(config, [*args, f"out_dir={clean}"]))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dex", "pretrain", config, "--set", *args, f"out_dir={killed}"]
+    run_and_kill(command, killed)
+    assert not (killed / "encoder").exists()  # killed part-way
+    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    for part in parts:
+        assert (killed / part).read_bytes() == (clean / part).read_bytes(), part
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, workers):
     args = [*curated, f"num_workers={workers}", "epochs=8", "keep_checkpoints=3"]
@@ -289,7 +306,8 @@ def test_export_round_trip(tmp_path, curated):
     assert (vit.forward_features(x) - trained.forward_features(x)).abs().max() < 1e-5
     shutil.rmtree(run / "encoder")  # an unfinished run exports from its newest checkpoint
     assert dex.cli.main(["export", str(run), str(tmp_path / "again")]) == 0
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    exported_again = (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert exported_again == (tmp_path / "out" / "model.safetensors").read_bytes()
 
 
 def test_export_names_checkpoints_refused_as_unsafe(tmp_path, curated, capsys):

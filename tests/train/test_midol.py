@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from dex.data.transforms import MultiViewTransform, ViewAugmentation
 from dex.train.export import export_run
 from dex.train.objectives import MIDoLObjective, build_objective, load_pretrain_config
 from dex.train.pretrain import pretrain
-from tests.train.test_engine import _rank, image_folder, run_and_kill  # noqa: F401 (image_folder: a fixture)
+from tests.train.test_engine import _rank, clean_killed_resumed, image_folder  # noqa: F401 (image_folder: a fixture)
 
 TINY = [
     "objective=midol", "model=dex_vit_tiny_patch16_256", "model_args.img_size=32", "model_args.patch_size=8",
@@ -125,17 +123,7 @@ def test_the_run_keeps_the_teacher_encoder_without_the_projector(midol_run, tmp_
 def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, phantom_collection):
     args = [*TINY, f"data={phantom_collection / 'curated'}", "epochs=4", "checkpoint_every=1",
             "keep_checkpoints=3", "samples_per_epoch=32"]
-    clean = tmp_path / "clean"
-    pretrain(load_pretrain_config(CONFIG, [*args, f"out_dir={clean}"]))
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "dex", "pretrain", CONFIG, "--set", *args, f"out_dir={killed}"]
-    run_and_kill(command, killed)
-    assert not (killed / "encoder").exists()
-    resumed = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
-    read = lambda run: (run / "encoder" / "model.safetensors").read_bytes()  # noqa: E731
-    assert read(killed) == read(clean)
+    clean_killed_resumed(CONFIG, args, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -115,7 +115,14 @@ def test_a_new_objective_trains_through_the_unchanged_loop(tmp_path, consistency
     assert "consistency" in text and "feature_norm" in text and "teacher:" in text and "usage entropy" not in text
 
 
-def test_a_new_objective_resumes_bit_for_bit(tmp_path, consistency):
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_new_objective_resumes_bit_for_bit(tmp_path, consistency, monkeypatch, dropout):
+    """Also with dropout in the step (drawn from the global generator): a loader that drew its workers' base seed
+    from that generator when an epoch's iterator starts would shift those draws after a mid-epoch resume."""
+    if dropout:
+        forward = ConsistencyObjective.forward
+        monkeypatch.setattr(ConsistencyObjective, "forward", lambda self, batch, schedule, inputs: forward(
+            self, {**batch, "image": F.dropout(batch["image"], dropout)}, schedule, inputs))
     args = [*consistency, "keep_checkpoints=10"]
     whole = pretrain(load_pretrain_config(None, [*args, f"out_dir={tmp_path / 'whole'}"])).model
     middle = tmp_path / "whole" / "checkpoints" / "step-00000003.pt"  # within the second epoch

@@ -12,7 +12,9 @@ import torch
 import dex
 from dex.cli import main
 from dex.config import load_config, parse_overrides
-from dex.train.objectives import build_objective, load_pretrain_config
+from dex.models import create_model
+from dex.models.text import TextConfig, build_text_encoder
+from dex.train.objectives import MedMoEObjective, build_objective, load_pretrain_config
 from dex.train.pretrain import PretrainConfig, param_groups, pretrain
 from dex.schedules import cosine, warmup_cosine
 
@@ -125,10 +127,15 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 def test_shipped_configs_load_and_build(path):
     config = load_pretrain_config(path)
     with torch.device("meta"):
-        model = build_objective(config)
+        if config.objective == "medmoe":  # its data (pairs) and text encoder (a download) are not here: a local one
+            text = build_text_encoder(TextConfig(), ["A report of its type."])
+            encoder = create_model(config.model, **{"num_classes": 0, **config.model_args})
+            model = MedMoEObjective(encoder, text, config.report_types or ["X-ray", "US"], config)
+        else:
+            model = build_objective(config)
     encoder = model.kept()["encoder"]
     if not isinstance(encoder, dex.DEXViT):
-        assert type(encoder).__name__ == "SwinTransformer" and config.objective == "midol"
+        assert type(encoder).__name__ == "SwinTransformer" and config.objective in ("midol", "medmoe")
         return
     blocks = encoder.blocks
     if "mae" in path.stem or "midol" in path.stem:

@@ -8,9 +8,11 @@ from pathlib import Path
 from dex.config import ConfigError, load_config, merge, parse_overrides, read_yaml
 from dex.train.objective import Objective, RunConfig
 from dex.train.objectives.mae_dex import MAEDEXConfig, MAEDEXObjective
+from dex.train.objectives.medmoe import MedMoEConfig, MedMoEObjective
 from dex.train.objectives.midol import MIDoLConfig, MIDoLObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective, MIDoLObjective)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective, MIDoLObjective,
+                                                                         MedMoEObjective)}
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -33,6 +35,7 @@ def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str
 
 
 __all__ = [
-    "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "MIDoLConfig", "MIDoLObjective", "build_objective",
+    "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "MIDoLConfig", "MIDoLObjective", "MedMoEConfig",
+    "MedMoEObjective", "build_objective",
     "load_pretrain_config", "objective_class",
 ]

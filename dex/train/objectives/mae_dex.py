@@ -48,8 +48,8 @@ class DEXEncoderConfig(RunConfig):
 
 
 def create_encoder(config: DEXEncoderConfig, **defaults: Any) -> nn.Module:
-    """The encoder ``config`` names, without weights (``defaults`` give way to ``model_args``); an unknown
-    architecture or argument is a ValueError naming both."""
+    """The encoder ``config`` (any config with ``model`` and ``model_args``) names, without weights (``defaults``
+    give way to ``model_args``); an unknown architecture or argument is a ValueError naming both."""
     try:
         return create_model(config.model, **{**defaults, **config.model_args})
     except (TypeError, RuntimeError) as err:  # an unknown architecture or argument
