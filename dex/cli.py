@@ -172,10 +172,18 @@ def _finetune(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from dex.eval.embed import embed
 
+    if not args.inputs and not args.texts:
+        raise SystemExit("dex embed: give INPUT images, --texts files, or both")
     summary = embed(args.encoder, args.inputs, args.out, args.batch_size, args.device, args.volume_normalization,
-                    args.slice_axis)
-    print(f"{summary.rows} images or slices x {summary.dim} features: {summary.out / 'cls.npy'}, "
-          f"{summary.out / 'mean_patch.npy'} (rows named in {summary.out / 'index.csv'})")
+                    args.slice_axis, args.texts or ())
+    if args.inputs:
+        shared = (summary.out / "shared.npy").is_file()
+        print(f"{summary.rows} images or slices x {summary.dim} features: {summary.out / 'cls.npy'}, "
+              f"{summary.out / 'mean_patch.npy'}" + (f", {summary.out / 'shared.npy'}" if shared else "")
+              + f" (rows named in {summary.out / 'index.csv'})")
+    if args.texts:
+        print(f"{summary.texts} texts: {summary.out / 'text_shared.npy'} (rows named in "
+              f"{summary.out / 'text_index.csv'})")
     return _inputs_status(summary.out, summary.errors)
 
 
@@ -200,11 +208,12 @@ def _inputs_status(out, errors: int) -> int:
     return QUARANTINED_EXIT
 
 
-def _inference_flags(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """INPUT..., --out, --batch-size, --device and the volume reading, as dex predict and dex embed take them."""
+def _inference_flags(parser: argparse.ArgumentParser, batch_size: int, inputs: str = "+") -> None:
+    """INPUT... (``inputs`` of them), --out, --batch-size, --device and the volume reading, as dex predict and dex
+    embed take them."""
     from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs=inputs, metavar="INPUT",
                         help="image, NIfTI or DICOM files, or folders of them (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=batch_size,
@@ -347,9 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "folders of them, sorted by path) with ENCODER (an exported or saved encoder, a pretraining "
                     "run, a dex finetune model folder, timm:ARCH:FILE), read as its folder records: OUT/cls.npy and "
                     "OUT/mean_patch.npy ([N, D] float32), OUT/index.csv (row, input, slice). Unreadable inputs go "
-                    "to OUT/errors.csv and the command exits with status 3.")
+                    "to OUT/errors.csv and the command exits with status 3. A vision-language model (a MedMoE "
+                    "export or run folder) adds OUT/shared.npy, the images' embeddings in the space they share with "
+                    "reports, and embeds --texts into OUT/text_shared.npy, rows named in OUT/text_index.csv (file, "
+                    "line); compare the two by cosine similarity.")
     embedding.add_argument("encoder", help="the encoder source")
-    _inference_flags(embedding, 64)
+    _inference_flags(embedding, 64, inputs="*")
+    embedding.add_argument("--texts", nargs="+", metavar="FILE",
+                           help="texts to embed with a vision-language model: .txt files (one text per line) or "
+                                ".csv files with a 'report' column; an empty text goes to OUT/errors.csv")
     embedding.set_defaults(func=_embed)
 
     benchmark = _command(

@@ -1,6 +1,7 @@
 """``dex report FOLDER``: one self-contained HTML page (figures embedded as data URIs, no external resource) of
-whatever the folder holds: a pretraining run (its config, curves and summary), a benchmark (its tables and
-figures), an analysis (its tables and figures); sub-folders holding any of these are included too."""
+whatever the folder holds: a pretraining run (its config, curves and summary; a MedMoE run's expert load per
+report type), a benchmark (its tables and figures), an analysis (its tables and figures), a vision-language
+evaluation (``dex vl-eval``'s tables); sub-folders holding any of these are included too."""
 
 from __future__ import annotations
 
@@ -94,8 +95,20 @@ def _run_section(folder: Path) -> str:
         warnings = [w for r in rows for w in r.get("warnings", [])]
         if warnings:
             parts.append("<p>Warnings: " + html.escape("; ".join(warnings)) + "</p>")
+        if last.get("expert_load_by_type"):
+            parts.append(_load_by_type(last["expert_load_by_type"], last["step"], folder))
     parts.append("<h3>Config</h3><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
     return "\n".join(parts)
+
+
+def _load_by_type(table: dict[str, list[int]], step: int, folder: Path) -> str:
+    """MedMoE's report router at the last logged step: per report type, the images sent to each expert."""
+    experts = len(next(iter(table.values())))
+    lines = [f"### Expert load by report type (images of the last logged batch, step {step})", "",
+             "| report type | " + " | ".join(f"expert {k}" for k in range(experts)) + " |",
+             "| --- |" + " ---: |" * experts]
+    lines += [f"| {name} | " + " | ".join(map(str, counts)) + " |" for name, counts in table.items()]
+    return markdown_to_html("\n".join(lines), folder)
 
 
 def _benchmark_section(report: Path) -> str:
@@ -121,6 +134,8 @@ def sections(folder: Path) -> list[tuple[str, str]]:
         if (path / "analysis.md").is_file():
             title = path.name if "analysis" in path.name else f"analysis {path.name}"
             found.append((title, markdown_to_html((path / "analysis.md").read_text(), path)))
+        if (path / "vl_metrics.md").is_file():
+            found.append((f"vl-eval {path.name}", markdown_to_html((path / "vl_metrics.md").read_text(), path)))
     return found
 
 
@@ -128,7 +143,8 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     folder = Path(folder)
     found = sections(folder)
     if not found:
-        raise ValueError(f"{folder}: no pretraining run, benchmark or analysis found to report on")
+        raise ValueError(f"{folder}: no pretraining run, benchmark, analysis or vision-language evaluation found to "
+                         "report on")
     out = Path(out) if out else folder / "report.html"
     nav = "".join(f'<a href="#s{i}">{html.escape(title)}</a>' for i, (title, _) in enumerate(found))
     body = "\n".join(f'<section id="s{i}">{content}</section>' for i, (_, content) in enumerate(found))

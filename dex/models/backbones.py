@@ -11,8 +11,13 @@ Everything that depends on the family goes through here, so a new family is one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+from dex.models.dex_vit import DEXViT
+from dex.models.director_experts import DEXAux
 
 
 def is_vit(encoder: nn.Module) -> bool:
@@ -70,6 +75,11 @@ def depth_features(encoder: nn.Module, images: Tensor) -> list[Tensor]:
 SWIN_REDUCTIONS = [4, 8, 16, 32]
 
 
+def _patch_size(vit: nn.Module) -> int:
+    patch = vit.patch_embed.patch_size
+    return patch[0] if isinstance(patch, (tuple, list)) else patch
+
+
 def four_map_indices(encoder: nn.Module) -> list[int]:
     """The blocks (a ViT: at depths L/4, L/2, 3L/4, 0-based; block L is the final output) or stages (a Swin: all four)
     :func:`four_maps` takes, checked: a ViT needs 16 px patches and at least 4 blocks, a Swin stages at H/4 to H/32.
@@ -80,8 +90,7 @@ def four_map_indices(encoder: nn.Module) -> list[int]:
             raise ValueError(f"a hierarchical encoder needs four stages at H/4, H/8, H/16, H/32; "
                              f"{type(encoder).__name__} has reductions {reductions}")
         return [0, 1, 2, 3]
-    patch = encoder.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    patch = _patch_size(encoder)
     depth = len(encoder.blocks)
     if patch != 16:
         raise ValueError(f"the encoder needs 16 px patches (its H/16 map brought to H/2 ... H/32), it has {patch}")
@@ -90,11 +99,14 @@ def four_map_indices(encoder: nn.Module) -> list[int]:
     return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
 
 
-def four_maps(encoder: nn.Module, images: Tensor, indices: list[int] | None = None) -> tuple[list[Tensor], Tensor]:
-    """Four maps [B, C_l, h_l, w_l] of model inputs [B, 3, H, W], shallow to deep, and the pooled feature [B, D]:
+def four_maps(encoder: nn.Module, images: Tensor, indices: list[int] | None = None, noise_std: float = 0.0,
+              router_eps: Sequence[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor, list[DEXAux]]:
+    """Four maps [B, C_l, h_l, w_l] of model inputs [B, 3, H, W], shallow to deep, the pooled feature [B, D], and a
+    DEX ViT's aux output per block (for its alignment and balance terms; empty for another encoder):
 
     - a ViT (UNETR's): blocks L/4, L/2, 3L/4 (raw) and the final normalised tokens, all at H/16; pooled: the class
-      token (``forward_head(pre_logits=True)``);
+      token (``forward_head(pre_logits=True)``); a DEX ViT's router noise driven by ``noise_std`` and
+      ``router_eps`` (:meth:`~dex.models.DEXViT.forward_taps`);
     - a Swin (SwinUNETR's, timm's ``features_only``): its four stages at H/4 ... H/32, the final norm on the last;
       pooled: the last map's average (what timm's head pools).
 
@@ -103,11 +115,17 @@ def four_maps(encoder: nn.Module, images: Tensor, indices: list[int] | None = No
     if family(encoder) == "hierarchical":
         maps = encoder.forward_intermediates(images, indices=indices, norm=True, output_fmt="NCHW",
                                              intermediates_only=True)
-        return maps, maps[-1].mean((-2, -1))
-    final, maps = encoder.forward_intermediates(images, indices=indices, output_fmt="NCHW")
-    height, width = maps[0].shape[-2:]
-    tokens = final[:, encoder.num_prefix_tokens:].transpose(1, 2).reshape(final.shape[0], -1, height, width)
-    return [*maps, tokens], encoder.forward_head(final, pre_logits=True)
+        return maps, maps[-1].mean((-2, -1)), []
+    aux: list[DEXAux] = []
+    if isinstance(encoder, DEXViT):
+        final, aux, tapped = encoder.forward_taps(encoder.embed(images), indices, noise_std, router_eps)
+        tokens = [t[:, encoder.num_prefix_tokens:] for t in (*tapped, final)]
+    else:
+        final, maps = encoder.forward_intermediates(images, indices=indices, output_fmt="NLC")
+        tokens = [*maps, final[:, encoder.num_prefix_tokens:]]
+    height, width = (size // _patch_size(encoder) for size in images.shape[-2:])
+    maps = [t.transpose(1, 2).reshape(t.shape[0], -1, height, width) for t in tokens]
+    return maps, encoder.forward_head(final, pre_logits=True), aux
 
 
 def stage_shapes(encoder: nn.Module) -> list[tuple[int, int]]:

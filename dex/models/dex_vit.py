@@ -223,13 +223,26 @@ class DEXViT(nn.Module):
         Returns:
             [B, 1 + M, C] features and one :class:`DEXAux` per block; the routing is kept in ``last_routing``.
         """
+        final, aux, _ = self.forward_taps(tokens, (), noise_std, router_eps)
+        return final, aux
+
+    def forward_taps(self, tokens: Tensor, taps: Sequence[int], noise_std: float = 0.0,
+                     router_eps: Sequence[Tensor | None] | None = None,
+                     ) -> tuple[Tensor, list[DEXAux], list[Tensor]]:
+        """:meth:`forward_tokens`, also keeping the raw outputs of the blocks ``taps`` (0-based, ascending).
+
+        Returns:
+            [B, 1 + M, C] final normalised features, one :class:`DEXAux` per block, and [B, 1 + M, C] per tap.
+        """
         x = self._prepend_class_token(tokens)
-        aux = []
+        aux, tapped = [], []
         for i, block in enumerate(self.blocks):
             x, block_aux = block(x, noise_std, None if router_eps is None else router_eps[i])
             aux.append(block_aux)
+            if i in taps:
+                tapped.append(x)
         self.last_routing = [a.routing for a in aux]
-        return self.norm(x), aux
+        return self.norm(x), aux, tapped
 
     def forward_features(self, x: Tensor, noise_std: float = 0.0) -> Tensor:
         """[B, C_in, H, W] -> [B, 1 + N, C] normalised tokens."""
@@ -277,18 +290,14 @@ class DEXViT(nn.Module):
             indices = range(depth - indices, depth)
         wanted = sorted({i % depth for i in indices})
         height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        h = self._prepend_class_token(self.embed(x))
+        final, _, tapped = self.forward_taps(self.embed(x), wanted)
         intermediates = []
-        for i, block in enumerate(self.blocks):
-            h, _ = block(h)
-            if i in wanted:
-                out = (self.norm(h) if norm else h)[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    out = out.transpose(1, 2).reshape(out.shape[0], -1, height, width)
-                intermediates.append(out)
-            if intermediates_only and i == wanted[-1]:
-                return intermediates
-        return self.norm(h), intermediates
+        for h in tapped:
+            out = (self.norm(h) if norm else h)[:, self.num_prefix_tokens :]
+            if output_fmt == "NCHW":
+                out = out.transpose(1, 2).reshape(out.shape[0], -1, height, width)
+            intermediates.append(out)
+        return intermediates if intermediates_only else (final, intermediates)
 
 
 def init_linear_and_norm(module: nn.Module) -> None:

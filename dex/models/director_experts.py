@@ -18,6 +18,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from dex.collectives import all_reduce_sum, is_distributed
 from dex.models.kernels import segment_linear
 
 Mode = Literal["pretrain", "experts", "director"]
@@ -139,22 +140,6 @@ def _dense(routing: Routing, num_experts: int) -> Tensor:
     ).scatter(1, routing.indices, routing.weights)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward is the sum of the ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def _batch_mean(values: Tensor, global_batch: bool) -> Tensor:
     """Mean over the units; with ``global_batch`` under torch.distributed, over the units of every rank.
 
@@ -162,8 +147,8 @@ def _batch_mean(values: Tensor, global_batch: bool) -> Tensor:
     by the world size again, so the gradient is that of one process holding the whole global batch.
     """
     mean = values.mean(0)
-    if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        mean = _AllReduceSum.apply(mean) / dist.get_world_size()
+    if global_batch and is_distributed():
+        mean = all_reduce_sum(mean) / dist.get_world_size()
     return mean
 
 

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from dex.collectives import all_reduce_sum, is_distributed
 from dex.models.backbones import family, four_map_indices, four_maps, stage_shapes
+from dex.models.director_experts import DEXAux
 
 REDUCTIONS: tuple[int, ...] = (4, 8, 16, 32)  # the pyramid's strides (paper)
 
@@ -73,22 +75,63 @@ class FeaturePyramid(nn.Module):
         self.down32 = nn.MaxPool2d(2)
         self.channels = [dim // 4, dim // 2, dim, dim]
 
-    def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+    def forward(self, images: Tensor, noise_std: float = 0.0,
+                router_eps: Sequence[Tensor | None] | None = None) -> tuple[list[Tensor], Tensor, list[DEXAux]]:
         """[B, 3, H, W] -> ([F^1 [B, C_1, H/4, W/4], ..., F^4 [B, C_4, H/32, W/32]], the pooled global feature
-        [B, C]: a ViT's class token, a Swin's average of its last stage)."""
-        maps, pooled = four_maps(self.encoder, images, self.block_indices)
+        [B, C]: a ViT's class token, a Swin's average of its last stage; a DEX backbone's aux output per block, for
+        its alignment and balance terms, empty for another backbone). ``noise_std`` and ``router_eps`` drive a DEX
+        backbone's router noise (:func:`~dex.models.backbones.four_maps`)."""
+        maps, pooled, aux = four_maps(self.encoder, images, self.block_indices, noise_std, router_eps)
         if not self.vit:
-            return maps, pooled
+            return maps, pooled, aux
         quarter, half, three_quarters, deepest = maps
-        return [self.up4(quarter), self.up8(half), three_quarters, self.down32(deepest)], pooled
+        return [self.up4(quarter), self.up8(half), three_quarters, self.down32(deepest)], pooled, aux
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics are those of every image that reaches it on any rank (ours):
+    under ``torch.distributed`` the per-channel sums are all-reduced, with gradient, so that an expert normalises
+    its group as one process holding the global batch would, on any backend (``nn.SyncBatchNorm`` refuses CPUs).
+
+        mean = sum_{ranks, n, h, w} x / N,   var = sum (x - mean)^2 / N      (N: the global count per channel)
+        y = (x - mean) / sqrt(var + eps) * weight + bias,
+        running_mean <- (1 - m) running_mean + m mean,   running_var <- (1 - m) running_var + m var * N / (N - 1)
+
+    An empty input (an expert that none of this rank's images chose) still takes part in the collectives and keeps
+    the weight and bias in the graph (zero gradient); when no image anywhere reached it the running statistics and
+    ``num_batches_tracked`` stay as they were. In eval mode, and in one process on a non-empty input, this is
+    ``nn.BatchNorm2d``. The state dict is ``nn.BatchNorm2d``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W] (B may be 0 in training)."""
+        if not self.training or (x.shape[0] and not is_distributed()):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        local = torch.cat([x.sum(dims), x.new_full((1,), x.numel() / x.shape[1])])
+        summed = all_reduce_sum(local)
+        count = summed[-1].detach()
+        if count == 0:
+            return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        mean = summed[:-1] / count
+        squares = ((x - mean.view(1, -1, 1, 1)) ** 2).sum(dims)
+        var = all_reduce_sum(squares) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), momentum)
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (x - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 def _projection(in_channels: int, dim: int) -> nn.Sequential:
     """The 3-layer convolutional module of one scale (paper: 3 layers, BatchNorm, ReLU; the layers ours):
-    conv3x3-BN-ReLU, conv3x3-BN-ReLU, conv1x1, C_l -> D -> D -> D."""
+    conv3x3-BN-ReLU, conv3x3-BN-ReLU, conv1x1, C_l -> D -> D -> D; BatchNorm over the global batch
+    (:class:`GlobalBatchNorm2d`)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
-        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), GlobalBatchNorm2d(dim), nn.ReLU(inplace=True),
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), GlobalBatchNorm2d(dim), nn.ReLU(inplace=True),
         nn.Conv2d(dim, dim, 1),
     )
 
@@ -138,8 +181,11 @@ class ScaleExpert(nn.Module):
 
 class MoELocal(nn.Module):
     """K :class:`ScaleExpert` s, each image computed by its own expert only (paper: only the chosen expert runs):
-    the images are grouped by expert index, each expert runs once on its group, and an expert with no image is not
-    called, in training and in eval alike. In training an expert's BatchNorm sees the statistics of its group."""
+    the images are grouped by expert index and each expert runs once on its group. In eval an expert with no image
+    is not called. In training every expert is called, an expert with no image on an empty group (no computation):
+    its BatchNorm then takes part in the global batch's statistics (:class:`GlobalBatchNorm2d`) and its parameters
+    get a zero gradient, the same in one process and on every rank of DDP (which needs a gradient for every
+    parameter). In training an expert's BatchNorm sees the statistics of its group, over all ranks."""
 
     def __init__(self, channels: Sequence[int], dim: int, num_experts: int, out_stride: int = 16,
                  reductions: Sequence[int] = REDUCTIONS) -> None:
@@ -156,7 +202,7 @@ class MoELocal(nn.Module):
         order = torch.argsort(experts, stable=True)
         fused, betas = [], []
         for expert, group in zip(self.experts, order.split(counts.tolist())):
-            if group.numel():
+            if group.numel() or self.training:
                 local, beta = expert([features[group] for features in pyramid])
                 fused.append(local)
                 betas.append(beta)
@@ -230,7 +276,15 @@ def image_router_loss(image_logits: Tensor, report_experts: Tensor) -> Tensor:
     return F.cross_entropy(image_logits.float(), report_experts)
 
 
-def global_infonce(image: Tensor, text: Tensor, temperature: float | Tensor) -> Tensor:
+def _pair_cross_entropy(image_rows: Tensor, text_rows: Tensor, offset: int) -> Tensor:
+    """1/2 [CE(image_rows, own pair) + CE(text_rows, own pair)]: [b, B] logits of b images against the global
+    batch's B reports and of b reports against its B images; pair i of this rank is global pair ``offset + i``."""
+    targets = offset + torch.arange(image_rows.shape[0], device=image_rows.device)
+    return (F.cross_entropy(image_rows, targets) + F.cross_entropy(text_rows, targets)) / 2
+
+
+def global_infonce(image: Tensor, text: Tensor, temperature: float | Tensor, all_images: Tensor | None = None,
+                   all_texts: Tensor | None = None, offset: int = 0) -> Tensor:
     """The global image-report InfoNCE (paper; CLIP's symmetric form): with u_i = image_i / |image_i| and
     w_j = text_j / |text_j|, ``S_ij = u_i . w_j / temperature``,
 
@@ -239,44 +293,24 @@ def global_infonce(image: Tensor, text: Tensor, temperature: float | Tensor) -> 
     the mean of the image->report and report->image cross-entropies, each row's target its own pair.
 
     Args:
-        image: [B, D] global image embeddings; text: [B, D] global report embeddings (pair i is matched).
+        image: [b, D] global image embeddings; text: [b, D] global report embeddings (pair i is matched).
         temperature: tau (a float or a learned scalar tensor).
+        all_images, all_texts: under DDP the global batch's embeddings [B, D] (gathered with gradient,
+            :func:`dex.train.distributed.gather_with_gradient`), and ``offset`` this rank's first pair in them:
+            the loss is then this rank's rows of S and of S^T, whose mean over ranks is the one-process loss.
     """
-    logits = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t() / temperature
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    if all_images is None:
+        logits = image @ text.t() / temperature
+        return _pair_cross_entropy(logits, logits.t(), 0)
+    all_images, all_texts = F.normalize(all_images.float(), dim=-1), F.normalize(all_texts.float(), dim=-1)
+    return _pair_cross_entropy(image @ all_texts.t() / temperature, text @ all_images.t() / temperature, offset)
 
 
-def local_gloria_loss(words: Tensor, word_mask: Tensor, local: Tensor, temp_attention: float = 4.0,
-                      temp_similarity: float = 5.0, temp_loss: float = 10.0) -> Tensor:
-    """The local loss (paper: GLoRIA-style; GLoRIA's formulation and temperatures, Huang et al., ICCV 2021), for
-    every pair of image i (local features v_in, n over the h*w locations) and report j (words w_jt, t over its real
-    words, ``word_mask``):
-
-        s_ijtn = w_jt . v_in                                        (dot product, as GLoRIA)
-        s'_ijtn = exp(s_ijtn) / sum_{t' real} exp(s_ijt'n)          (softmax over the report's words, per location)
-        a_ijtn = exp(g1 s'_ijtn) / sum_n' exp(g1 s'_ijtn')          (softmax over the locations)
-        c_ijt = sum_n a_ijtn v_in,   R_ijt = cos(c_ijt, w_jt)
-        Z_ij = log( sum_{t real} exp(g2 R_ijt) )^(1 / g2)           = logsumexp_t(g2 R_ijt) / g2
-        L_local = 1/2 [ CE(g3 Z, diag) + CE(g3 Z^T, diag) ]         (image->report rows, report->image columns)
-
-    with g1, g2, g3 = ``temp_attention``, ``temp_similarity``, ``temp_loss``. The word softmax before the location
-    softmax is GLoRIA's released code (inherited from AttnGAN's DAMSM; the paper's equation writes the location
-    softmax alone): it bounds the scores in [0, 1], the scale its g1 = 4 was tuned for, where raw dot products of
-    unnormalised features would make g1 * s an almost hard argmax. Z carries the paper's 1/g2 (the released code
-    omits it, scaling the logits by g2). Padding and special words (``word_mask`` False) count nowhere, neither in
-    the word softmax nor in Z. Every report needs one real word.
-
-    All B x B pairs at once (ours, equal in value): |c_ijt|^2 = a_ijt^T (V_i V_i^T) a_ijt from each image's Gram
-    matrix, so no [B, B, T, D] tensor is formed; memory O(B^2 T h w).
-
-    Args:
-        words: [B, T, D] word embeddings of the reports; word_mask: [B, T] True for a real word.
-        local: [B, D, h, w] the local image features (V_local).
-
-    Returns:
-        the scalar loss (float32).
-    """
+def local_similarity(words: Tensor, word_mask: Tensor, local: Tensor, temp_attention: float = 4.0,
+                     temp_similarity: float = 5.0) -> Tensor:
+    """GLoRIA's image-report similarity Z_ij of :func:`local_gloria_loss` for every image i of ``local``
+    [B_i, D, h, w] and report j of ``words`` [B_j, T, D] (``word_mask`` [B_j, T]) -> [B_i, B_j] (float32)."""
     if not bool(word_mask.any(1).all()):
         raise ValueError("every report needs at least one real word in word_mask")
     words = words.float()
@@ -289,11 +323,52 @@ def local_gloria_loss(words: Tensor, word_mask: Tensor, local: Tensor, temp_atte
     gram = regions @ regions.transpose(1, 2)  # [B_i, N, N]
     context_sq = (torch.einsum("ijtn,inm->ijtm", attention, gram) * attention).sum(-1)
     norms = context_sq.clamp_min(1e-16).sqrt() * words.norm(dim=-1).unsqueeze(0)
-    cosine = dot / norms.clamp_min(1e-8)
-    cosine = cosine.masked_fill(padded.squeeze(-1), float("-inf"))
-    logits = temp_loss * torch.logsumexp(temp_similarity * cosine, dim=2) / temp_similarity  # [B_i, B_j]
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    cosine = (dot / norms.clamp_min(1e-8)).masked_fill(padded.squeeze(-1), float("-inf"))
+    return torch.logsumexp(temp_similarity * cosine, dim=2) / temp_similarity
+
+
+def local_gloria_loss(words: Tensor, word_mask: Tensor, local: Tensor, temp_attention: float = 4.0,
+                      temp_similarity: float = 5.0, temp_loss: float = 10.0, all_words: Tensor | None = None,
+                      all_word_masks: Tensor | None = None, all_local: Tensor | None = None,
+                      offset: int = 0) -> Tensor:
+    """The local loss (paper: GLoRIA-style; GLoRIA's formulation and temperatures, Huang et al., ICCV 2021), for
+    every pair of image i (local features v_in, n over the h*w locations) and report j (words w_jt, t over its real
+    words, ``word_mask``):
+
+        s_ijtn = w_jt . v_in                                        (dot product, as GLoRIA)
+        s'_ijtn = exp(s_ijtn) / sum_{t' real} exp(s_ijt'n)          (softmax over the report's words, per location)
+        a_ijtn = exp(g1 s'_ijtn) / sum_n' exp(g1 s'_ijtn')          (softmax over the locations)
+        c_ijt = sum_n a_ijtn v_in,   R_ijt = cos(c_ijt, w_jt)
+        Z_ij = log( sum_{t real} exp(g2 R_ijt) )^(1 / g2)           = logsumexp_t(g2 R_ijt) / g2
+        L_local = 1/2 [ CE(g3 Z, diag) + CE(g3 Z^T, diag) ]         (image->report rows, report->image columns)
+
+    with g1, g2, g3 = ``temp_attention``, ``temp_similarity``, ``temp_loss`` (Z: :func:`local_similarity`). The
+    word softmax before the location softmax is GLoRIA's released code (inherited from AttnGAN's DAMSM; the paper's
+    equation writes the location softmax alone): it bounds the scores in [0, 1], the scale its g1 = 4 was tuned for,
+    where raw dot products of unnormalised features would make g1 * s an almost hard argmax. Z carries the paper's
+    1/g2 (the released code omits it, scaling the logits by g2). Padding and special words (``word_mask`` False)
+    count nowhere, neither in the word softmax nor in Z. Every report needs one real word.
+
+    All B x B pairs at once (ours, equal in value): |c_ijt|^2 = a_ijt^T (V_i V_i^T) a_ijt from each image's Gram
+    matrix, so no [B, B, T, D] tensor is formed; memory O(B^2 T h w).
+
+    Args:
+        words: [b, T, D] word embeddings of the reports; word_mask: [b, T] True for a real word.
+        local: [b, D, h, w] the local image features (V_local).
+        all_words, all_word_masks, all_local: under DDP the global batch's [B, T', D], [B, T'] and [B, D, h, w]
+            (gathered with gradient, the words padded to one length), and ``offset`` this rank's first pair: the
+            loss is then this rank's rows of Z and of Z^T (its images against every report, its reports against
+            every image), whose mean over ranks is the one-process loss.
+
+    Returns:
+        the scalar loss (float32).
+    """
+    if all_words is None:
+        similarity = temp_loss * local_similarity(words, word_mask, local, temp_attention, temp_similarity)
+        return _pair_cross_entropy(similarity, similarity.t(), 0)
+    image_rows = local_similarity(all_words, all_word_masks, local, temp_attention, temp_similarity)
+    text_rows = local_similarity(words, word_mask, all_local, temp_attention, temp_similarity).t()
+    return _pair_cross_entropy(temp_loss * image_rows, temp_loss * text_rows, offset)
 
 
 def report_type_loss(router_logits: Tensor, report_type: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dex.collectives import is_distributed
 from dex.models.dex_vit import DEXViT
 from dex.models.director_experts import DEXAux
 
@@ -39,28 +40,10 @@ def pooled_features(encoder: nn.Module, images: Tensor, noise_std: float = 0.0,
     return encoder.forward_head(encoder.forward_features(images), pre_logits=True), []
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _all_reduce(tensor: Tensor) -> Tensor:
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(tensor)
     return tensor
-
-
-def gather_batch(tensor: Tensor) -> Tensor:
-    """[b, ...] on each rank -> [world * b, ...], rank-major (no gradient: for teacher keys and codes)."""
-    if not _distributed():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def batch_offset(local_batch: int) -> int:
-    """The index of this rank's first image in :func:`gather_batch`'s order."""
-    return dist.get_rank() * local_batch if _distributed() else 0
 
 
 @torch.no_grad()
@@ -100,7 +83,7 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
 
 def _global_max(scores: Tensor) -> Tensor:
     peak = scores.max().reshape(1)
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak
 

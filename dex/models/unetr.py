@@ -57,7 +57,7 @@ class UNETR2D(nn.Module):
         self.out = UnetOutBlock(spatial_dims=2, in_channels=feature_size, out_channels=num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        (shallow, middle, deep, bottleneck), _ = four_maps(self.encoder, x, self.block_indices)
+        (shallow, middle, deep, bottleneck), _, _ = four_maps(self.encoder, x, self.block_indices)
         enc1 = self.encoder1(x)
         enc2, enc3, enc4 = self.encoder2(shallow), self.encoder3(middle), self.encoder4(deep)
         out = self.decoder5(bottleneck, enc4)

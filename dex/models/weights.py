@@ -1,6 +1,6 @@
-"""Weights in and out: warm start from a plain ViT or MAE checkpoint (read by :func:`dex.safeload.load_state_dict_file`,
-converted by :mod:`dex.models.conversions`), the director path exported as a standard timm ViT, and
-``save_pretrained`` / ``load_pretrained`` folders.
+"""Weights in and out: warm start from a plain ViT or MAE checkpoint or any encoder's weights (read by
+:func:`dex.safeload.load_state_dict_file`, converted by :mod:`dex.models.conversions`), the director path exported
+as a standard timm ViT, and ``save_pretrained`` / ``load_pretrained`` folders.
 
 A folder is ``config.json`` (timm's hub layout: architecture, model_args, pretrained_cfg; plus dex's
 ``preprocessing`` block, a :class:`dex.data.preprocess.Preprocessing`) and ``model.safetensors``, so
@@ -41,12 +41,33 @@ def init_from_vit_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     (a missing encoder tensor, an unknown key, a shape that differs).
     """
     converted = vit_to_dex_state_dict(load_state_dict_file(path), model)
+    missing = _load_fitting(model, converted, path, ("head.", "encoder.head.", "mask_token", "decoder_"))
+    return LoadReport(sorted(set(missing) | {k for k in model.state_dict() if ".dex.router." in k}))
+
+
+def init_encoder(encoder: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise an encoder from weights on disk: a dex encoder folder (its ``model.safetensors``: a ``dex export``
+    of any method, a run's ``encoder/``) or a checkpoint file. A :class:`DEXViT` as :func:`init_from_vit_checkpoint`
+    (a plain ViT's or MAE's weights converted, a DEX encoder's as they are); any other encoder (a timm Swin or ViT)
+    takes the tensors as they are, its classifier head excepted. A ``ValueError`` names the file and the keys that
+    do not fit."""
+    path = Path(path)
+    path = path / WEIGHTS_NAME if path.is_dir() else path
+    if isinstance(encoder, DEXViT):
+        return init_from_vit_checkpoint(encoder, path)
+    weights = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("head.")}
+    return LoadReport(sorted(_load_fitting(encoder, weights, path, ("head.",))))
+
+
+def _load_fitting(model: nn.Module, state_dict: dict[str, Tensor], path: str | Path,
+                  may_stay: tuple[str, ...]) -> list[str]:
+    """Load ``state_dict`` into ``model`` when every key and shape fits and only keys starting with ``may_stay``
+    are missing (returned); otherwise a ValueError naming ``path`` and the keys."""
     own = model.state_dict()
-    unexpected = sorted(set(converted) - set(own))
-    wrong_shape = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in converted.items()
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items()
                    if k in own and v.shape != own[k].shape]
-    may_stay = ("head.", "encoder.head.", "mask_token", "decoder_")
-    missing = [k for k in own if k not in converted]
+    missing = [k for k in own if k not in state_dict]
     not_optional = [k for k in missing if not k.startswith(may_stay)]
     problems = []
     if unexpected:
@@ -57,8 +78,8 @@ def init_from_vit_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
         problems.append(f"encoder tensors missing from the checkpoint: {not_optional}")
     if problems:
         raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
-    model.load_state_dict(converted, strict=False)
-    return LoadReport(sorted(set(missing) | {k for k in own if ".dex.router." in k}))
+    model.load_state_dict(state_dict, strict=False)
+    return missing
 
 
 def timm_vit_config(model: DEXViT) -> tuple[str, dict[str, Any]]:

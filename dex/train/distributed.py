@@ -1,4 +1,5 @@
-"""Process-group set-up for torchrun (DDP on one or many nodes) and the few collectives the engine needs."""
+"""Process-group set-up for torchrun (DDP on one or many nodes) and the few collectives the engine needs (the
+models' and objectives' are in :mod:`dex.collectives`)."""
 
 from __future__ import annotations
 

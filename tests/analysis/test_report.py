@@ -77,6 +77,6 @@ def test_markdown_tables_headings_and_images(tmp_path):
 
 def test_report_of_an_empty_folder_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "no pretraining run, benchmark or analysis" in capsys.readouterr().err
+    assert "no pretraining run, benchmark, analysis or vision-language evaluation" in capsys.readouterr().err
     with pytest.raises(ValueError, match=str(tmp_path)):
         write_report(tmp_path)

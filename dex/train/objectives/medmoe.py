@@ -13,7 +13,14 @@ One step, for B pairs (images [B, 3, H, W], reports as text, report types as nam
 4. ``L_global``: CLIP's symmetric InfoNCE of u against w (paper: cosine and a temperature; ours: 0.07, fixed);
    ``L_local``: GLoRIA's local loss of the words against V_local (paper: GLoRIA-style); ``L_aux``: the router's
    cross-entropy against the report type (ours: our reading of the paper's auxiliary loss; K = the number of report
-   types); ``L_image_router``: the image router (for images without a report) learns k* from g, detached (ours).
+   types); ``L_image_router``: the image router (for images without a report) learns k* from g, detached (ours);
+5. with a DEX ViT backbone (ours: so that DEX and MedMoE experts compare on one backbone), the DEX terms of Eq. 8
+   (alignment, balance) join the loss with their schedules, and the directors follow their experts after each step.
+
+Under DDP and FSDP both contrastive losses run over the global batch (the embeddings, words and local features of
+every rank gathered with gradient, each rank computing its own rows) and the experts' BatchNorm over every rank's
+images of the expert (:class:`~dex.models.medmoe.GlobalBatchNorm2d`), so that R ranks of b pairs take the step of
+one process of R * b pairs (tested); dropout (the text encoder's) draws per rank, as drop-path does elsewhere.
 
 At the end the run keeps the backbone (``encoder/``: what ``dex finetune``, ``dex benchmark`` and the rest take), the
 text encoder with its tokenizer (``text/``) and the heads (``heads/``: projections, routers, pyramid neck, experts).
@@ -28,14 +35,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dex.collectives import batch_offset, gather_batch, gather_with_gradient, global_max, is_distributed
 from dex.config import STRICT
 from dex.data.shards import collection_reports, read_index
 from dex.data.transforms import PretrainTransform
 from dex.files import write_json
-from dex.models import DEXViT
-from dex.models.backbones import input_size
+from dex.models import DEXViT, layer_losses
+from dex.models.backbones import family, input_size
 from dex.models.medmoe import (
     FeaturePyramid,
     ImageRouter,
@@ -46,22 +55,22 @@ from dex.models.medmoe import (
     local_gloria_loss,
     report_type_loss,
 )
-from dex.models.midol import gather_batch
 from dex.models.text import TextConfig, TextEncoder, build_text_encoder, save_text_encoder
-from dex.models.weights import save_safetensors
+from dex.models.weights import init_encoder, save_safetensors
+from dex.train.hooks import DirectorUpdate
 from dex.train.monitor import normalised_entropy
-from dex.train.objective import Objective, RunConfig, StepHook, StepOutput
-from dex.train.objectives.mae_dex import create_encoder
+from dex.train.objective import Objective, StepHook, StepOutput
+from dex.train.objectives.mae_dex import DEXEncoderConfig, create_encoder
 
 
 @STRICT
 @dataclass
-class MedMoEConfig(RunConfig):
-    """A MedMoE pretraining run on a collection of image-report pairs. Marked: (paper), ours otherwise."""
+class MedMoEConfig(DEXEncoderConfig):
+    """A MedMoE pretraining run on a collection of image-report pairs. Marked: (paper), ours otherwise. The DEX
+    keys (``lambda_co``, ``lambda_bal``, ``momentum``, ``noise_std`` and their finals) apply to a DEX ViT backbone."""
 
     objective: Literal["medmoe"] = "medmoe"
     model: str = "swin_tiny_patch4_window7_224"  # (paper) a Swin; a ViT or DEX ViT with 16 px patches also works
-    model_args: dict[str, Any] = field(default_factory=dict)
     text: TextConfig = field(default_factory=TextConfig)
     report_types: list[str] = field(default_factory=list)  # empty: the collection's (index.json), sorted
     num_experts: int | None = None  # K; None: one per report type ((paper): 4, for CT, MRI, X-ray, US)
@@ -76,6 +85,9 @@ class MedMoEConfig(RunConfig):
     lambda_aux: float = 1.0  # lambda: not given by the paper
     lambda_image_router: float = 1.0
     crop_scale: tuple[float, float] = (0.8, 1.0)  # random resized crop; no flips (reports name the sides)
+    # the backbone's warm start (the paper starts from MedCLIP's weights): a dex encoder folder (a dex export of
+    # any method) or a checkpoint file, fitting model and model_args (dex.models.weights.init_encoder)
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,7 +135,7 @@ class MedMoEObjective(Objective):
 
     name = "medmoe"
     config_class = MedMoEConfig
-    loss_terms = ("global", "local", "aux", "image_router")
+    loss_terms = ("global", "local", "aux", "image_router", "alignment", "balance")
     batch = "image_text"
     extra_folders = ("text", "heads")
     extras_note = ("MedMoE model: {run}/encoder with {run}/text and {run}/heads "
@@ -136,10 +148,6 @@ class MedMoEObjective(Objective):
         if config.lambda_aux and experts != len(self.report_types):
             raise ValueError(f"num_experts {experts} with {len(self.report_types)} report types: L_aux trains the "
                              "router to pick each report type's expert, so give one expert per type (or lambda_aux 0)")
-        if isinstance(encoder, DEXViT) and encoder.dex_modules():
-            raise ValueError(f"model {config.model}: a DEX ViT with experts would train here without its alignment "
-                             "and balance terms or director update, which MedMoE does not wire yet; use "
-                             "num_experts: 0 (a plain ViT) or a Swin")
         if min(input_size(encoder)) < 64:
             raise ValueError(f"MedMoE's experts batch-normalise every scale: the H/32 map of a "
                              f"{input_size(encoder)[0]} px input is 1 x 1, which an expert given one image cannot "
@@ -155,6 +163,7 @@ class MedMoEObjective(Objective):
         })
         self.type_index = {name: i for i, name in enumerate(self.report_types)}
         self.route_log = RouteLog(self.report_types, experts)
+        self.director_update = DirectorUpdate(self.pyramid.encoder)
 
     @classmethod
     def from_config(cls, config: MedMoEConfig) -> MedMoEObjective:
@@ -165,7 +174,10 @@ class MedMoEObjective(Objective):
             raise ValueError(f"{root}: no report types: give report_types, or a dex curate collection of image-report "
                              "pairs")
         texts = collection_reports(root) if config.text.name == "local" else None
-        return cls(create_encoder(config, num_classes=0), build_text_encoder(config.text, texts), report_types, config)
+        encoder = create_encoder(config, num_classes=0)
+        if config.init_checkpoint:
+            init_encoder(encoder, config.init_checkpoint)
+        return cls(encoder, build_text_encoder(config.text, texts), report_types, config)
 
     @property
     def encoder(self) -> nn.Module:
@@ -174,8 +186,29 @@ class MedMoEObjective(Objective):
     def kept(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder}
 
+    def teachers(self) -> dict[str, nn.Module]:
+        """A DEX backbone's directors: each follows its experts by group EMA (Eq. 7), not by gradient."""
+        blocks = self.encoder.blocks if isinstance(self.encoder, DEXViT) else []
+        return {f"pyramid.encoder.blocks.{i}.dex.director": block.dex.director
+                for i, block in enumerate(blocks) if block.dex is not None}
+
+    def sharded_units(self) -> list[nn.Module]:
+        """The backbone's blocks (a ViT) or stages (a Swin); the text encoder and the heads are the root unit."""
+        return list(self.encoder.blocks if family(self.encoder) == "vit" else self.encoder.layers)
+
+    def schedule(self, step: int, total: int) -> dict[str, float]:
+        return self.config.dex_schedule(step, total)
+
+    def step_inputs(self, generator, global_batch: int, rows: slice) -> dict[str, Any]:
+        """A DEX backbone's router noise for the global batch, cut to this rank's images."""
+        encoder = self.encoder
+        if not isinstance(encoder, DEXViT) or not encoder.dex_modules():
+            return {}
+        tokens = encoder.num_prefix_tokens + encoder.patch_embed.num_patches
+        return {"router_eps": encoder.draw_router_eps(generator, global_batch, rows, tokens)}
+
     def hooks(self) -> list[StepHook]:
-        return [self.route_log]
+        return [self.director_update, self.route_log]
 
     def save_extras(self, directory: Path) -> None:
         """``text/`` (the text encoder and its tokenizer, :func:`~dex.models.text.save_text_encoder`) and ``heads/``
@@ -211,22 +244,42 @@ class MedMoEObjective(Objective):
     def forward(self, batch: dict[str, Any], schedule: Mapping[str, float],
                 inputs: Mapping[str, Any]) -> StepOutput:
         images, heads, config = batch["image"], self.heads, self.config
-        pyramid, pooled = self.pyramid(images)
+        pyramid, pooled, dex_aux = self.pyramid(images, schedule["noise_std"], inputs.get("router_eps"))
         report = self.text.encode(list(batch["report"]), images.device)
         routing = heads["report_router"](report.global_embedding)
         local, _ = heads["experts"](pyramid, routing.expert, routing.gate)
-        global_loss = global_infonce(heads["image_projection"](pooled),
-                                     heads["text_projection"](report.global_embedding), config.temperature)
-        local_loss = local_gloria_loss(heads["word_projection"](report.words), report.word_mask, local,
-                                       config.temp_attention, config.temp_similarity, config.temp_loss)
+        image, text = heads["image_projection"](pooled), heads["text_projection"](report.global_embedding)
+        words = heads["word_projection"](report.words)
+        global_batch = self._global_batch(image, text, words, report.word_mask, local)
+        global_loss = global_infonce(image, text, config.temperature, **global_batch["global"])
+        local_loss = local_gloria_loss(words, report.word_mask, local, config.temp_attention, config.temp_similarity,
+                                       config.temp_loss, **global_batch["local"])
         types = self.type_indices(list(batch["report_type"]), images.device)
         aux = report_type_loss(routing.logits, types) if config.lambda_aux else images.new_zeros(())
         image_logits = heads["image_router"](pooled.detach())
         image_router = image_router_loss(image_logits, routing.expert)
+        dex = layer_losses(dex_aux, device=images.device)
         loss = (global_loss + config.lambda_local * local_loss + config.lambda_aux * aux
-                + config.lambda_image_router * image_router)
+                + config.lambda_image_router * image_router + config.lambda_co * dex.alignment
+                + schedule["lambda_bal"] * dex.balance)
         with torch.no_grad():
             self.route_log.record(types, routing.expert, image_logits.argmax(-1))
         return StepOutput(loss, {"global": global_loss, "local": local_loss, "aux": aux,
-                                 "image_router": image_router})
+                                 "image_router": image_router, "alignment": dex.alignment, "balance": dex.balance})
 
+    @staticmethod
+    def _global_batch(image: Tensor, text: Tensor, words: Tensor, word_mask: Tensor,
+                      local: Tensor) -> dict[str, dict[str, Any]]:
+        """Under DDP or FSDP, the global batch's embeddings [B, D], words [B, T, D] (every rank's padded to the
+        longest), word masks and local features, gathered with gradient, and this rank's offset in them: the keyword
+        arguments of the two losses. In one process, none."""
+        if not is_distributed():
+            return {"global": {}, "local": {}}
+        longest = global_max(words.shape[1], words.device)
+        words = F.pad(words, (0, 0, 0, longest - words.shape[1]))
+        word_mask = F.pad(word_mask, (0, longest - word_mask.shape[1]), value=False)
+        offset = batch_offset(image.shape[0])
+        return {"global": {"all_images": gather_with_gradient(image), "all_texts": gather_with_gradient(text),
+                           "offset": offset},
+                "local": {"all_words": gather_with_gradient(words), "all_word_masks": gather_batch(word_mask),
+                          "all_local": gather_with_gradient(local), "offset": offset}}

@@ -33,14 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dex.collectives import batch_offset, gather_batch
 from dex.config import STRICT
 from dex.data.transforms import MultiViewTransform, ViewAugmentation
 from dex.models import DEXViT, layer_losses
 from dex.models.midol import (
     MoEProjector,
     Negatives,
-    batch_offset,
-    gather_batch,
     pooled_features,
     route_loss,
     routing_stats,
