@@ -53,13 +53,18 @@ def batch_offset(local_batch: int) -> int:
     return dist.get_rank() * local_batch if is_distributed() else 0
 
 
+def reduce_(tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+    """``tensor`` reduced over ranks in place (``op``: sum by default), without gradient; returned."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def global_max(value: int, device: torch.device) -> int:
     """The largest of every rank's ``value`` (``device``: where the collective runs, a GPU under NCCL)."""
     if not is_distributed():
         return value
-    peak = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return int(peak.item())
+    return int(reduce_(torch.tensor([value], dtype=torch.long, device=device), dist.ReduceOp.MAX).item())
 
 
 class _AllReduceSum(torch.autograd.Function):

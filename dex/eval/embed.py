@@ -91,8 +91,10 @@ def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, ba
     spec = EncoderSpec("embedded", str(encoder_source))
     encoder = load_encoder(spec).to(device).eval()
     model = _vision_language(str(encoder_source), bool(texts))
-    model = model.to(device) if model is not None else None
+    if model is not None:
+        model.to(device)
     errors: list[Problem] = []
+    text_rows = read_texts(texts, errors)  # a bad texts file is refused before any image is read
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[np.ndarray, ...]] = []
     index: list[tuple] = []
@@ -119,7 +121,6 @@ def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, ba
             np.save(out / f"{name}.npy", np.stack([row[position] for row in rows]) if rows
                     else np.zeros((0, dim), np.float32))
         write_csv(out / "index.csv", ["row", "input", "slice"], index)
-    text_rows = read_texts(texts, errors) if texts else []
     if texts:
         with torch.no_grad():
             embedded = [model.encode_texts([text for *_, text in text_rows[i:i + batch_size]]).float().cpu()

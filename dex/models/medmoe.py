@@ -296,7 +296,7 @@ def global_infonce(image: Tensor, text: Tensor, temperature: float | Tensor, all
         image: [b, D] global image embeddings; text: [b, D] global report embeddings (pair i is matched).
         temperature: tau (a float or a learned scalar tensor).
         all_images, all_texts: under DDP the global batch's embeddings [B, D] (gathered with gradient,
-            :func:`dex.train.distributed.gather_with_gradient`), and ``offset`` this rank's first pair in them:
+            :func:`dex.collectives.gather_with_gradient`), and ``offset`` this rank's first pair in them:
             the loss is then this rank's rows of S and of S^T, whose mean over ranks is the one-process loss.
     """
     image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dex.collectives import is_distributed
+from dex.collectives import reduce_
 from dex.models.dex_vit import DEXViT
 from dex.models.director_experts import DEXAux
 
@@ -38,12 +38,6 @@ def pooled_features(encoder: nn.Module, images: Tensor, noise_std: float = 0.0,
         tokens, aux = encoder.forward_tokens(encoder.embed(images), noise_std, router_eps)
         return encoder.forward_head(tokens, pre_logits=True), aux
     return encoder.forward_head(encoder.forward_features(images), pre_logits=True), []
-
-
-def _all_reduce(tensor: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 @torch.no_grad()
@@ -70,22 +64,15 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
     """
     scores = scores.float()
     batch, experts = scores.shape
-    global_batch = int(_all_reduce(torch.tensor(float(batch), device=scores.device)).item())
+    global_batch = int(reduce_(torch.tensor(float(batch), device=scores.device)).item())
     r = torch.full((batch,), 1.0 / global_batch, device=scores.device) if row_marginal is None else row_marginal
     c = torch.full((experts,), 1.0 / experts, device=scores.device) if col_marginal is None else col_marginal
-    plan = torch.exp((scores - _global_max(scores)) / epsilon)
-    plan /= _all_reduce(plan.sum().reshape(1))
+    plan = torch.exp((scores - reduce_(scores.max().reshape(1), dist.ReduceOp.MAX)) / epsilon)
+    plan /= reduce_(plan.sum().reshape(1))
     for _ in range(iterations):
-        plan *= (c / _all_reduce(plan.sum(0)).clamp_min(1e-30)).unsqueeze(0)
+        plan *= (c / reduce_(plan.sum(0)).clamp_min(1e-30)).unsqueeze(0)
         plan *= (r / plan.sum(1).clamp_min(1e-30)).unsqueeze(1)
     return plan
-
-
-def _global_max(scores: Tensor) -> Tensor:
-    peak = scores.max().reshape(1)
-    if is_distributed():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak
 
 
 class PrototypeRouter(nn.Module):
