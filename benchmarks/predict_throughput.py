@@ -29,9 +29,9 @@ from PIL import Image
 
 import dex  # noqa: F401  (registers the models in timm)
 from dex.data.preprocess import Preprocessing
-from dex.eval.inputs import find_inputs, read_cases
-from dex.eval.predict import predict
-from dex.eval.task_model import TaskModel, build_network
+from dex.downstream.inputs import find_inputs, read_cases
+from dex.downstream.predict import predict
+from dex.downstream.task_model import TaskModel, build_network
 
 ARCHITECTURES = {size: f"dex_vit_{size}_patch16_256" for size in ("tiny", "small", "base", "large")}
 

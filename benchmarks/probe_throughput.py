@@ -24,7 +24,7 @@ from PIL import Image
 
 import dex
 from dex.data.tasks import TaskSpec, finish_task, load_task
-from dex.eval.encoders import EncoderSpec
+from dex.downstream.encoders import EncoderSpec
 from dex.eval.protocols import ProbeConfig, protocol_variants, run_frozen
 from dex.models import DEXViT
 

@@ -16,7 +16,7 @@ from dex.models import (
     update_directors_,
 )
 
-from dex.eval.task_model import load_model
+from dex.downstream.task_model import load_model
 
 __all__ = [
     "DEXSettings", "DEXViT", "DirectorExperts", "MaskedAutoencoderDEX", "__version__", "export_director",

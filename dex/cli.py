@@ -138,21 +138,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from dex.config import load_config
     from dex.data.tasks import load_task
-    from dex.eval.encoders import EncoderSpec, check_encoder
-    from dex.eval.finetune import FinetuneConfig, train_task_model
-    from dex.eval.task_model import partial_folder, write_finetuned
+    from dex.downstream.encoders import EncoderSpec, check_encoder
+    from dex.downstream.finetune import FinetuneConfig, train_task_model
+    from dex.downstream.model_folder import ModelFolder
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out}: exists; give another --out, or --overwrite to replace it")
-    checkpoint = partial_folder(out) / "checkpoints" / "last.pt"
-    if not args.resume and partial_folder(out).exists():  # an unfinished run: start it over
-        shutil.rmtree(partial_folder(out))
+    folder = ModelFolder(args.out, resume=args.resume, overwrite=args.overwrite)
+    checkpoint = folder.checkpoints / "last.pt"
     encoder_pairs = [p.removeprefix("encoder.") for p in args.set if p.startswith("encoder.")]
     config = load_config(FinetuneConfig, None, [p for p in args.set if not p.startswith("encoder.")])
     spec = load_config(EncoderSpec, None, [f"name={Path(args.encoder).name or 'encoder'}", f"source={args.encoder}",
@@ -162,7 +157,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.resume and checkpoint.is_file():
         print(f"resuming from {checkpoint}")
     record, model = train_task_model(spec, task, args.seed, config, checkpoint, bootstrap=1000)
-    write_finetuned(out, model, record)
+    out = folder.write(model, record)
     score = record["score_name"]
     print(f"{task.name}: test {score} {record['test'][score]:.4f} (best validation epoch {record['best_epoch']})")
     print(f"model: {out} (dex.load_model; model card {out / 'README.md'})")
@@ -170,7 +165,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from dex.eval.embed import embed
+    from dex.downstream.embed import embed
 
     if not args.inputs and not args.texts:
         raise SystemExit("dex embed: give INPUT images, --texts files, or both")
@@ -188,7 +183,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from dex.eval.predict import predict
+    from dex.downstream.predict import predict
 
     summary = predict(args.model, args.inputs, args.out, args.batch_size, args.device, args.tta, args.labels,
                       args.split, args.dicom_seg, args.volume_normalization, args.slice_axis)
@@ -228,14 +223,15 @@ def _inference_flags(parser: argparse.ArgumentParser, batch_size: int, inputs: s
 def _benchmark(args: argparse.Namespace) -> int:
     import logging
 
-    from dex.eval.benchmark import Suite, report, run_suite
+    from dex.eval.suite import Suite, run_suite
+    from dex.eval.tables import report
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None,
                        check_encoders=not args.report_only,
                        protocols=args.protocols.split(",") if args.protocols else None)
     if args.report_only:
-        report(suite)
+        report(suite.out_dir, suite.baseline, suite.ablations)
     else:
         run_suite(suite)
     report_dir = suite.out_dir / "report"

@@ -106,15 +106,58 @@ sys.exit(1 if failed else 0)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
 
 
+#: The package's layers, lowest first: a module may import its own layer and those below it, never one above.
+#: ``dex`` itself (the package's __init__) offers the models and ``load_model``, so it sits with downstream.
+LAYERS = (
+    ("dex._version", "dex.config", "dex.files", "dex.safeload", "dex.seeding", "dex.schedules", "dex.parallel",
+     "dex.collectives", "dex.checkpoint", "dex.figures"),
+    ("dex.models", "dex.data"),
+    ("dex.train",),
+    ("dex.downstream", "dex"),
+    ("dex.eval",),
+    ("dex.analysis",),
+    ("dex.cli", "dex.__main__"),
+)
+
+
+def layer(module: str) -> int:
+    """The index in :data:`LAYERS` of the most specific prefix naming ``module``; a module no layer names fails."""
+    matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".") and prefix != "dex"]
+    assert matches, f"{module} is in no layer of LAYERS: add it"
+    return max(matches)[1]
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((module, other) for module, imported in graph.items() for other in imported
+                  if layer(other) > layer(module))
+
+
+def test_the_layer_rule_finds_an_upward_arrow():
+    assert layer("dex.downstream.task_model") == layer("dex") == 3 and layer("dex.models.mae") == 1
+    assert upward_arrows({"dex.downstream.task_model": {"dex.analysis.plots", "dex.models"}}) == [
+        ("dex.downstream.task_model", "dex.analysis.plots")]
+    assert upward_arrows({"dex.models.mae": {"dex"}, "dex.eval.suite": {"dex.downstream.finetune"}}) == [
+        ("dex.models.mae", "dex")]
+
+
 def test_layers_point_one_way():
-    """models and data import nothing above them; eval uses train only to read a pretraining run's encoder
-    (``dex.train.export.run_encoder``); the pretraining loop imports no method, only the objective registry."""
+    """No module imports a layer above its own (deferred imports inside functions included): data and models know
+    nothing of training, training nothing of downstream use, downstream use nothing of evaluation or analysis."""
+    assert upward_arrows(import_graph()) == []
+
+
+def test_the_pretraining_loop_imports_no_method():
+    """The loop finds methods through the objective registry, never by importing one."""
     graph = import_graph()
-    above = {"dex.train", "dex.eval", "dex.analysis", "dex.cli"}
-    for module, imported in graph.items():
-        upward = {name for name in imported if any(name == a or name.startswith(a + ".") for a in above)}
-        if module.startswith(("dex.models", "dex.data")):
-            assert not upward, (module, upward)
-        if module.startswith("dex.eval"):
-            assert {name for name in upward if name.startswith("dex.train")} <= {"dex.train.export"}, module
     assert not {name for name in graph["dex.train.pretrain"] if name.startswith("dex.train.objectives.")}
+
+
+def test_import_dex_loads_no_evaluation_or_analysis_code():
+    """``import dex`` gives the models and ``load_model`` without loading the evaluation suites, the analyses, the
+    command line or matplotlib."""
+    done = subprocess.run([sys.executable, "-c", "import dex, sys; print(sorted(sys.modules))"], capture_output=True,
+                          text=True, timeout=300, cwd=PACKAGE.parent, check=True)
+    loaded = ast.literal_eval(done.stdout)
+    assert not [m for m in loaded if m.startswith(("dex.eval", "dex.analysis", "dex.cli", "dex.train"))], loaded
+    assert "matplotlib" not in loaded

@@ -15,14 +15,14 @@ from dex.analysis import plots
 from dex.analysis.attention import last_layer_attention
 from dex.analysis.cost import activation_cost
 from dex.analysis.patterns import pattern_layout
-from dex.analysis.probes import collapse_diagnostics, layer_features
+from dex.analysis.collapse import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
 from dex.config import read_yaml
 from dex.data.recipe import MODALITIES
 from dex.data.stream import CuratedImages, FolderImages
 from dex.data.transforms import MultiViewTransform
-from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.models.backbones import final_tokens, input_size, is_vit, token_grid
 from dex.train.export import run_objective
 from dex.train.objective import RunConfig

@@ -4,9 +4,8 @@ closest to each centroid."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.cluster.vq import kmeans2
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def pattern_layout(features: Tensor, clusters: int, per_cluster: int, seed: int = 0) -> tuple[np.ndarray, list]:

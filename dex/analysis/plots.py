@@ -5,19 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dex.data.recipe import MODALITIES  # noqa: E402
-from dex.data.preprocess import Preprocessing  # noqa: E402
-from dex.models import DEXSettings  # noqa: E402
-
-SAVE = dict(dpi=100, metadata={"Software": None})
+from dex.data.preprocess import Preprocessing
+from dex.data.recipe import MODALITIES
+from dex.figures import plt, save_figure
+from dex.models import DEXSettings
 
 
 def display(image: torch.Tensor, preprocessing: Preprocessing | None = None) -> np.ndarray:
@@ -73,8 +67,7 @@ def training_curves(rows: list[dict], path: Path, top_k: int | None = None,
         ax.set(title="routing of the heads", xlabel="step", ylim=(0, 1.05))
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def feature_map(points: np.ndarray, labels: Sequence[str], path: Path, experts: Sequence[int] | None = None) -> None:
@@ -91,31 +84,7 @@ def feature_map(points: np.ndarray, labels: Sequence[str], path: Path, experts: 
         ax.set(title=f"features by {title}", xticks=[], yticks=[])
         ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
-
-
-def finetune_curves(history: list[dict], best_epoch: int, score_name: str, path: Path,
-                    title: str | None = None) -> Figure:
-    """A fine-tuning run's training loss and validation ``score_name`` per epoch (its ``log.jsonl`` rows, keys
-    ``epoch``, ``loss``, ``val_<score_name>``), side by side, the best epoch dashed; saved as PNG at ``path``. The
-    figure, closed, is returned for inspection."""
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(epochs, [r["loss"] for r in history], marker="o")
-    axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
-    axes[1].plot(epochs, [r[f"val_{score_name}"] for r in history], marker="o")
-    axes[1].set(xlabel="epoch", ylabel=score_name, title=f"validation {score_name}")
-    for ax in axes:
-        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
-    return fig
+    save_figure(fig, path)
 
 
 def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:
@@ -136,8 +105,7 @@ def routing_heatmaps(tables: torch.Tensor, path: Path) -> None:
                yticklabels=[MODALITIES[i] for i in present])
     fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.colorbar(image, cax=fig.add_axes((0.95, 0.3, 0.012, 0.4)), label="share of the modality's activation")
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def attention_grid(examples: list[tuple[str, torch.Tensor, torch.Tensor]], query: tuple[int, int], patch: int,
@@ -154,8 +122,7 @@ def attention_grid(examples: list[tuple[str, torch.Tensor, torch.Tensor]], query
         right.imshow(attention.numpy(), cmap="jet", alpha=0.5)
         left.set_title(name, fontsize=9, loc="left")
     fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pattern_grid(rows: list[tuple[str, list[list[np.ndarray]]]], path: Path) -> None:
@@ -171,8 +138,7 @@ def pattern_grid(rows: list[tuple[str, list[list[np.ndarray]]]], path: Path) -> 
             ax.set_title(f"c{cluster}", fontsize=6)
         line[0].text(-0.3, 0.5, name, transform=line[0].transAxes, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cost_curves(cost: dict, path: Path) -> None:
@@ -195,8 +161,7 @@ def cost_curves(cost: dict, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def collapse_curves(results: dict[str, list[dict]], path: Path) -> None:
@@ -211,5 +176,4 @@ def collapse_curves(results: dict[str, list[dict]], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, **SAVE)
-    plt.close(fig)
+    save_figure(fig, path)

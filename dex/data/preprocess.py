@@ -1,6 +1,6 @@
 """The one definition of how a picture becomes a model input: :class:`Preprocessing`.
 
-Fine-tuning (:class:`dex.eval.finetune.TaskImages`), the analyses (``dex analyze``), the tail of the pretraining
+Fine-tuning (:class:`dex.downstream.finetune.TaskImages`), the analyses (``dex analyze``), the tail of the pretraining
 augmentation (:class:`dex.data.transforms.PretrainTransform`), image folders (:class:`dex.data.stream.FolderImages`)
 and the figures' un-normalisation all use it, and every model folder records it (``config.json``'s
 ``"preprocessing"`` block, read back by :func:`dex.models.weights.load_preprocessing`), so a model can be fed new

@@ -6,7 +6,7 @@ mean of the final normalised tokens (:func:`dex.models.backbones.final_tokens`, 
 image, read by the
 encoder's preprocessing, and for a segmentation task also every patch token (float16, [N, P, D]). They are cached as
 ``CACHE/<task>-<split>-<key>.npz``, the key a SHA-256 of everything they depend on: the encoder's weights
-(:func:`dex.eval.finetune.state_dict_sha256`, with a DEX encoder's ``mode`` and ``top_k`` where a run sets
+(:func:`dex.downstream.finetune.state_dict_sha256`, with a DEX encoder's ``mode`` and ``top_k`` where a run sets
 them), the task's folder and the split's image ids, files (size and
 modification time) and labels, the preprocessing, and this format's version; a change of any makes a new key, so a
 stale file is never read. A file is written whole or not at all (a temporary

@@ -35,10 +35,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from dex.config import STRICT
 from dex.data.tasks import SPLITS, Task, mask_labels
-from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.downstream.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256, train_subset
+from dex.downstream.metrics import DiceAccumulator, classification_metrics
 from dex.eval.features import split_features
-from dex.eval.finetune import per_image_outputs, scores_with_intervals, state_dict_sha256, train_subset
-from dex.eval.metrics import DiceAccumulator, classification_metrics
 from dex.eval.probes import (
     KNN_TEMPERATURE,
     LINEAR_C,
@@ -74,7 +74,7 @@ class ProbeConfig:
     device: str = "cpu"
     segmentation_lr: list[float] = field(default_factory=lambda: list(SEGMENTATION_LR))  # linear, segmentation
     segmentation_epochs: int = 20
-    lora_rank: int = 8  # the lora protocol: fine-tuning's settings with these adapters (dex.eval.lora)
+    lora_rank: int = 8  # the lora protocol: fine-tuning's settings with these adapters (dex.downstream.lora)
     lora_alpha: float = 16.0
     data_fraction: float = 1.0  # share of the training split the probes are fitted on (an ablation's values)
 

@@ -25,7 +25,7 @@ import torch
 
 from dex.data.stream import CuratedImages
 from dex.data.tasks import load_task
-from dex.eval.metrics import classification_metrics
+from dex.downstream.metrics import classification_metrics
 from dex.eval.retrieval import class_embeddings, retrieval_metrics, zero_shot_logits
 from dex.models.weights import load_preprocessing
 

@@ -15,7 +15,7 @@ from dex.analysis.analyze import markdown, shared_experts
 from dex.analysis.attention import last_layer_attention
 from dex.analysis.cost import activation_cost, parameters
 from dex.analysis.patterns import pattern_layout
-from dex.analysis.probes import between_share, collapse_diagnostics, probe_accuracy
+from dex.analysis.collapse import between_share, collapse_diagnostics, probe_accuracy
 from dex.analysis.routing import layer_nmi
 from dex.cli import main
 from dex.models import save_pretrained

@@ -18,8 +18,8 @@ from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, full
 from dex.data.readers import read_picture
 from dex.data.stream import FolderImages, decode_png
 from dex.data.transforms import EvalTransform, PretrainTransform
-from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
-from dex.eval.finetune import TaskImages
+from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.downstream.finetune import TaskImages
 from dex.models import export_director, save_pretrained
 from dex.models.weights import CONFIG_NAME, load_preprocessing
 from tests.conftest import tiny_vit

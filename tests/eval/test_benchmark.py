@@ -9,9 +9,11 @@ import pytest
 import yaml
 
 import dex
-import dex.eval.benchmark as benchmark
+import dex.eval.suite
 from dex.cli import main
 from dex.data.tasks import load_task
+from dex.eval.suite import Suite
+from dex.eval.tables import report as write_report
 
 SMALL = {"embed_dim": 32, "depth": 4, "num_heads": 2, "num_experts": 4}  # num_experts: for the DEX encoder only
 
@@ -62,7 +64,7 @@ def test_suite_runs_resumes_and_reports_from_stored_runs(suite, monkeypatch, cap
     def refuse(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
 
-    monkeypatch.setattr(benchmark, "train_task_model", refuse)
+    monkeypatch.setattr(dex.eval.suite, "train_task_model", refuse)
     assert main(["benchmark", str(suite)]) == 0  # everything is stored: only the reports are rewritten
     assert "Avg. (3 tasks)" in capsys.readouterr().out
     assert files(report) == before
@@ -99,12 +101,12 @@ def test_suite_errors(suite, tmp_path, capsys):
         bad.write_text(("tasks: []\n" if "tasks:" not in text else "") + ("encoders: {a: scratch}\n" if "encoders:"
                        not in text else "") + text + "\n")
         with pytest.raises(ValueError, match=f"bad.yaml: .*{message}"):
-            benchmark.Suite.load(bad)
+            Suite.load(bad)
     # --encoders runs a subset: the others' files are not needed (an encoder not made yet), only theirs
     bad.write_text(f"tasks: []\nencoders: {{a: scratch, b: {tmp_path / 'not-yet'}}}\n")
-    assert list(benchmark.Suite.load(bad, only=["a"]).encoders) == ["a"]
+    assert list(Suite.load(bad, only=["a"]).encoders) == ["a"]
     with pytest.raises(ValueError, match="encoder 'b'.*not-yet"):
-        benchmark.Suite.load(bad)
+        Suite.load(bad)
 
 
 def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
@@ -119,9 +121,7 @@ def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
         store("dex", "kipa", seed, {"dice": 0.9, "dice_3d": b})
         store("scratch", "polyp", seed, {"dice": 0.6})
         store("dex", "polyp", seed, {"dice": 0.6})
-    suite = benchmark.Suite(tmp_path / "suite.yaml", tmp_path, [0, 1], "scratch", benchmark.FinetuneConfig(), {}, [],
-                            {})
-    benchmark.report(suite)
+    write_report(tmp_path, "scratch")
     report = tmp_path / "report"
     assert "DSC per slice, Decathlon rule: an empty prediction on an empty truth scores 1" in \
         (report / "table5_tasks.md").read_text()
@@ -136,7 +136,7 @@ def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
         path.write_text(json.dumps(record))
     for path in report.iterdir():
         path.unlink()
-    benchmark.report(suite)
+    write_report(tmp_path, "scratch")
     assert not (report / "table5_tasks_dice3d.md").exists() and (report / "table5_tasks.md").exists()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from dex.eval.metrics import (
+from dex.downstream.metrics import (
     bootstrap_indices,
     bootstrap_intervals,
     classification_metric_draws,

@@ -11,15 +11,17 @@ import torch
 import yaml
 
 import dex
-import dex.eval.benchmark as benchmark
 import dex.eval.features as features_module
+import dex.eval.suite
 from dex.cli import main
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec, load_encoder
+from dex.downstream.encoders import EncoderSpec, load_encoder
+from dex.downstream.finetune import state_dict_sha256
 from dex.eval.features import feature_key
-from dex.eval.finetune import state_dict_sha256
 from dex.eval.protocols import ProbeConfig, protocol_variants, run_frozen
+from dex.eval.records import split_variant, variant_name
+from dex.eval.suite import Suite, plan
 from dex.models import DEXViT
 from dex.seeding import seed_everything
 
@@ -135,7 +137,7 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("a stored fine-tuning run was trained again")
 
-    monkeypatch.setattr(benchmark, "train_task_model", refuse)
+    monkeypatch.setattr(dex.eval.suite, "train_task_model", refuse)
     assert main(["benchmark", str(path), "--protocols", "fewshot,finetune"]) == 0
     assert {p.parent.name for p in runs.glob("photo-lesion-type/fewshot-*/seed0.json")} == {
         "fewshot-1", "fewshot-5", "fewshot-10"}
@@ -154,12 +156,12 @@ def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path,
 
 
 def test_a_stored_variant_names_its_setting_and_protocol():
-    assert benchmark.variant_name("top_k=2", "default") == "top_k=2"
-    assert benchmark.variant_name("top_k=2", "knn-k10") == "top_k=2,knn-k10"
-    assert benchmark.variant_name("", "linear") == "linear"
+    assert variant_name("top_k=2", "default") == "top_k=2"
+    assert variant_name("top_k=2", "knn-k10") == "top_k=2,knn-k10"
+    assert variant_name("", "linear") == "linear"
     for setting in ("", "top_k=2", "data_fraction=0.25", "mode=director"):
         for variant in ("default", "linear", "knn-k10", "fewshot-5", "frozen-unetr"):
-            assert benchmark.split_variant(benchmark.variant_name(setting, variant)) == (setting, variant)
+            assert split_variant(variant_name(setting, variant)) == (setting, variant)
 
 
 def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, monkeypatch):
@@ -175,9 +177,9 @@ def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, 
                           "data_fraction": {"encoders": ["dex"], "values": [0.25, 1.0], "protocols": ["linear"]}}}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(data))
-    suite = benchmark.Suite.load(path)
+    suite = Suite.load(path)
     planned = {(task, variant): config for _, task, variant, _, _, config in
-               benchmark.plan(suite, {t.name: t for t in map(load_task, data["tasks"])})}
+               plan(suite, {t.name: t for t in map(load_task, data["tasks"])})}
     assert set(planned) == {
         ("photo-lesion-type", "knn-k2"), ("photo-lesion-type", "top_k=1"), ("photo-lesion-type", "top_k=1,linear"),
         ("photo-lesion-type", "top_k=4"), ("photo-lesion-type", "top_k=4,linear"),
@@ -207,7 +209,7 @@ def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, 
 
 
 def test_frozen_unetr_trains_the_decoder_and_leaves_the_encoder_as_it_was(tmp_path, phantom_collection):
-    from dex.eval.finetune import FinetuneConfig, train_task_model
+    from dex.downstream.finetune import FinetuneConfig, train_task_model
 
     folder = _encoder(tmp_path / "encoder")
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")

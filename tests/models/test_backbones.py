@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from dex.eval.encoders import freeze_all_but_last
+from dex.downstream.encoders import freeze_all_but_last
 from dex.models import DEXViT
 from dex.models.backbones import depth_features, family, final_tokens, token_grid, trainable_units
 from dex.models.unetr import UNETR2D

@@ -14,7 +14,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import dex
-from dex.eval.encoders import EncoderSpec, load_encoder
+from dex.downstream.encoders import EncoderSpec, load_encoder
 from dex.models import (
     DEXSettings,
     DEXViT,

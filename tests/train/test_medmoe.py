@@ -18,7 +18,7 @@ from dex.analysis.report import write_report
 from dex.cli import main
 from dex.data.curate import CurateOptions, curate
 from dex.data.phantoms import make_phantoms
-from dex.eval.embed import embed
+from dex.downstream.embed import embed
 from dex.models import DEXViT
 from dex.models.text import build_text_encoder
 from dex.models.weights import load_preprocessing

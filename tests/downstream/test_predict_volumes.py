@@ -26,11 +26,11 @@ from dex.data.importers import ImportOptions, import_task
 from dex.data.preprocess import Preprocessing
 from dex.data.readers import read_label_map, read_nifti, read_volume, source_grid
 from dex.data.tasks import load_task
-from dex.eval.embed import embed
-from dex.eval.finetune import task_preprocessing
-from dex.eval.metrics import segmentation_case_metrics
-from dex.eval.predict import predict
-from dex.eval.task_model import TaskModel, build_network
+from dex.downstream.embed import embed
+from dex.downstream.finetune import task_preprocessing
+from dex.downstream.metrics import segmentation_case_metrics
+from dex.downstream.predict import predict
+from dex.downstream.task_model import TaskModel, build_network
 from dex.models import DEXViT
 
 SHARED_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-lung-dicom" / "images"

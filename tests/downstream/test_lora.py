@@ -7,10 +7,11 @@ import torch
 
 import dex
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec
-from dex.eval.finetune import FinetuneConfig, train_task_model
-from dex.eval.lora import add_lora, merge_lora
-from dex.eval.task_model import load_model, write_finetuned
+from dex.downstream.encoders import EncoderSpec
+from dex.downstream.finetune import FinetuneConfig, train_task_model
+from dex.downstream.lora import add_lora, merge_lora
+from dex.downstream.model_folder import write_finetuned
+from dex.downstream.task_model import load_model
 from dex.models import DEXViT
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dex.config import STRICT, ConfigError, validate
 from dex.data.preprocess import Preprocessing
-from dex.eval.task_model import is_task_model, load_model
+from dex.downstream.task_model import is_task_model, load_model
 from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
 from dex.models.backbones import input_size, trainable_units
 from dex.models.unetr import UNETR2D

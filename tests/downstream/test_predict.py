@@ -14,11 +14,11 @@ import dex
 from dex.cli import main
 from dex.data.readers import read_picture
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec
-from dex.eval.finetune import FinetuneConfig, train_task_model
-from dex.eval.metrics import label_map
-from dex.eval.predict import probabilities
-from dex.eval.task_model import write_finetuned
+from dex.downstream.encoders import EncoderSpec
+from dex.downstream.finetune import FinetuneConfig, train_task_model
+from dex.downstream.metrics import label_map
+from dex.downstream.model_folder import write_finetuned
+from dex.downstream.predict import probabilities
 from dex.models import DEXViT
 
 

@@ -23,26 +23,26 @@ from torchvision.transforms.v2 import functional as TF
 from dex.config import STRICT
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task, mask_labels
-from dex.eval.encoders import (
+from dex.downstream.encoders import (
     EncoderSpec,
     encoder_architecture,
     encoder_preprocessing,
     freeze_all_but_last,
     load_encoder,
 )
-from dex.eval.metrics import (
+from dex.downstream.lora import add_lora, merge_lora
+from dex.downstream.metrics import (
     DiceAccumulator,
     bootstrap_intervals,
     classification_intervals,
     classification_metrics,
     dice_from_counts,
 )
-from dex.eval.lora import add_lora, merge_lora
-from dex.eval.task_model import TaskModel
+from dex.downstream.task_model import TaskModel
 from dex.models.unetr import UNETR2D
 from dex.safeload import load_torch_file
-from dex.seeding import rng_state, seed_everything, set_rng_state
 from dex.schedules import warmup_cosine
+from dex.seeding import rng_state, seed_everything, set_rng_state
 
 
 @STRICT
@@ -57,7 +57,7 @@ class FinetuneConfig:
     data_fraction: float = 1.0  # share of the training split used (Fig. 5-b)
     trainable_blocks: int | None = None  # train only the last n encoder blocks (Fig. 5-c); None: all
     freeze_encoder: bool = False  # train the head or UNETR decoder on a frozen encoder (kept in eval mode)
-    lora_rank: int = 0  # > 0: a frozen encoder with LoRA adapters of this rank on attention (dex.eval.lora)
+    lora_rank: int = 0  # > 0: a frozen encoder with LoRA adapters of this rank on attention (dex.downstream.lora)
     lora_alpha: float = 16.0
     feature_size: int = 16  # UNETR
     flip: bool = True  # random horizontal flips in training

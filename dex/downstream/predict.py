@@ -1,7 +1,7 @@
 """``dex predict``: a fine-tuned model (``dex finetune``) run on new images, DICOM objects and series, and NIfTI
 volumes.
 
-Inputs are found and read as :mod:`dex.eval.inputs` describes (the model folder's preprocessing drives the reading;
+Inputs are found and read as :mod:`dex.downstream.inputs` describes (the model folder's preprocessing drives the reading;
 ``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs; ``tta="flip"``
 averages the probabilities of each picture and of its mirror image (mirrored back).
 
@@ -42,9 +42,9 @@ from PIL import Image
 from dex.data.normalize import SLICE_AXES
 from dex.data.readers import Problem, ReadError, read_label_map, read_label_volume, source_grid
 from dex.data.tasks import SPLITS, load_task, mask_labels
-from dex.eval.inputs import Case, find_inputs, read_cases, reading, run_batched
-from dex.eval.metrics import classification_metrics, label_map, segmentation_case_metrics
-from dex.eval.task_model import TaskModel, load_model
+from dex.downstream.inputs import Case, find_inputs, read_cases, reading, run_batched
+from dex.downstream.metrics import classification_metrics, label_map, segmentation_case_metrics
+from dex.downstream.task_model import TaskModel, load_model
 from dex.files import write_csv, write_json
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")

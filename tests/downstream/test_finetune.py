@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 import dex
 from dex.cli import main
 from dex.data.tasks import TaskSpec, finish_task, load_task, mask_labels
-from dex.eval.encoders import EncoderSpec, freeze_all_but_last, load_encoder
-from dex.eval.finetune import FinetuneConfig, TaskImages, evaluate, finetune
-from dex.eval.metrics import DiceAccumulator, classification_metrics
+from dex.downstream.encoders import EncoderSpec, freeze_all_but_last, load_encoder
+from dex.downstream.finetune import FinetuneConfig, TaskImages, evaluate, finetune
+from dex.downstream.metrics import DiceAccumulator, classification_metrics
 from dex.models import DEXViT
 from dex.models.unetr import UNETR2D
 
@@ -299,7 +299,7 @@ def test_dex_e_with_any_k_and_dex_d_fine_tune(tmp_path, phantom_collection, mode
 def test_every_encoder_gets_the_same_decoder_initialisation(phantom_collection, tmp_path, monkeypatch):
     """Encoders of one width but different architectures (a plain ViT, a DEX ViT) start from the same UNETR decoder
     for a seed, so that their scores are paired comparisons."""
-    import dex.eval.finetune as finetune_module
+    import dex.downstream.finetune as finetune_module
 
     built = []
     build = finetune_module.build_model
@@ -451,7 +451,7 @@ def test_jax_npz_timm_files_load_and_object_arrays_are_refused(tmp_path):
 
 
 def test_bootstrap_intervals_match_a_direct_resampling():
-    from dex.eval.metrics import bootstrap_intervals
+    from dex.downstream.metrics import bootstrap_intervals
 
     values = np.random.default_rng(3).normal(size=50)
     rng = np.random.default_rng(0)

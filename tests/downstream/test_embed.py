@@ -12,9 +12,9 @@ import dex
 from dex.cli import main
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec
-from dex.eval.finetune import FinetuneConfig, train_task_model
-from dex.eval.task_model import write_finetuned
+from dex.downstream.encoders import EncoderSpec
+from dex.downstream.finetune import FinetuneConfig, train_task_model
+from dex.downstream.model_folder import write_finetuned
 from dex.models import DEXViT
 
 

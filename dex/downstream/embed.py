@@ -4,7 +4,7 @@ Per image, slice of a volume or frame of a DICOM object: the pooled feature (a V
 of its final map) and the mean of the final normalised tokens
 (:func:`dex.models.backbones.final_tokens`), each as a row of a float32 matrix (``cls.npy`` and
 ``mean_patch.npy``, [N, D]), and ``index.csv`` naming the input and slice of each row. Inputs are found and read as
-:mod:`dex.eval.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one the
+:mod:`dex.downstream.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one the
 folder records, given, or its modality's), and fed in batches, in a stable order (the inputs as given, a folder's
 files sorted by path). An input that cannot be read goes to ``errors.csv`` with the reason, and the others are
 embedded.
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from dex.data.readers import Problem
-from dex.eval.encoders import EncoderSpec, encoder_preprocessing, load_encoder
-from dex.eval.inputs import Case, find_inputs, read_cases, reading, run_batched
+from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
+from dex.downstream.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.files import write_csv
 from dex.models.backbones import pooled_and_mean
 
@@ -84,7 +84,7 @@ def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, ba
           device: str = "cpu", volume_normalization: str | None = None, slice_axis: str | None = None,
           texts: Sequence[str | Path] = ()) -> EmbedSummary:
     """Embed the images, DICOM objects and series and NIfTI volumes of ``inputs`` (found and read as
-    :mod:`dex.eval.inputs` describes) with the encoder of ``encoder_source`` (any source ``dex benchmark`` takes,
+    :mod:`dex.downstream.inputs` describes) with the encoder of ``encoder_source`` (any source ``dex benchmark`` takes,
     or a ``dex finetune`` model folder), and the ``texts`` files with a vision-language model, into ``out``; see
     the module's docstring."""
     out = Path(out)

@@ -5,13 +5,12 @@ A folder holds ``config.json`` (what builds the network, the task, the preproces
 :class:`dex.data.preprocess.Preprocessing`, and the SHA-256 of the weights) and ``model.safetensors`` (every
 tensor of the network). :func:`load_model` builds the network from the config, checks the weights against the
 recorded hash and loads them strictly; nothing is unpickled. ``dex finetune`` adds ``metrics.json``, ``log.jsonl``,
-``curves.png`` and a model card (``README.md``) next to them.
+``curves.png`` and a model card (``README.md``) next to them (:mod:`dex.downstream.model_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,84 +131,3 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Tas
     except RuntimeError as err:
         raise ValueError(f"{weights_path}: does not match {config_path} ({err})") from err
     return model.to(device).eval()
-
-
-def write_finetuned(directory: str | Path, model: TaskModel, record: dict[str, Any]) -> Path:
-    """A ``dex finetune`` folder: the model (:meth:`TaskModel.save`), ``metrics.json`` (validation and test
-    metrics of the best epoch), ``log.jsonl`` (one row per epoch), ``curves.png`` (training loss and validation
-    score per epoch, :func:`dex.analysis.plots.finetune_curves`) and ``README.md``, the model card. Written into
-    ``DIR.partial`` (where :func:`partial_folder` keeps the run's checkpoint, removed now) and renamed at the end
-    (replacing an older folder), so a folder at ``directory`` is always complete."""
-    from dex.analysis.plots import finetune_curves  # here, so that ``import dex`` does not load matplotlib
-
-    directory = Path(directory)
-    partial = partial_folder(directory)
-    model.save(partial)
-    write_json(partial / "metrics.json", {k: record[k] for k in ("score_name", "best_epoch", "val", "test",
-                                                                 "test_intervals")})
-    (partial / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in record["history"]))
-    title = ", ".join(f"{k} {record[k]}" for k in ("task", "encoder") if k in record)
-    finetune_curves(record["history"], record["best_epoch"], record["score_name"], partial / "curves.png", title)
-    (partial / "README.md").write_text(model_card(model, record))
-    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    if directory.exists():
-        shutil.rmtree(directory)
-    partial.replace(directory)
-    return directory
-
-
-def partial_folder(directory: str | Path) -> Path:
-    """Where a model folder is written before it is complete; ``checkpoints/last.pt`` in it resumes its training."""
-    directory = Path(directory)
-    return directory.with_name(directory.name + ".partial")
-
-
-def model_card(model: TaskModel, record: dict[str, Any]) -> str:
-    """The model card of a fine-tuned model: what it does, on what it was trained and how, how well it did."""
-    task, spec, config = model.task, record["encoder_spec"], record["config"]
-    splits = record["split_images"]
-    metrics = sorted(set(record["val"]) | set(record["test"]))
-    intervals = record.get("test_intervals", {})
-    rows = "\n".join(f"| {name} | {record['val'].get(name, float('nan')):.4f} | "
-                     f"{record['test'].get(name, float('nan')):.4f} | "
-                     + ("{:.4f} - {:.4f}".format(*intervals[name]) if name in intervals else "")
-                     + " |" for name in metrics)
-    settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
-    pre = model.preprocessing
-    window = f" (window {list(pre.ct_window)} HU)" if pre.volume_normalization == "ct_hu" else ""
-    volumes = (f"volumes (NIfTI, DICOM series): normalised by `{pre.volume_normalization}`{window} and cut into "
-               f"{pre.slice_axis} slices, as its training images were" if pre.volume_normalization else
-               "volumes: its training images were not cut from volumes; `dex predict` uses the Table 2 rule of "
-               "the volume's modality unless given --volume-normalization")
-    return f"""# {task.get('name', 'task')}: {model.task_type} of {task.get('modality', 'unknown')} images
-
-A {model.task_type} model fine-tuned with dex ({FORMAT}) from the encoder `{spec['source']}`.
-Load it with `dex.load_model(FOLDER)`; `model.predict(x)` gives the class probabilities of model
-inputs made by its preprocessing (`config.json`, `preprocessing`).
-
-**Intended use: research only. This is not a medical device and must not be used for diagnosis or treatment.**
-
-## Task
-- classes ({len(model.classes)}): {', '.join(model.classes)}
-- images: train {splits['train']}, validation {splits['val']}, test {splits['test']}
-- input: {model.preprocessing.size[0]} x {model.preprocessing.size[1]} px, {model.preprocessing.channels} channels,
-  {model.preprocessing.intensity} intensity, z-score mean {list(model.preprocessing.mean)} std
-  {list(model.preprocessing.std)}
-- {volumes}
-
-## Training
-- encoder: `{spec['source']}` (architecture `{model.encoder_architecture}`), weights SHA-256
-  `{record['encoder_sha256']}` before fine-tuning
-- seed {record['seed']}; {settings}
-- best validation epoch: {record['best_epoch']} (by {record['score_name']}); {record['trainable_parameters']}
-  trainable parameters; {record['seconds']:.0f} s
-- training curves: `curves.png` (loss and validation {record['score_name']} per epoch; the per-epoch rows in
-  `log.jsonl`)
-
-## Metrics (best validation epoch)
-Test 95% intervals (where computed): percentile bootstrap over the test images (cases for dice_3d).
-
-| metric | validation | test | test 95% interval |
-| --- | ---: | ---: | ---: |
-{rows}
-"""

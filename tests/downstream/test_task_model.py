@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import dex
-from dex.analysis.plots import finetune_curves
 from dex.cli import main
 from dex.data.tasks import load_task
-from dex.eval.encoders import EncoderSpec
-from dex.eval.finetune import FinetuneConfig, train_task_model
-from dex.eval.task_model import load_model, write_finetuned
+from dex.downstream.encoders import EncoderSpec
+from dex.downstream.finetune import FinetuneConfig, train_task_model
+from dex.downstream.model_folder import finetune_curves, write_finetuned
+from dex.downstream.task_model import load_model
 from dex.models import DEXViT
 
 QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4)
@@ -120,7 +120,7 @@ def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phan
 
 
 def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection, encoder_folder, monkeypatch):
-    import dex.eval.finetune as finetune_module
+    import dex.downstream.finetune as finetune_module
 
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
     spec, config = EncoderSpec("dex", str(encoder_folder)), FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4)
@@ -150,7 +150,7 @@ def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection,
 
 def test_dex_finetune_resume_goes_on_from_the_partial_folder(tmp_path, phantom_collection, encoder_folder,
                                                              monkeypatch):
-    import dex.eval.finetune as finetune_module
+    import dex.downstream.finetune as finetune_module
 
     task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
     settings = ["--set", "epochs=2", "warmup_epochs=0", "batch_size=4"]
