@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dex.data.curate import CurateOptions, curate
+from dex.data.curation import CurateOptions, curate
 from dex.data.phantoms import make_phantoms
 from dex.data.recipe import Recipe
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dex.data.phantoms.writers import write_nifti
-from dex.data.readers import read_dicom_series
 from dex.data.importers import ImportOptions, import_task
+from dex.data.volumes import read_dicom_volume
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -44,7 +44,7 @@ def _sources(tmp: Path, medmnist_images: int, cases: int) -> list[tuple[str, str
         images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
         np.savez(tmp / f"m{size}.npz", train_images=images, train_labels=rng.integers(0, 9, (count, 1)))
         out.append((f"medmnist, {size} px RGB", "medmnist", tmp / f"m{size}.npz", ImportOptions(modality="pathology")))
-    volume = read_dicom_series(sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm")))
+    volume = read_dicom_volume(sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm")))
     for case in range(cases):
         write_nifti(tmp / "imagesTr" / f"ct_{case:03d}_0000.nii.gz", volume.values, volume.spacing)
         write_nifti(tmp / "labelsTr" / f"ct_{case:03d}.nii.gz", (volume.values > -500).astype(np.uint8),

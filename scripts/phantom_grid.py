@@ -17,8 +17,9 @@ from scipy import ndimage
 
 from dex.data.normalize import VOLUME_NORMALIZERS, scale_255
 from dex.data.phantoms import RAW_SOURCES, make_phantoms
-from dex.data.readers import read_dicom_series, read_label_map, read_nifti, read_picture, read_video_frames
+from dex.data.readers import read_label_map, read_picture, read_video_frames
 from dex.data.recipe import Recipe
+from dex.data.volumes import read_dicom_volume, read_nifti
 
 ROWS = [  # (modality label, source, task)
     ("CT", "ct-dicom", "ct-organs"), ("MR", "mr-nifti", "mr-organs"), ("PET", "pet-suv-nifti", "pet-organs"),
@@ -41,7 +42,7 @@ def source_images(recipe: Recipe, name: str, count: int) -> list[np.ndarray]:
     root = recipe.root_of(source)
     files = sorted(root.glob(source.pattern))
     if source.format == "dicom":
-        volume = read_dicom_series(sorted(files[0].parent.glob("*.dcm")))
+        volume = read_dicom_volume(sorted(files[0].parent.glob("*.dcm")))
         return _spread(VOLUME_NORMALIZERS[source.normalization](volume.values), count)
     if source.format == "nifti":
         volume = read_nifti(files[0])[0]

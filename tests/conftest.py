@@ -51,7 +51,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def phantom_collection(tmp_path_factory):
     """Phantoms of all 10 modalities at 32 px (``raw/``) curated into shards (``curated/``)."""
-    from dex.data.curate import CurateOptions, curate
+    from dex.data.curation import CurateOptions, curate
     from dex.data.phantoms import make_phantoms
 
     root = tmp_path_factory.mktemp("phantom-collection")

@@ -1,17 +1,17 @@
 """The per-modality intensity normalisations of MedVerse (App. C.1.1, Table 2), all mapping to [0, 1] float32, and
-how a normalised volume is cut into slices (:data:`SLICE_AXES`, :func:`volume_slice`).
+the names of the axes a volume is cut along (:data:`SLICE_AXES`).
 
 Volume-wise rules (MR, raw PET) take their statistics from the whole volume, before it is cut into slices. Curation,
 task import (``dex data import-task volumes``) and ``dex predict`` / ``dex embed`` on volumes all go through
-:func:`normalize_volume` and :func:`volume_slice`, so a model sees a volume's slices as it saw its training images.
+:func:`normalize_volume` and :func:`dex.data.volumes.volume_slice`, so a model sees a volume's slices as it saw its
+training images. This module needs only numpy, so that model code can name the rules and axes without the readers.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-#: The slice axes by name, each with the axis of a volume's ``[Z, Y, X]`` values (:class:`dex.data.readers.Volume`)
+#: The slice axes by name, each with the axis of a volume's ``[Z, Y, X]`` values (:class:`dex.data.volumes.Volume`)
 #: it cuts across: axial slices are ``values[z]``, coronal ``values[:, y]``, sagittal ``values[:, :, x]``.
 SLICE_AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 
@@ -70,8 +70,3 @@ def normalize_volume(values: np.ndarray, rule: str, ct_window: tuple[float, floa
         raise ValueError(f"volume normalisation {rule!r}: one of {', '.join(VOLUME_NORMALIZERS)}")
     return ct_hu(values, ct_window) if rule == "ct_hu" else VOLUME_NORMALIZERS[rule](values)
 
-
-def volume_slice(normalised: np.ndarray, index: int, axis: str) -> np.ndarray:
-    """Slice ``index`` along ``axis`` (:data:`SLICE_AXES`) of a normalised volume, stored as task folders keep
-    it: 16-bit, the [0, 1] values times 65535 rounded (read back with full scale 65535)."""
-    return np.round(np.take(normalised, index, SLICE_AXES[axis]) * 65535.0).astype(np.uint16)

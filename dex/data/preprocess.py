@@ -10,7 +10,7 @@ The steps, in order:
 
 0. volumes only (NIfTI, DICOM series; ``dex predict``, ``dex embed``): the whole volume to [0, 1] by the Table 2
    rule ``volume_normalization`` (``ct_hu`` with ``ct_window``), cut into slices along ``slice_axis`` and stored
-   16-bit (:func:`dex.data.normalize.normalize_volume`, :func:`dex.data.normalize.volume_slice`), exactly as
+   16-bit (:func:`dex.data.normalize.normalize_volume`, :func:`dex.data.volumes.volume_slice`), exactly as
    ``dex data import-task volumes`` made the slices of a task;
 1. intensity (:meth:`Preprocessing.scale`, pictures only): the rule named by ``intensity``. ``"full_scale"`` divides
    the stored values by the picture's full scale (:attr:`dex.data.readers.Picture.max_value`: 255 for 8 bit, 65535

@@ -50,7 +50,7 @@ import pydantic
 import yaml
 
 from dex.config import STRICT, ConfigError, read_yaml, validate
-from dex.data.readers import SLICE_AXES
+from dex.data.normalize import SLICE_AXES
 
 MODALITIES = ("CT", "PET", "MR", "X-ray", "US", "Fundus", "OCT", "Pathology", "Endoscopy", "Photo")
 FORMATS = ("dicom", "nifti", "image", "npy", "video")

@@ -16,8 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from dex.config import STRICT
 from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "MultiViewTransform", "PretrainTransform",
-           "ViewAugmentation"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiViewTransform", "PretrainTransform", "ViewAugmentation"]
 
 
 class PretrainTransform:
@@ -122,9 +121,3 @@ class MultiViewTransform:
         standardize = self.geometry.preprocessing.standardize
         return torch.stack([standardize(self.intensity(self.geometry.geometric(image)))
                             for _ in range(self.augmentation.views)])
-
-
-def EvalTransform(size: int = 256) -> Preprocessing:  # noqa: N802 (kept for its callers: a name, not a copy)
-    """[C, H, W] in [0, 1] -> [3, size, size] z-scored: the whole image resized (no crop, no randomness), i.e. the
-    default :class:`~dex.data.preprocess.Preprocessing` at ``size``."""
-    return Preprocessing(size=size)

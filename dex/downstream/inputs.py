@@ -5,20 +5,22 @@ An input is a file or a folder (searched recursively, in sorted order). Files ar
 
 - images: PNG, JPEG, BMP, TIFF, and NPY holding a 2D array: one picture each;
 - NIfTI volumes (``.nii``, ``.nii.gz``), in any orientation: read into the display layout of
-  :func:`dex.data.readers.read_nifti`;
+  :mod:`dex.data.volumes` (:func:`~dex.data.volumes.read_nifti`);
 - DICOM files (``.dcm``, or any file with the DICOM preamble), grouped by SeriesInstanceUID from their headers, never
-  by file name: a CT, MR or PET series of two or more single-frame files is a volume, its slices ordered by position
-  along the slice normal and placed in patient space by its geometry
-  (:func:`dex.data.readers.read_dicom_series_display`); any other DICOM object (a radiograph, an ultrasound still
-  or cine, one CT slice, a multi-frame object) gives its frames as pictures. A DICOM object of another modality
-  than the model's is refused.
+  by file name: a CT, MR or PET series of two or more single-frame files, and a CT, MR or PET multi-frame object with
+  per-frame functional groups (enhanced CT / MR / PET), is a volume, placed in patient space by its geometry and
+  brought to the same display layout (:func:`dex.data.volumes.read_dicom_volume`; uneven gaps, a missing slice, are
+  refused); any other DICOM object (a radiograph, an ultrasound still or cine, one CT slice, a multi-frame object
+  without functional groups) gives its frames as pictures, as stored. A DICOM object of another modality than the
+  model's is refused.
 
 A folder's files of other kinds are passed over; a file given by name that is none of these is refused.
 
 A volume (and a CT, MR or PET DICOM object) is normalised whole by the Table 2 rule (the preprocessing's
 ``volume_normalization``, else the rule of its modality, :data:`dex.data.normalize.MODALITY_VOLUME_NORMALIZATION`:
-the DICOM Modality, or the model's) and cut along ``slice_axis`` into 16-bit slices: :func:`normalize_volume` and
-:func:`volume_slice`, as ``dex data import-task volumes`` made the slices a model was trained on.
+the DICOM Modality, or the model's) and cut along ``slice_axis`` (an anatomical plane, whatever the acquisition) into
+16-bit slices: :func:`normalize_volume` and :func:`volume_slice`, as ``dex data import-task volumes`` made the slices
+a model was trained on, and as curation cut the pretraining images.
 
 Every case is named for its outputs by its path below the input folder (a file given by name: its name), without the
 suffix; a DICOM series by its folder.
@@ -37,22 +39,19 @@ import pydicom
 import torch
 from torch import Tensor
 
-from dex.data.normalize import MODALITY_VOLUME_NORMALIZATION, SLICE_AXES, normalize_volume, volume_slice
 from dex.data.preprocess import Preprocessing
-from dex.data.readers import (
-    Picture,
-    Problem,
-    ReadError,
-    Volume,
-    group_dicom_series,
-    read_dicom_pictures,
-    read_dicom_series,
-    read_dicom_series_display,
-    read_nifti,
-    read_picture,
-    suv_values,
-)
+from dex.data.readers import Picture, Problem, ReadError, group_dicom_series, read_dicom_pictures, read_picture
 from dex.data.stream import IMAGE_SUFFIXES
+from dex.data.volumes import (
+    MODALITY_VOLUME_NORMALIZATION,
+    SLICE_AXES,
+    Volume,
+    normalize_volume,
+    read_dicom_volume,
+    read_nifti,
+    suv_values,
+    volume_slice,
+)
 
 PICTURE_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -69,7 +68,8 @@ class Case:
     ``pictures``: (slice or frame index, -1 for a plain image; the picture), in order; for a volume, its slices
     along the preprocessing's ``slice_axis`` as 16-bit pictures of the normalised volume. ``volume``: the volume in
     the display layout with its geometry (``meta["affine"]``, ``meta["source_affine"]``, ``meta["source_shape"]``).
-    ``dicom_files``: the DICOM files it came from (a series: the file of each slice of its source grid).
+    ``dicom_files``: the DICOM files it came from (a series: the file of each slice of its source grid; none for a
+    multi-frame volume, whose frames a DICOM Segmentation would have to follow in their stored order).
     """
 
     source: str
@@ -148,14 +148,16 @@ def _dicom_entries(files: list[Path], base: Path | None, errors: list[Problem]) 
         paths = sorted(paths)
         header = pydicom.dcmread(paths[0], stop_before_pixels=True)
         modality = DICOM_MODALITIES.get(str(header.get("Modality", "")))
-        if modality in VOLUME_MODALITIES and len(paths) > 1 and int(header.get("NumberOfFrames", 1) or 1) == 1:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        if modality in VOLUME_MODALITIES and len(paths) > 1 and frames == 1:
             folder = Path(os.path.commonpath(paths))
             folder = folder if folder.is_dir() else folder.parent
             name = folder.relative_to(base) if base and folder != base else Path(folder.name)
             entries.append(_Entry("series", tuple(paths), name, str(folder)))
         else:
-            entries += [_Entry("dicom", (p,), _strip_suffix(p.relative_to(base) if base else Path(p.name)), str(p))
-                        for p in paths]
+            placed = modality in VOLUME_MODALITIES and frames > 1 and "PerFrameFunctionalGroupsSequence" in header
+            entries += [_Entry("series" if placed else "dicom", (p,),
+                               _strip_suffix(p.relative_to(base) if base else Path(p.name)), str(p)) for p in paths]
     return entries
 
 
@@ -214,14 +216,14 @@ def read_case(entry: _Entry, preprocessing: Preprocessing) -> Case:
     header = pydicom.dcmread(path, stop_before_pixels=True)
     modality = _check_modality(entry.source, str(header.get("Modality", "")), preprocessing)
     if entry.kind == "series":
-        volume = read_dicom_series_display(entry.paths)
+        volume = read_dicom_volume(entry.paths)
         rule = _volume_rule(entry.source, preprocessing, modality)
         if rule == "pet_suv":
             volume.values = suv_values(volume, entry.source)
         return Case(entry.source, entry.name, _slices(volume.values, rule, preprocessing, axis), volume, axis,
                     volume.slice_files)
     if modality in VOLUME_MODALITIES:  # one CT / MR / PET object: its frames, normalised as a volume in real units
-        volume = read_dicom_series([path])
+        volume = read_dicom_volume([path], strict=False)  # one slice, or frames without geometry: as stored
         rule = _volume_rule(path, preprocessing, modality)
         values = suv_values(volume, path) if rule == "pet_suv" else volume.values
         frames = _slices(values, rule, preprocessing, "axial")

@@ -1,9 +1,9 @@
 """``dex predict``: a fine-tuned model (``dex finetune``) run on new images, DICOM objects and series, and NIfTI
 volumes.
 
-Inputs are found and read as :mod:`dex.downstream.inputs` describes (the model folder's preprocessing drives the reading;
-``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs; ``tta="flip"``
-averages the probabilities of each picture and of its mirror image (mirrored back).
+Inputs are found and read as :mod:`dex.downstream.inputs` describes (the model folder's preprocessing drives the
+reading; ``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs;
+``tta="flip"`` averages the probabilities of each picture and of its mirror image (mirrored back).
 
 - Classification: ``predictions.csv``: ``input``, ``slice`` (a volume's slice or a DICOM object's frame; empty for
   an image), ``predicted`` (the class name) and ``p_<class>`` for every class; an input of several slices or frames
@@ -12,8 +12,9 @@ averages the probabilities of each picture and of its mirror image (mirrored bac
   as fine-tuning's Dice scores them). An image gives an 8-bit PNG of class indices in ``masks/`` named after it
   (its frames: ``NAME_0003.png``); a volume or DICOM series is segmented slice by slice along the model's axis and
   written as ``masks/NAME.nii.gz``, a NIfTI label volume of the input's shape and affine (for a series: its geometry,
-  the voxel axes column, row and slice in position order). With ``dicom_seg`` a DICOM series (or a single-frame
-  DICOM image) also gets ``masks/NAME.seg.dcm``, a DICOM Segmentation object (highdicom) referencing its source.
+  the voxel axes column, row and slice in position order; :func:`dex.data.volumes.source_grid`). With ``dicom_seg`` a
+  DICOM series of single-frame files (or a single-frame DICOM image) also gets ``masks/NAME.seg.dcm``, a DICOM
+  Segmentation object (highdicom) referencing its source; a multi-frame volume gets the NIfTI only.
   ``predictions.csv`` lists ``input``, ``slice``, ``mask`` and the pixels (voxels) of each class.
 
 Ground truth (``labels``: a folder of label volumes ``NAME.nii.gz`` and masks ``NAME.png``, or a CSV ``id,label``
@@ -39,9 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dex.data.normalize import SLICE_AXES
-from dex.data.readers import Problem, ReadError, read_label_map, read_label_volume, source_grid
+from dex.data.readers import Problem, ReadError, read_label_map
 from dex.data.tasks import SPLITS, load_task, mask_labels
+from dex.data.volumes import SLICE_AXES, read_label_volume, source_grid
 from dex.downstream.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.downstream.metrics import classification_metrics, label_map, segmentation_case_metrics
 from dex.downstream.task_model import TaskModel, load_model

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from dex.cli import main
 from dex.config import ConfigError
-from dex.data.curate import CurateOptions, curate, finalize
+from dex.data.curation import CurateOptions, curate, finalize
 from dex.data.normalize import ct_hu, pet_suv
-from dex.data.readers import read_dicom_series, read_nifti
+from dex.data.volumes import read_dicom_volume, read_nifti
 from dex.data.recipe import MODALITIES, HoldOut, Recipe, Source
 from dex.data.shards import iter_shard
 from dex.data.stream import CuratedImages, decode_png, modality_weights
@@ -78,7 +78,7 @@ def test_every_generated_image_is_written_or_dropped_for_a_reason(phantom_collec
 
 def test_ct_slices_are_normalised_as_table_2(phantom_collection):
     raw, curated = phantom_collection / "raw", phantom_collection / "curated"
-    volume = read_dicom_series(sorted((raw / "sources/ct-dicom/case_0000").glob("*.dcm")))
+    volume = read_dicom_volume(sorted((raw / "sources/ct-dicom/case_0000").glob("*.dcm")))
     expected = ct_hu(volume.values)
     samples = shard_samples(curated)
     rows = [r for r in manifest(curated) if r["source"] == "ct-dicom" and r["path"].startswith("case_0000/")]
@@ -552,21 +552,21 @@ def test_an_empty_or_malformed_salt_is_refused(tmp_path, content):
 
 
 def test_a_kill_while_the_salt_is_made_leaves_no_salt_and_a_race_keeps_the_first(tmp_path, monkeypatch):
-    import dex.data.curate as curation
+    import dex.data.curation.privacy as privacy
 
     recipe = _one_image_source(tmp_path)
-    token_hex = curation.secrets.token_hex
+    token_hex = privacy.secrets.token_hex
 
     def killed_while_writing(length: int) -> str:
         if length == 16:  # the salt itself: the process dies here
             raise KeyboardInterrupt
         return token_hex(length)
 
-    monkeypatch.setattr(curation.secrets, "token_hex", killed_while_writing)
+    monkeypatch.setattr(privacy.secrets, "token_hex", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
     assert list((tmp_path / "out/private").iterdir()) == []  # no salt, empty or whole, and no temporary file
-    monkeypatch.setattr(curation.secrets, "token_hex", token_hex)
+    monkeypatch.setattr(privacy.secrets, "token_hex", token_hex)
 
     winner = "ab" * 16
     link = os.link
@@ -575,7 +575,7 @@ def test_a_kill_while_the_salt_is_made_leaves_no_salt_and_a_race_keeps_the_first
         Path(target).write_text(winner + "\n")
         link(source, target)
 
-    monkeypatch.setattr(curation.os, "link", another_part_first)
+    monkeypatch.setattr(privacy.os, "link", another_part_first)
     curate(recipe, tmp_path / "out", options=OPTIONS, progress=False)
     assert (tmp_path / "out/private/salt.txt").read_text() == winner + "\n"
     assert [p.name for p in (tmp_path / "out/private").glob(".salt-*")] == []

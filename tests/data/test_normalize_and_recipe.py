@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dex.data.normalize import ct_hu, mr_percentile, normalize_volume, pet_raw, pet_suv, scale_255, volume_slice
+from dex.data.normalize import ct_hu, mr_percentile, normalize_volume, pet_raw, pet_suv, scale_255
 from dex.data.recipe import HoldOut, Recipe, Source
+from dex.data.volumes import volume_slice
 
 
 def test_ct_window():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dex.data.curate import discover_units
+from dex.data.curation import discover_units
 from dex.data.phantoms import eye, make_phantoms, optical, radiology, reports
 from dex.data.phantoms.generate import item_rng
 from dex.data.phantoms.shapes import to_uint

@@ -19,16 +19,10 @@ from dex.data.phantoms.generate import _ct_volume, _pet_scan, task_fundus
 from dex.data.phantoms.optical import EOSIN_OD, HAEMATOXYLIN_OD
 from dex.data.phantoms.radiology import T
 from dex.data.phantoms.shapes import speckle
-from dex.data.readers import (
-    group_dicom_series,
-    read_dicom_series,
-    read_label_map,
-    read_nifti,
-    read_picture,
-    read_video_frames,
-)
+from dex.data.readers import group_dicom_series, read_label_map, read_picture, read_video_frames
 from dex.data.recipe import MODALITIES, Recipe
 from dex.data.tasks import TaskSpec
+from dex.data.volumes import read_dicom_volume, read_nifti
 
 SIZE = 32
 
@@ -279,7 +273,7 @@ def test_every_written_file_reads_back(collection):
         assert files, source.name
         if source.format == "dicom":
             series = group_dicom_series(files)
-            volumes = [read_dicom_series(paths) for paths in series.values()]
+            volumes = [read_dicom_volume(paths) for paths in series.values()]
             count = sum(v.values.shape[0] for v in volumes)
             if source.modality == "PET":
                 assert all(v.meta["suv_factor"] for v in volumes)
@@ -295,14 +289,14 @@ def test_every_written_file_reads_back(collection):
 
 
 def test_dicom_and_nifti_hold_the_generated_hounsfield_units(collection):
-    dicom = read_dicom_series(sorted((collection / "sources/ct-dicom/case_0000").glob("*.dcm")))
+    dicom = read_dicom_volume(sorted((collection / "sources/ct-dicom/case_0000").glob("*.dcm")))
     _, hu = _ct_volume(5, "ct-dicom", 0, SIZE)
     above_floor = hu > -1020  # stored values are clipped at 0 = -1024 HU, as scanners do
     assert np.abs(dicom.values - hu)[above_floor].max() <= 0.25 + 1e-4  # slope 0.5: rounding to 0.25 HU
     nifti = read_nifti(collection / "sources/ct-nifti/case_0000.nii.gz")[0]  # stored with a flipped x axis
     _, hu = _ct_volume(5, "ct-nifti", 0, SIZE)
     np.testing.assert_array_equal(nifti.values, np.round(hu))
-    pet = read_dicom_series(sorted((collection / "sources/pet-dicom/case_0000").glob("*.dcm")))
+    pet = read_dicom_volume(sorted((collection / "sources/pet-dicom/case_0000").glob("*.dcm")))
     scan = _pet_scan(5, "pet-dicom", 0, SIZE)
     np.testing.assert_allclose(pet.values * pet.meta["suv_factor"], scan.suv, atol=1e-3 * scan.suv.max())
 

@@ -17,7 +17,7 @@ from dex.analysis import plots
 from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, full_scale
 from dex.data.readers import read_picture
 from dex.data.stream import FolderImages, decode_png
-from dex.data.transforms import EvalTransform, PretrainTransform
+from dex.data.transforms import PretrainTransform
 from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.downstream.finetune import TaskImages
 from dex.models import export_director, save_pretrained
@@ -70,12 +70,11 @@ def test_reading_a_picture_equals_the_direct_formula(pictures):
 
 
 def test_every_pipeline_feeds_the_same_input(pictures, tmp_path):
-    """Fine-tuning, the analyses (EvalTransform on an image folder) and the decoded shard PNGs give the formula's
+    """Fine-tuning, the analyses (a Preprocessing on an image folder) and the decoded shard PNGs give the formula's
     tensor; the pretraining augmentation's tail is the same (no crop, flip or rotation drawn: it equals it too)."""
     task = SimpleNamespace(images={path.stem: path for path, _, _ in pictures})
     by_task = TaskImages(task, list(task.images), SIZE)
-    folder = FolderImages(tmp_path, EvalTransform(SIZE))
-    assert isinstance(EvalTransform(SIZE), Preprocessing) and EvalTransform(SIZE) == Preprocessing(size=SIZE)
+    folder = FolderImages(tmp_path, Preprocessing(size=SIZE))
     by_name = {folder.files[i].stem: folder[i]["image"] for i in range(len(folder))}
     unchanged = PretrainTransform(SIZE, p=0.0, min_mean=2.0)  # every crop refused: the centre square, resized
     for path, pixels, full in pictures:
@@ -83,7 +82,7 @@ def test_every_pipeline_feeds_the_same_input(pictures, tmp_path):
         assert torch.equal(by_task.image(path.stem), expected), path.name
         assert torch.equal(by_name[path.stem], expected), path.name
         if path.suffix == ".png":
-            assert torch.equal(EvalTransform(SIZE)(decode_png(path.read_bytes())), expected), path.name
+            assert torch.equal(Preprocessing(size=SIZE)(decode_png(path.read_bytes())), expected), path.name
         square = full_scale(read_picture(path))[:, :20, :20]
         assert torch.equal(unchanged(square), direct(pixels[:20, :20], full)), path.name
 

@@ -1,116 +1,13 @@
-"""Readers on real files (the shared CT series, pydicom's bundled CT/MR) and on broken ones."""
+"""Readers of pictures, masks, NPY arrays and video on real files and broken ones (volumes: test_volumes.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 
-from dex.data.phantoms.writers import write_nifti, write_video
-from dex.data.readers import (
-    ReadError,
-    group_dicom_series,
-    read_dicom_series,
-    read_dicom_series_display,
-    read_label_map,
-    read_nifti,
-    read_picture,
-    read_video_frames,
-)
-
-SHARED_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-lung-dicom" / "images"
-
-
-@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="shared data not present")
-def test_real_ct_series_sorted_by_position_in_hounsfield_units():
-    files = sorted(SHARED_CT.rglob("*.dcm"))
-    series = group_dicom_series(files)
-    assert len(series) == 1
-    volume = read_dicom_series(files[::-1])  # file order must not matter
-    assert volume.values.shape == (64, 512, 512)
-    assert volume.spacing == pytest.approx((5.0, 0.841796875, 0.841796875))
-    assert volume.values.min() == -1024 and volume.values.max() == 2976  # stored 0..4000, intercept -1024
-    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files]
-    top = files[int(np.argmax(z))]  # the first slice is the most superior one
-    stored = pydicom.dcmread(top).pixel_array.astype(np.float32) - 1024
-    np.testing.assert_array_equal(volume.values[0], stored)
-    assert volume.meta["modality"] == "CT" and volume.meta["units"] == "HU"
-
-
-@pytest.mark.skipif(not SHARED_CT.is_dir(), reason="shared data not present")
-def test_real_ct_series_placed_in_patient_space_matches_its_nifti_affine():
-    files = sorted(SHARED_CT.rglob("*.dcm"))
-    plain, placed = read_dicom_series(files), read_dicom_series_display(files)
-    np.testing.assert_array_equal(placed.values, plain.values)  # a standard axial series is already in display
-    ds = pydicom.dcmread(files[0])
-    top = max((pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient for f in files), key=lambda p: p[2])
-    voxel = np.array([10, 20, 30, 1.0])  # display (z, y, x)
-    lps = [top[0] + 30 * float(ds.PixelSpacing[1]), top[1] + 20 * float(ds.PixelSpacing[0]), top[2] - 10 * 5.0]
-    np.testing.assert_allclose(placed.meta["affine"] @ voxel, [-lps[0], -lps[1], lps[2], 1.0], atol=1e-6)
-    assert placed.meta["modality"] == "CT"
-
-
-def test_pydicom_ct_applies_rescale():
-    path = Path(get_testdata_file("CT_small.dcm"))
-    ds = pydicom.dcmread(path)
-    volume = read_dicom_series([path])
-    expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    np.testing.assert_array_equal(volume.values[0], expected)
-
-
-def test_truncated_and_foreign_dicom_name_the_file(tmp_path):
-    with pytest.raises(ReadError, match="MR_truncated.dcm"):
-        read_dicom_series([Path(get_testdata_file("MR_truncated.dcm"))])
-    empty = tmp_path / "empty.dcm"
-    empty.write_bytes(b"")
-    with pytest.raises(ReadError, match="empty.dcm: not a readable DICOM"):
-        read_dicom_series([empty])
-    png = tmp_path / "image.dcm"
-    Image.new("L", (4, 4)).save(png, format="PNG")
-    with pytest.raises(ReadError, match="image.dcm"):
-        read_dicom_series([png])
-
-
-def test_series_with_mismatched_slices_is_refused(tmp_path):
-    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    ct.save_as(tmp_path / "a.dcm")
-    mr.SeriesInstanceUID = ct.SeriesInstanceUID
-    mr.save_as(tmp_path / "b.dcm")
-    if (ct.Rows, ct.Columns) != (mr.Rows, mr.Columns):
-        with pytest.raises(ReadError, match="differ in size"):
-            read_dicom_series([tmp_path / "a.dcm", tmp_path / "b.dcm"])
-
-
-def test_nifti_any_orientation_and_4d(tmp_path):
-    volume = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
-    write_nifti(tmp_path / "ras.nii.gz", volume, (3.0, 1.0, 2.0))
-    write_nifti(tmp_path / "las.nii.gz", volume, (3.0, 1.0, 2.0), flip_x=True)
-    for name in ("ras", "las"):
-        (read,) = read_nifti(tmp_path / f"{name}.nii.gz")
-        np.testing.assert_array_equal(read.values, volume)
-        assert read.spacing == (3.0, 1.0, 2.0)
-    series = np.random.default_rng(1).normal(size=(4, 4, 3, 2)).astype(np.float32)
-    nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "4d.nii")
-    assert len(read_nifti(tmp_path / "4d.nii")) == 2
-
-
-@pytest.mark.parametrize("data,reason", [
-    (np.zeros((4, 4), np.float32), "3D or 4D"),
-    (np.full((3, 3, 3), np.nan, np.float32), "NaN"),
-])
-def test_bad_nifti(tmp_path, data, reason):
-    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad.nii.gz")
-    with pytest.raises(ReadError, match=f"bad.nii.gz: .*{reason}"):
-        read_nifti(tmp_path / "bad.nii.gz")
-    (tmp_path / "cut.nii.gz").write_bytes((tmp_path / "bad.nii.gz").read_bytes()[:40])
-    with pytest.raises(ReadError, match="cut.nii.gz"):
-        read_nifti(tmp_path / "cut.nii.gz")
+from dex.data.phantoms.writers import write_video
+from dex.data.readers import ReadError, read_label_map, read_picture, read_video_frames
 
 
 def test_pictures_of_every_kind(tmp_path):

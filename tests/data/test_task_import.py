@@ -17,9 +17,10 @@ from dex.cli import main
 from dex.data.dedup import near_duplicate_groups
 from dex.data.normalize import ct_hu
 from dex.data.phantoms.writers import write_nifti
-from dex.data.readers import read_dicom_series, read_picture
+from dex.data.readers import read_picture
 from dex.data.importers import ImportOptions, Item, TaskWriter, import_task
 from dex.data.tasks import load_task, mask_labels, write_csv
+from dex.data.volumes import read_dicom_volume, read_nifti
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
@@ -234,7 +235,7 @@ def test_csv_with_named_columns_and_one_hot_labels(tmp_path):
 @pytest.fixture(scope="module")
 def real_ct() -> np.ndarray:
     files = sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm"))
-    return read_dicom_series(files).values[:, ::4, ::4]  # [64, 128, 128] HU
+    return read_dicom_volume(files).values[:, ::4, ::4]  # [64, 128, 128] HU
 
 
 @needs_shared
@@ -280,7 +281,7 @@ def test_volumes_from_a_dicom_series_line_up_with_labels_drawn_in_patient_space(
     """The real CT series stored mirrored (columns reversed, Image Orientation (-1, 0, 0, ...)): same anatomy, other
     pixel order. A label volume written in patient space from the original's tags must line up with it."""
     files = sorted((SHARED / "ct-lung-dicom" / "images").rglob("*.dcm"))[20:36]
-    original = read_dicom_series(files)  # standard axial: already in the display layout
+    original = read_dicom_volume(files)  # standard axial: already in the display layout
     case = tmp_path / "images" / "lung_001"
     case.mkdir(parents=True)
     top = None
@@ -490,12 +491,11 @@ def _label_in_display_space(path: Path, labels: np.ndarray, affine: np.ndarray) 
 
 
 def test_bad_files_in_a_dicom_case_folder_are_named_and_the_series_is_imported(tmp_path):
-    from dex.data.readers import read_dicom_series_display, read_nifti
     from tests.conftest import ct_series
 
     case = tmp_path / "images/case_a"
     ct_series(case, "slice", "1.2.826.0.1.3680043.8.498.7", 4, 0)
-    volume = read_dicom_series_display(sorted(case.glob("*.dcm")))
+    volume = read_dicom_volume(sorted(case.glob("*.dcm")))
     (case / "empty.dcm").write_bytes(b"")
     (case / "garbage.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
     labels = (volume.values > 0).astype(np.uint8)
@@ -512,12 +512,11 @@ def test_bad_files_in_a_dicom_case_folder_are_named_and_the_series_is_imported(t
 
 
 def test_a_dicom_case_with_a_missing_slice_is_refused(tmp_path):
-    from dex.data.readers import read_dicom_series_display
     from tests.conftest import ct_series
 
     for name, uid in (("case_a", "1.2.826.0.1.3680043.8.498.8"), ("case_b", "1.2.826.0.1.3680043.8.498.9")):
         ct_series(tmp_path / "images" / name, "slice", uid, 5, 0)
-        volume = read_dicom_series_display(sorted((tmp_path / "images" / name).glob("*.dcm")))
+        volume = read_dicom_volume(sorted((tmp_path / "images" / name).glob("*.dcm")))
         _label_in_display_space(tmp_path / "labels" / f"{name}.nii.gz", np.ones(volume.values.shape, np.uint8),
                                 volume.meta["affine"])
     (tmp_path / "images/case_a/slice_2.dcm").unlink()  # a gap: the geometry of the rest would misplace labels

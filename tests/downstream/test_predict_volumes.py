@@ -24,8 +24,9 @@ from scipy.spatial.distance import cdist
 from dex.cli import main
 from dex.data.importers import ImportOptions, import_task
 from dex.data.preprocess import Preprocessing
-from dex.data.readers import read_label_map, read_nifti, read_volume, source_grid
+from dex.data.readers import read_label_map
 from dex.data.tasks import load_task
+from dex.data.volumes import read_nifti, read_volume, source_grid
 from dex.downstream.embed import embed
 from dex.downstream.finetune import task_preprocessing
 from dex.downstream.metrics import segmentation_case_metrics

@@ -43,7 +43,7 @@ from dex.data.importers.writer import (
     MakeItems,
     TaskWriter,
 )
-from dex.data.readers import SLICE_AXES
+from dex.data.normalize import SLICE_AXES
 from dex.data.tasks import CLASSIFICATION_METRICS, TaskSpec
 
 __all__ = [

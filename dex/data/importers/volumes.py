@@ -9,9 +9,10 @@ import numpy as np
 
 from dex.data.importers.masks import MaskMapping
 from dex.data.importers.writer import Item, MakeItems, TaskWriter, _clean, _read_split_file
-from dex.data.normalize import SLICE_AXES, VOLUME_NORMALIZERS, normalize_volume, volume_slice
-from dex.data.readers import Problem, ReadError, read_label_volume, read_volume
+from dex.data.normalize import VOLUME_NORMALIZERS
+from dex.data.readers import Problem, ReadError
 from dex.data.tasks import split_of
+from dex.data.volumes import SLICE_AXES, cut, normalize_volume, read_label_volume, read_volume, volume_slice
 
 
 def _case_name(path: Path) -> str:
@@ -29,8 +30,9 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
                    channel: int = 0, splits_file: str | Path | None = None, seed: int = 0) -> None:
     """Image volumes and their NIfTI label volumes (same name, or the nnU-Net ``CASE_0000`` for ``CASE``) as 2D
     slices. An image volume is a NIfTI file or a folder holding one DICOM series (placed in patient space from its
-    geometry, so labels drawn on it in any viewer line up); a label volume must be in the image's space (same
-    affine within 0.01 mm) or the case is a problem.
+    geometry, so labels drawn on it in any viewer line up; :func:`dex.data.volumes.read_volume`); a label volume must
+    be in the image's space (same affine within 0.01 mm) or the case is a problem. ``axis`` names an anatomical plane
+    whatever the acquisition: both are cut in the display layout of :mod:`dex.data.volumes`.
 
     The image is normalised as a volume (Table 2: ``ct_hu``, ``mr_percentile``, ``pet_suv``, ``pet_raw``) and
     stored as 16-bit PNG (the [0, 1] values times 65535), the label slice as a PNG of class indices. ``slices``:
@@ -71,10 +73,10 @@ def import_volumes(images: str | Path, labels: str | Path, writer: TaskWriter, m
             raw = read_label_volume(label_files[case], volume, path.name)
             classes = mapping(label_files[case], raw, volume=True)
             normalised = normalize_volume(volume.values, normalization)
-            keep = [i for i in range(raw.shape[dim]) if slices == "all" or np.take(classes, i, dim).any()][::stride]
+            keep = [i for i in range(raw.shape[dim]) if slices == "all" or cut(classes, i, axis).any()][::stride]
             return [Item(f"{_clean(case)}_{i:04d}",
                          volume_slice(normalised, i, axis),
-                         mask=np.take(classes, i, dim), split=official.get(case, drawn[case]), case=_clean(case),
+                         mask=cut(classes, i, axis), split=official.get(case, drawn[case]), case=_clean(case),
                          slice=i) for i in keep]
         return make
 
