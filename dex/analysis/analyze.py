@@ -18,15 +18,13 @@ from dex.analysis.patterns import pattern_layout
 from dex.analysis.collapse import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
-from dex.config import read_yaml
 from dex.data.recipe import MODALITIES
 from dex.data.stream import CuratedImages, FolderImages
 from dex.data.transforms import MultiViewTransform
 from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_encoder
 from dex.models.backbones import final_tokens, input_size, is_vit, token_grid
-from dex.train.export import run_objective
-from dex.train.objective import RunConfig
-from dex.train.objectives import objective_class
+from dex.train.objective import Objective
+from dex.train.runs import run_objective, run_objective_class
 
 
 def labelled_images(data: str | Path, preprocessing: Callable[[torch.Tensor], torch.Tensor],
@@ -68,16 +66,15 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(flat, size=size, mode="bilinear").reshape(*images.shape[:-2], size, size)
 
 
-def routed_projector(source: str | Path) -> torch.nn.Module | None:
-    """The routed projector of a pretraining run whose objective has one (an M-IDoL run: its teacher's, from the
-    newest checkpoint); None for any other source."""
-    config = Path(str(source)) / "config.yaml"
-    if not config.is_file():
+def routed_module(source: str | Path) -> torch.nn.Module | None:
+    """The module that routes the encoder's features to experts, of a pretraining run whose objective declares one
+    (:meth:`~dex.train.objective.Objective.routed_module`: an M-IDoL run's teacher projector, from the newest
+    checkpoint); None for any other source, whose checkpoints are then not read."""
+    if not (Path(str(source)) / "config.yaml").is_file():
         return None
-    objective = objective_class(read_yaml(config).get("objective", RunConfig.objective))
-    if not hasattr(objective, "routed_projector"):
+    if run_objective_class(source).routed_module is Objective.routed_module:
         return None
-    return run_objective(source).routed_projector().eval()
+    return run_objective(source).routed_module().eval()
 
 
 def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dict[str, str] | None = None,
@@ -104,37 +101,11 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
     present = sorted(set(labels.tolist()))
     result: dict[str, Any] = {"encoder": str(encoder_source), "data": str(data), "images": len(images),
                               "modalities": {MODALITIES[m]: int((labels == m).sum()) for m in present}}
-    # routing (DEX encoders)
     if getattr(encoder, "dex_modules", lambda: [])():
-        tables = routing_tables(encoder, _batches(images, labels))
-        plots.routing_heatmaps(tables, out / "routing.png")
-        result["routing"] = [
-            {"layer": i + 1, "nmi": nmi, "usage_entropy": entropy, "shared_experts": shared_experts(t)}
-            for i, (t, nmi, entropy) in enumerate(zip(tables, layer_nmi(tables), usage_entropy(tables)))]
-        result["routing_tables"] = tables.tolist()
-    grid = token_grid(encoder)
-    patch = size // grid[1]
-    # attention: the first image of each modality (a ViT's global attention; a Swin's is windowed)
-    if is_vit(encoder):
-        query = (grid[0] // 2, grid[1] // 2)
-        firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
-        attention = last_layer_attention(encoder, images[firsts], query)
-        plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
-                             patch, out / "attention.png", preprocessing)
-        result["attention"] = "attention.png"
-    # pattern layout per modality
-    rows = []
-    for m in present:
-        members = images[labels == m]
-        with torch.no_grad():
-            tokens = final_tokens(encoder, members)[1]
-        _, representatives = pattern_layout(tokens, clusters, 3, seed)
-        crops = [[plots.display(members[i], preprocessing)[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
-                                            (p % grid[1]) * patch:(p % grid[1] + 1) * patch]
-                  for i, p in cluster] for cluster in representatives]
-        rows.append((MODALITIES[m], crops))
-    plots.pattern_grid(rows, out / "patterns.png")
-    # computation
+        result["routing"], result["routing_tables"] = _routing(encoder, images, labels, out)
+    if is_vit(encoder):  # a ViT's global attention; a Swin's is windowed
+        result["attention"] = _attention(encoder, images, labels, present, preprocessing, out)
+    _patterns(encoder, images, labels, present, preprocessing, clusters, seed, out)
     result["cost"] = activation_cost(cost_model)
     plots.cost_curves(result["cost"], out / "cost.png")
     # modality-collapse diagnostics, side by side with the baselines
@@ -142,28 +113,79 @@ def analyze(encoder_source: str, data: str | Path, out: str | Path, compare: dic
                       model_args={k: v for k, v in getattr(encoder, "model_args", {}).items() if k != "img_size"})
     encoders = {name: encoder, **{other: load_encoder(EncoderSpec(other, source, **same_shape)).eval()
                                   for other, source in (compare or {}).items()}}
-    projector = routed_projector(encoder_source)
+    projector = routed_module(encoder_source)
     result["collapse"], result["subspaces"] = {}, {}
     for label, model in encoders.items():
-        model_size = input_size(model)[0]
-        inputs, model_views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
-        per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
-                                                         for batch in _batches(inputs, labels)))]
-        result["collapse"][label] = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
-        # M-IDoL's specificity (the analysed encoder's routed projector) and diversity (every encoder)
-        routed = projector if label == name else None
-        features, experts = features_and_experts(model, (b["image"] for b in _batches(inputs, labels)), routed)
-        view_features = [features_and_experts(model, (b["image"] for b in _batches(model_views[:, v], labels)))[0]
-                         for v in (0, 1)]
-        result["subspaces"][label] = subspace_diagnostics(features, tuple(view_features), labels, list(MODALITIES),
-                                                          experts, routed.num_experts if routed else None)
-        if label == name:
-            plots.feature_map(tsne_map(features, seed), [MODALITIES[m] for m in labels.tolist()],
-                              out / "subspaces.png", None if experts is None else experts.tolist())
+        result["collapse"][label], result["subspaces"][label] = _features_diagnostics(
+            model, images, view_images, labels, size, projector if label == name else None, seed,
+            out / "subspaces.png" if label == name else None)
     plots.collapse_curves(result["collapse"], out / "collapse.png")
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "analysis.md").write_text(markdown(result))
     return result
+
+
+def _routing(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             out: Path) -> tuple[list[dict[str, Any]], list]:
+    """Fig. 9: the expert activation per modality and layer (``routing.png``), and per layer the NMI of modality and
+    experts, the usage entropy and the experts shared by modalities."""
+    tables = routing_tables(encoder, _batches(images, labels))
+    plots.routing_heatmaps(tables, out / "routing.png")
+    return ([{"layer": i + 1, "nmi": nmi, "usage_entropy": entropy, "shared_experts": shared_experts(t)}
+             for i, (t, nmi, entropy) in enumerate(zip(tables, layer_nmi(tables), usage_entropy(tables)))],
+            tables.tolist())
+
+
+def _attention(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, present: list[int],
+               preprocessing: Callable, out: Path) -> str:
+    """Fig. 6: the last block's attention of the centre patch on the first image of each modality."""
+    grid = token_grid(encoder)
+    query = (grid[0] // 2, grid[1] // 2)
+    firsts = [int(torch.nonzero(labels == m)[0]) for m in present]
+    attention = last_layer_attention(encoder, images[firsts], query)
+    plots.attention_grid([(MODALITIES[m], images[i], a) for m, i, a in zip(present, firsts, attention)], query,
+                         input_size(encoder)[0] // grid[1], out / "attention.png", preprocessing)
+    return "attention.png"
+
+
+def _patterns(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, present: list[int],
+              preprocessing: Callable, clusters: int, seed: int, out: Path) -> None:
+    """Fig. 7: per modality, the patches nearest to each k-means centre of the final patch tokens."""
+    grid = token_grid(encoder)
+    patch = input_size(encoder)[0] // grid[1]
+    rows = []
+    for m in present:
+        members = images[labels == m]
+        with torch.no_grad():
+            tokens = final_tokens(encoder, members)[1]
+        _, representatives = pattern_layout(tokens, clusters, 3, seed)
+        crops = [[plots.display(members[i], preprocessing)[(p // grid[1]) * patch:(p // grid[1] + 1) * patch,
+                                                           (p % grid[1]) * patch:(p % grid[1] + 1) * patch]
+                  for i, p in cluster] for cluster in representatives]
+        rows.append((MODALITIES[m], crops))
+    plots.pattern_grid(rows, out / "patterns.png")
+
+
+def _features_diagnostics(model: torch.nn.Module, images: torch.Tensor, view_images: torch.Tensor,
+                          labels: torch.Tensor, size: int, routed: torch.nn.Module | None, seed: int,
+                          feature_map: Path | None) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """One encoder's modality-collapse diagnostics per layer (App. A) and the specificity (with ``routed``, the
+    module that routes its features: M-IDoL's projector) and diversity of its features (two views of each image);
+    with ``feature_map``, their t-SNE map there. Inputs made at ``size`` are resized to the model's."""
+    model_size = input_size(model)[0]
+    inputs, model_views = (x if model_size == size else resized(x, model_size) for x in (images, view_images))
+    per_layer = [torch.cat(chunk) for chunk in zip(*(layer_features(model, batch["image"])
+                                                     for batch in _batches(inputs, labels)))]
+    collapse = collapse_diagnostics([f.numpy() for f in per_layer], labels.numpy(), seed)
+    features, experts = features_and_experts(model, (b["image"] for b in _batches(inputs, labels)), routed)
+    view_features = [features_and_experts(model, (b["image"] for b in _batches(model_views[:, v], labels)))[0]
+                     for v in (0, 1)]
+    subspaces = subspace_diagnostics(features, tuple(view_features), labels, list(MODALITIES), experts,
+                                     routed.num_experts if routed else None)
+    if feature_map is not None:
+        plots.feature_map(tsne_map(features, seed), [MODALITIES[m] for m in labels.tolist()], feature_map,
+                          None if experts is None else experts.tolist())
+    return collapse, subspaces
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -27,16 +27,17 @@ def run_top_k(model_args: dict) -> int | None:
 
 
 def training_curves(rows: list[dict], path: Path, top_k: int | None = None,
-                    terms: tuple[str, ...] = ("reconstruction", "alignment", "balance")) -> None:
+                    terms: tuple[str, ...] = ("reconstruction", "alignment", "balance"),
+                    routing_keys: tuple[str, ...] = ()) -> None:
     """A run's ``log.jsonl`` rows: the loss with its first term, one panel per other loss term (``terms``, the
-    objective's), and what the run logged of its routing: per-layer DEX expert usage entropy, and for a routed
-    projector (M-IDoL) the load entropy and the agreement of the views, for MedMoE's report router its load entropy
-    and its agreement with the report type and with the image router. ``top_k`` (the run's K, when the same in
-    every layer) marks the balance loss of a perfectly balanced DEX routing."""
+    objective's), and what the run logged of its routing: per-layer DEX expert usage entropy, and in one panel the
+    shares of ``routing_keys`` that the last row holds (the objective's
+    :attr:`~dex.train.objective.Objective.routing_log_keys`: M-IDoL's load entropy and view agreement, MedMoE's
+    agreement with the report type...). ``top_k`` (the run's K, when the same in every layer) marks the balance
+    loss of a perfectly balanced DEX routing."""
     steps = [r["step"] for r in rows]
     entropy = np.array([r["usage_entropy"] for r in rows if r.get("usage_entropy")])
-    projector = [key for key in ("load_entropy", "view_agreement", "code_agreement", "type_agreement",
-                                 "image_router_agreement") if key in rows[-1]]
+    projector = [key for key in routing_keys if key in rows[-1]]
     panels = len(terms) + (1 if entropy.size else 0) + (1 if projector else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
     axes = list(axes[0])

@@ -16,8 +16,7 @@ import yaml
 
 from dex.analysis import plots
 from dex.config import read_yaml
-from dex.train.objective import RunConfig
-from dex.train.objectives import objective_class
+from dex.train.runs import run_objective_class
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -85,12 +84,14 @@ def _run_section(folder: Path) -> str:
     parts = [f"<h2>Pretraining run {html.escape(folder.name)}</h2>"]
     if rows:
         first, last = rows[0], rows[-1]
-        terms = objective_class(config.get("objective", RunConfig.objective)).loss_terms
+        objective = run_objective_class(folder)
+        terms = objective.loss_terms
         parts.append(f"<p>{last['step']} steps ({last.get('skipped', 0)} skipped); loss {first['loss']:.4f} -> "
                      f"{last['loss']:.4f}; " + ", ".join(f"{t} {last[t]:.4f}" for t in terms) +
                      f"; {last.get('images_per_s', 0):.0f} images/s.</p>")
         buffer = io.BytesIO()
-        plots.training_curves(rows, buffer, plots.run_top_k(config.get("model_args") or {}), terms)
+        plots.training_curves(rows, buffer, plots.run_top_k(config.get("model_args") or {}), terms,
+                              objective.routing_log_keys)
         parts.append(_image(buffer.getvalue()))
         warnings = [w for r in rows for w in r.get("warnings", [])]
         if warnings:

@@ -4,8 +4,8 @@ Per image, slice of a volume or frame of a DICOM object: the pooled feature (a V
 of its final map) and the mean of the final normalised tokens
 (:func:`dex.models.backbones.final_tokens`), each as a row of a float32 matrix (``cls.npy`` and
 ``mean_patch.npy``, [N, D]), and ``index.csv`` naming the input and slice of each row. Inputs are found and read as
-:mod:`dex.downstream.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one the
-folder records, given, or its modality's), and fed in batches, in a stable order (the inputs as given, a folder's
+:mod:`dex.downstream.inputs` describes, driven by the encoder folder's preprocessing (a volume's Table 2 rule: the one
+the folder records, given, or its modality's), and fed in batches, in a stable order (the inputs as given, a folder's
 files sorted by path). An input that cannot be read goes to ``errors.csv`` with the reason, and the others are
 embedded.
 
@@ -33,6 +33,7 @@ from dex.downstream.encoders import EncoderSpec, encoder_preprocessing, load_enc
 from dex.downstream.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.files import write_csv
 from dex.models.backbones import pooled_and_mean
+from dex.train.runs import load_kept
 
 
 class EmbedSummary(NamedTuple):
@@ -68,16 +69,13 @@ def read_texts(files: Sequence[str | Path], errors: list[Problem]) -> list[tuple
 
 
 def _vision_language(source: str, needed: bool) -> nn.Module | None:
-    """The MedMoE model of ``source`` when it is one (an export or run folder with ``heads/``), else None; texts
-    given to an image encoder are a ValueError."""
-    if (Path(source) / "heads" / "config.json").is_file():
-        from dex.train.export import load_medmoe  # here: reading the model loads transformers
-
-        return load_medmoe(source)
-    if needed:
+    """The whole model of ``source`` when its method keeps more than the encoder (a vision-language model: a MedMoE
+    export or run folder), else None; texts given to an image encoder are a ValueError."""
+    model = load_kept(source)
+    if model is None and needed:
         raise ValueError(f"{source}: texts need a vision-language model (a MedMoE export or run folder, with heads/ "
                          "and text/); this is an image encoder")
-    return None
+    return model
 
 
 def embed(encoder_source: str, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 64,

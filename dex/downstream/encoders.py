@@ -109,7 +109,7 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
         elif (path / "config.json").is_file():
             encoder = load_pretrained(path)
         elif (path / "config.yaml").is_file():
-            from dex.train.export import run_encoder
+            from dex.train.runs import run_encoder
 
             encoder = run_encoder(path)
         else:

@@ -28,6 +28,7 @@ from dex.data.tasks import load_task
 from dex.downstream.metrics import classification_metrics
 from dex.eval.retrieval import class_embeddings, retrieval_metrics, zero_shot_logits
 from dex.models.weights import load_preprocessing
+from dex.train.runs import load_kept
 
 #: Prompt templates of zero-shot classification (ours); ``{name}`` is the class name, ``{modality}`` the task's.
 TEMPLATES = ("{name}", "{modality} image: {name}.", "a {modality} image showing {name}.")
@@ -72,10 +73,11 @@ def evaluate_vision_language(model_folder: str | Path, pairs: str | Path, out: s
     """Run every evaluation of the module's docstring for the MedMoE model of ``model_folder`` (a ``dex export``
     folder or a finished run) on the pair collection ``pairs`` and the classification ``tasks``; write and return
     the results."""
-    from dex.train.export import load_medmoe  # here: reading the model loads transformers
-
     model_folder, out = Path(model_folder), Path(out)
-    model = load_medmoe(model_folder)
+    model = load_kept(model_folder)
+    if model is None:
+        raise ValueError(f"{model_folder}: not a vision-language model (a MedMoE export or finished run folder, with "
+                         "text/ and heads/)")
     backbone = model_folder / "encoder" if (model_folder / "encoder" / "config.json").is_file() else model_folder
     preprocessing = load_preprocessing(backbone)
     images, reports, types = held_out_pairs(pairs, preprocessing)

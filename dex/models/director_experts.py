@@ -224,6 +224,10 @@ class LayerLosses(NamedTuple):
     alignment_per_layer: Tensor  # [L] L_co^l (0 where the mode computes none)
     balance_per_layer: Tensor  # [L] L_bal^l (0 where the mode computes none)
 
+    def added_to(self, loss: Tensor, lambda_co: float, lambda_bal: float) -> Tensor:
+        """Eq. 8: a method's ``loss`` + lambda_co * alignment + lambda_bal * balance (summed in this order)."""
+        return loss + lambda_co * self.alignment + lambda_bal * self.balance
+
 
 def layer_losses(aux: Sequence[DEXAux], device: torch.device | None = None) -> LayerLosses:
     """Combine the per-layer alignment and balance losses as Eq. 8 does."""

@@ -177,7 +177,7 @@ class MaskedAutoencoderDEX(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         reconstruction = self.reconstruction_loss(imgs, pred, mask)
         aux_losses = layer_losses(aux, device=imgs.device)
-        loss = reconstruction + lambda_co * aux_losses.alignment + lambda_bal * aux_losses.balance
+        loss = aux_losses.added_to(reconstruction, lambda_co, lambda_bal)
         return MAEOutput(
             loss, reconstruction, aux_losses.alignment, aux_losses.balance, pred, mask,
             aux_losses.alignment_per_layer, aux_losses.balance_per_layer,

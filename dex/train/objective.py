@@ -1,4 +1,4 @@
-"""What the pretraining loop trains: the objective interface, and the settings of the loop itself.
+"""What the pretraining loop trains: the objective interface, its registry, and the settings of the loop itself.
 
 The loop (:func:`dex.train.pretrain.pretrain`) owns the data, the optimiser and its learning-rate schedule, gradient
 accumulation and clipping, non-finite steps, checkpoints and exact resume, logging, and DDP / FSDP. It knows nothing
@@ -6,7 +6,8 @@ of the method: everything else is the objective's. An objective is one ``nn.Modu
 optimises and checkpoints) that declares
 
 - its models: :meth:`Objective.kept` (what the run keeps at the end, e.g. ``{"encoder": ...}``, and in
-  :meth:`Objective.save_extras` what else it writes, e.g. a text encoder), and
+  :meth:`Objective.save_extras` what else it writes, e.g. a text encoder, which :meth:`Objective.load_kept` reads
+  back with the encoder as one model), and
   :meth:`Objective.teachers` (modules that follow the trained ones by a hook, such as EMA teachers; their parameters
   need no gradient, so the optimiser leaves them alone, and they are part of the state dict, so checkpoints hold them);
 - the batches it needs: :meth:`Objective.transform` makes each image's sample (one augmented view; a multi-view
@@ -14,10 +15,15 @@ optimises and checkpoints) that declares
 - its random inputs per step, drawn for the global batch (:meth:`Objective.step_inputs`), so that a step is the same
   whatever the number of ranks;
 - its schedules (:meth:`Objective.schedule`) and loss terms (:attr:`Objective.loss_terms`), which the log records;
-- its per-step hooks (:meth:`Objective.hooks`), run after every optimiser step (the DEX director update is one).
+- its per-step hooks (:meth:`Objective.hooks`), run after every optimiser step (the DEX director update is one);
+- for the analyses, the log keys of its routing (:attr:`Objective.routing_log_keys`, which ``dex report`` plots)
+  and a module that routes the kept encoder's features (:meth:`Objective.routed_module`, for ``dex analyze``).
 
 A new method is one module with its config (a subclass of :class:`RunConfig` adding the method's keys) and its
-objective, registered in :mod:`dex.train.objectives`; the loop does not change.
+objective, registered by :func:`register_objective` (a class decorator) under its :attr:`Objective.name`; the loop
+does not change. A method whose backbone may be a DEX ViT subclasses
+:class:`dex.train.dex_backbone.DEXBackboneObjective`, which brings the DEX terms (Eq. 8, router noise, director
+update, schedules).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from torch import Tensor, nn
 
@@ -48,7 +54,7 @@ class RunConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0
     device: str = "auto"  # auto (cuda if present), cpu or cuda
-    objective: str = "mae_dex"  # the method (dex.train.objectives.OBJECTIVES)
+    objective: str = "mae_dex"  # the method (a name in OBJECTIVES)
     # data: a curated folder (dex curate) or any folder of images
     data: str = "runs/medverse"
     num_workers: int = 0
@@ -118,6 +124,7 @@ class Objective(nn.Module, ABC):
     batch: ClassVar[BatchKind] = "image"
     extra_folders: ClassVar[tuple[str, ...]] = ()  # the run-folder entries save_extras writes
     extras_note: ClassVar[str] = ""  # how to read them, for the run's summary ({run}: the run folder)
+    routing_log_keys: ClassVar[tuple[str, ...]] = ()  # the hooks' logged routing shares in [0, 1], plotted together
 
     @classmethod
     @abstractmethod
@@ -132,6 +139,18 @@ class Objective(nn.Module, ABC):
     def save_extras(self, directory: Path) -> None:
         """Write what the run keeps besides :meth:`kept`'s models into ``directory`` (a run folder at the end, a
         ``dex export`` folder): MedMoE's text encoder and heads. Nothing by default."""
+
+    @classmethod
+    def load_kept(cls, folder: Path) -> nn.Module | None:
+        """The whole model the method keeps, in eval mode, from a ``dex export`` folder (the encoder in ``folder``
+        with what :meth:`save_extras` wrote beside it) or a finished run folder (``folder/encoder`` and the same);
+        None (the default) when the encoder is the whole of it, which ``dex.load_pretrained`` reads."""
+        return None
+
+    def routed_module(self) -> nn.Module | None:
+        """A module that routes the kept encoder's pooled features [B, C] to experts (its ``router`` gives the
+        scores [B, N]; ``num_experts`` is N), for ``dex analyze``; None (the default) when the method has none."""
+        return None
 
     def teachers(self) -> dict[str, nn.Module]:
         """Modules that follow the trained ones through a hook instead of the optimiser (EMA teachers)."""
@@ -162,3 +181,21 @@ class Objective(nn.Module, ABC):
     def forward(self, batch: dict[str, Tensor], schedule: Mapping[str, float],
                 inputs: Mapping[str, Any]) -> StepOutput:
         ...
+
+
+#: The objectives by name (``objective: NAME`` in a config), as :func:`register_objective` records them.
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+T = TypeVar("T", bound=type[Objective])
+
+
+def register_objective(cls: T) -> T:
+    """Class decorator: ``cls`` becomes the objective of configs with ``objective: cls.name``. Another class under a
+    name already taken is a ValueError naming both (the same class defined again, as a reloaded module does,
+    replaces itself)."""
+    known = OBJECTIVES.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"objective {cls.name!r} is already {known.__module__}.{known.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} needs another name")
+    OBJECTIVES[cls.name] = cls
+    return cls

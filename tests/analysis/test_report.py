@@ -3,14 +3,17 @@ in headless Chromium: every figure loads, the page's script runs without error, 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
 import pytest
 import yaml
 
+from dex.analysis import plots
 from dex.analysis.report import markdown_to_html, write_report
 from dex.cli import main
+from dex.train.objective import Objective, RunConfig, register_objective
 from tests.train.test_pretrain import TINY_ARGS
 
 
@@ -80,3 +83,27 @@ def test_report_of_an_empty_folder_is_an_error(tmp_path, capsys):
     assert "no pretraining run, benchmark, analysis or vision-language evaluation" in capsys.readouterr().err
     with pytest.raises(ValueError, match=str(tmp_path)):
         write_report(tmp_path)
+
+
+@register_objective
+class RoutedToy(Objective):
+    """All that dex report reads of a method: its name, loss terms and routing log keys (never built)."""
+
+    name = "routed_toy"
+    config_class = RunConfig
+    loss_terms = ("fit",)
+    routing_log_keys = ("toy_share", "toy_agreement")
+
+
+def test_the_routing_panel_shows_the_keys_the_objective_declares(tmp_path, monkeypatch):
+    (tmp_path / "config.yaml").write_text("objective: routed_toy\n")
+    rows = [{"step": step, "loss": 1.0 / step, "fit": 0.5 / step, "toy_share": 0.1 * step, "toy_agreement": 0.5,
+             "load_entropy": 0.9} for step in (1, 2, 3)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.append(figure))
+    write_report(tmp_path)
+    routing = [ax for ax in figures[0].axes if ax.get_title() == "routing of the heads"]
+    assert len(routing) == 1 and [t.get_text() for t in routing[0].get_legend().get_texts()] == ["toy_share",
+                                                                                                  "toy_agreement"]
+    assert list(routing[0].lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])  # load_entropy: not declared

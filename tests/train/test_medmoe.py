@@ -16,14 +16,15 @@ import torch.multiprocessing as mp
 import dex
 from dex.analysis.report import write_report
 from dex.cli import main
-from dex.data.curate import CurateOptions, curate
+from dex.data.curation import CurateOptions, curate
 from dex.data.phantoms import make_phantoms
 from dex.downstream.embed import embed
 from dex.models import DEXViT
 from dex.models.text import build_text_encoder
 from dex.models.weights import load_preprocessing
 from dex.safeload import load_state_dict_file
-from dex.train.export import export_run, load_medmoe, run_objective
+from dex.train.export import export_run
+from dex.train.runs import kept_objective, load_kept, run_objective
 from dex.seeding import seed_everything
 from dex.train.objectives import build_objective, load_pretrain_config
 from dex.train.objectives.medmoe import MedMoEObjective
@@ -96,8 +97,9 @@ def test_the_model_round_trips_through_export_and_load_offline(medmoe_run, tmp_p
     images, texts = torch.rand(3, 3, 64, 64), ["Chest X-ray, PA view.", "No polyp.", "Fetal head ultrasound."]
     with torch.no_grad():
         expected = trained.encode_images(images), trained.encode_texts(texts)
-        for folder in (exported, out):
-            model = load_medmoe(folder)
+        for folder in (exported, out):  # the method is found from the folder, never named
+            model = load_kept(folder)
+            assert type(model) is MedMoEObjective and kept_objective(folder) is MedMoEObjective and not model.training
             torch.testing.assert_close(model.encode_images(images), expected[0])
             torch.testing.assert_close(model.encode_texts(texts), expected[1])
     assert model.text.tokenizer.get_vocab() == trained.text.tokenizer.get_vocab()
@@ -140,7 +142,7 @@ def test_embed_gives_images_and_texts_in_the_shared_space(medmoe_run, held_out_p
                    str(tmp_path / "reports.csv"), "--out", str(tmp_path / "emb")])
     assert status == 3 and "1 inputs could not be read" in capsys.readouterr().err
     emb = tmp_path / "emb"
-    model = load_medmoe(out)
+    model = load_kept(out)
     preprocessing = load_preprocessing(out / "encoder")
     texts = [pairs[0]["report"], pairs[1]["report"], *(row["report"] for row in pairs)]
     with torch.no_grad():

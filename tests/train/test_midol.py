@@ -15,6 +15,7 @@ from dex.data.transforms import MultiViewTransform, ViewAugmentation
 from dex.train.export import export_run
 from dex.train.objectives import MIDoLObjective, build_objective, load_pretrain_config
 from dex.train.pretrain import pretrain
+from dex.train.runs import load_kept
 from tests.train.test_engine import _rank, clean_killed_resumed, image_folder  # noqa: F401 (image_folder: a fixture)
 
 TINY = [
@@ -48,7 +49,11 @@ def midol_run(phantom_collection, tmp_path_factory):
 
 def test_teacher_gets_no_gradient_and_follows_the_ema_formula():
     objective = tiny(*DEX_BACKBONE)
-    assert objective.teachers() == {"teacher": objective.teacher} and not objective.teacher.training
+    directors = {f"student.encoder.blocks.{i}.dex.director": block.dex.director
+                 for i, block in enumerate(objective.student["encoder"].blocks)}
+    assert objective.teachers() == {**directors, "teacher": objective.teacher} and not objective.teacher.training
+    assert tiny().teachers().keys() == {"teacher"}  # a plain ViT has no directors
+    assert objective.routed_module() is objective.teacher["projector"]  # what dex analyze routes by
     out = objective({"image": views()}, objective.schedule(0, 10), {})
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in objective.teacher.parameters())
@@ -118,6 +123,7 @@ def test_the_run_keeps_the_teacher_encoder_without_the_projector(midol_run, tmp_
     assert any(not torch.equal(student[k], v) for k, v in teacher.items())
     exported = export_run(out, tmp_path / "export")
     assert dex.load_pretrained(exported).state_dict().keys() == teacher.keys()
+    assert load_kept(exported) is None and load_kept(out) is None  # the encoder is all M-IDoL keeps
 
 
 def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, phantom_collection):

@@ -1,6 +1,7 @@
-"""The objective interface: a method the loop has never seen (a student with an EMA teacher, defined here) trains,
-logs its terms and schedules, keeps its teacher out of the optimiser, checkpoints and resumes exactly, all through
-:class:`dex.train.objective.Objective` with the loop unchanged."""
+"""The objective interface: a method the loop has never seen (a student with an EMA teacher, defined and registered
+here) trains, logs its terms and schedules, keeps its teacher out of the optimiser, checkpoints and resumes exactly,
+all through :class:`dex.train.objective.Objective` with the loop unchanged; a method on a DEX backbone gets the DEX
+terms from :class:`dex.train.dex_backbone.DEXBackboneObjective` alone."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from PIL import Image
 
 import dex  # noqa: F401  (registers the models in timm)
 from dex.config import STRICT, ConfigError
-from dex.data.curate import CurateOptions, curate
+from dex.data.curation import CurateOptions, curate
 from dex.data.recipe import Recipe, Source
 from dex.data.transforms import PretrainTransform
 from dex.schedules import cosine
+from dex.seeding import seed_everything
+from dex.train.dex_backbone import DEX_TERMS, DEXBackboneObjective, DEXEncoderConfig, create_encoder
 from dex.train.hooks import EMATeacher
-from dex.train.objective import Objective, RunConfig, StepOutput
-from dex.train.objectives import OBJECTIVES, load_pretrain_config
+from dex.train.objective import Objective, RunConfig, StepOutput, register_objective
+from dex.train.objectives import build_objective, load_pretrain_config, objective_class
 from dex.train.pretrain import pretrain, summary
 
 
@@ -35,6 +38,7 @@ class ConsistencyConfig(RunConfig):
     teacher_momentum_final: float = 1.0
 
 
+@register_objective
 class ConsistencyObjective(Objective):
     """A student ViT's class token pulled towards an EMA teacher's on the mirrored image (a BYOL-like toy)."""
 
@@ -84,14 +88,14 @@ class ConsistencyObjective(Objective):
 
 
 @pytest.fixture
-def consistency(monkeypatch, phantom_collection):
-    monkeypatch.setitem(OBJECTIVES, "consistency", ConsistencyObjective)
+def consistency(phantom_collection):
     return ["objective=consistency", f"data={phantom_collection / 'curated'}", "samples_per_epoch=16",
             "batch_size=8", "epochs=2", "warmup_epochs=1", "log_every=1", "device=cpu", "shuffle_buffer=16",
             "base_lr=1e-2", "tensorboard=false", "checkpoint_every=1"]
 
 
 def test_a_new_objective_trains_through_the_unchanged_loop(tmp_path, consistency):
+    assert objective_class("consistency") is ConsistencyObjective  # registered by its decorator
     config = load_pretrain_config(None, [*consistency, f"out_dir={tmp_path}"])
     assert type(config) is ConsistencyConfig and config.teacher_momentum == 0.9
     before = ConsistencyObjective(config).state_dict()
@@ -185,3 +189,94 @@ def test_an_objective_on_image_text_pairs_gets_the_reports_and_is_refused_images
                                          "samples_per_epoch=8", "epochs=1"]))
     assert len(seen) == 1 and sorted(seen[0][0]) == [f"report number {i}" for i in range(8)]
     assert seen[0][1] == ["OCT"] * 8
+
+
+def test_a_name_is_registered_once():
+    class Impostor(ConsistencyObjective):
+        pass
+
+    with pytest.raises(ValueError, match="objective 'consistency' is already .*ConsistencyObjective; .*Impostor needs "
+                                         "another name"):
+        register_objective(Impostor)
+    assert objective_class("consistency") is ConsistencyObjective
+
+
+@STRICT
+@dataclass
+class CentreConfig(DEXEncoderConfig):
+    objective: Literal["centre"] = "centre"
+
+
+@register_objective
+class CentreObjective(DEXBackboneObjective):
+    """A DEX ViT's class token pulled to the mean of its patch tokens: the method's one term, and nothing of the DEX
+    terms written here."""
+
+    name = "centre"
+    config_class = CentreConfig
+    loss_terms = ("centre", *DEX_TERMS)
+
+    def __init__(self, config: CentreConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = create_encoder(config)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config)
+
+    def kept(self):
+        return {"encoder": self.encoder}
+
+    def transform(self):
+        return PretrainTransform(32)
+
+    def forward(self, batch, schedule, inputs):
+        features, aux = self.encoder.forward_tokens(self.encoder.embed(batch["image"]), schedule["noise_std"],
+                                                    inputs.get("router_eps"))
+        centre = (features[:, 0] - features[:, 1:].mean(1)).pow(2).mean()
+        return self.with_dex_terms(centre, {"centre": centre}, aux, schedule)
+
+
+CENTRE = ["objective=centre", "model=dex_vit_tiny_patch16_256",
+          "model_args={img_size: 32, patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2, num_experts: 4, top_k: 2}",
+          "lambda_bal=0.01", "samples_per_epoch=16", "batch_size=8", "epochs=2", "warmup_epochs=1", "log_every=1",
+          "device=cpu", "shuffle_buffer=16", "base_lr=1e-2", "tensorboard=false", "checkpoint_every=0"]
+
+
+def test_a_new_objective_on_the_dex_backbone_gets_the_dex_terms(tmp_path, phantom_collection):
+    config = load_pretrain_config(None, [*CENTRE, f"data={phantom_collection / 'curated'}", f"out_dir={tmp_path}"])
+    objective = build_objective(config)
+    # the router noise of every DEX block, for the global batch, cut to a rank's rows
+    full = objective.step_inputs(torch.Generator().manual_seed(3), 8, slice(0, 8))["router_eps"]
+    part = objective.step_inputs(torch.Generator().manual_seed(3), 8, slice(4, 8))["router_eps"]
+    assert len(full) == 3 and all(torch.equal(p, f[4:8]) for f, p in zip(full, part, strict=True))
+    # Eq. 8's terms joined to the method's loss
+    out = objective({"image": torch.rand(8, 3, 32, 32)}, objective.schedule(0, 10),
+                    objective.step_inputs(torch.Generator().manual_seed(3), 8, slice(0, 8)))
+    assert out.terms.keys() == {"centre", "alignment", "balance"} and out.terms["alignment"] > 0
+    torch.testing.assert_close(out.loss, out.terms["centre"] + 0.1 * out.terms["alignment"]
+                               + 0.01 * out.terms["balance"])
+    # through the unchanged loop: the schedules, terms and director update logged, the directors moved by group EMA
+    seed_everything(config.seed, torch.device("cpu"))
+    initial = build_objective(config).state_dict()
+    trained = pretrain(config).model
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({"centre", "alignment", "balance", "momentum", "noise_std", "lambda_bal", "load"}
+                                  <= r.keys() for r in rows)
+    assert rows[0]["momentum"] == pytest.approx(0.99) and rows[-1]["noise_std"] < rows[0]["noise_std"] == 1.0
+    assert len(rows[-1]["usage_entropy"]) == 3 and all(r["balance"] > 0 for r in rows)
+    directors = trained.teachers()
+    assert sorted(directors) == [f"encoder.blocks.{i}.dex.director" for i in range(3)]
+    for name, director in directors.items():
+        assert not any(p.requires_grad for p in director.parameters())
+        assert not torch.equal(trained.state_dict()[f"{name}.fc1.weight"], initial[f"{name}.fc1.weight"]), name
+    assert "usage entropy" in summary(tmp_path)
+
+
+def test_a_backbone_without_dex_blocks_gets_none_of_the_dex_terms():
+    objective = build_objective(load_pretrain_config(None, [*CENTRE, "model_args.num_experts=0"]))
+    assert objective.step_inputs(torch.Generator(), 8, slice(0, 8)) == {} and objective.teachers() == {}
+    out = objective({"image": torch.rand(4, 3, 32, 32)}, objective.schedule(0, 10), {})
+    assert float(out.terms["alignment"]) == float(out.terms["balance"]) == 0.0 and torch.equal(out.loss,
+                                                                                              out.terms["centre"])

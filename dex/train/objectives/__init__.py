@@ -1,4 +1,6 @@
-"""The pretraining methods, by name: ``objective: NAME`` in a pretraining config picks one."""
+"""The pretraining methods, by name: ``objective: NAME`` in a pretraining config picks one. Importing this package
+registers the built-in methods (:func:`~dex.train.objective.register_objective`); a method defined elsewhere
+registers itself when its module is imported."""
 
 from __future__ import annotations
 
@@ -6,13 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dex.config import ConfigError, load_config, merge, parse_overrides, read_yaml
-from dex.train.objective import Objective, RunConfig
+from dex.train.objective import OBJECTIVES, Objective, RunConfig
 from dex.train.objectives.mae_dex import MAEDEXConfig, MAEDEXObjective
 from dex.train.objectives.medmoe import MedMoEConfig, MedMoEObjective
 from dex.train.objectives.midol import MIDoLConfig, MIDoLObjective
-
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAEDEXObjective, MIDoLObjective,
-                                                                         MedMoEObjective)}
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -36,6 +35,5 @@ def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str
 
 __all__ = [
     "OBJECTIVES", "MAEDEXConfig", "MAEDEXObjective", "MIDoLConfig", "MIDoLObjective", "MedMoEConfig",
-    "MedMoEObjective", "build_objective",
-    "load_pretrain_config", "objective_class",
+    "MedMoEObjective", "build_objective", "load_pretrain_config", "objective_class",
 ]

@@ -15,7 +15,8 @@ One step, for B pairs (images [B, 3, H, W], reports as text, report types as nam
    cross-entropy against the report type (ours: our reading of the paper's auxiliary loss; K = the number of report
    types); ``L_image_router``: the image router (for images without a report) learns k* from g, detached (ours);
 5. with a DEX ViT backbone (ours: so that DEX and MedMoE experts compare on one backbone), the DEX terms of Eq. 8
-   (alignment, balance) join the loss with their schedules, and the directors follow their experts after each step.
+   (alignment, balance) join the loss with their schedules, and the directors follow their experts after each step
+   (the DEX backbone's terms, :mod:`dex.train.dex_backbone`).
 
 Under DDP and FSDP both contrastive losses run over the global batch (the embeddings, words and local features of
 every rank gathered with gradient, each rank computing its own rows) and the experts' BatchNorm over every rank's
@@ -23,13 +24,15 @@ images of the expert (:class:`~dex.models.medmoe.GlobalBatchNorm2d`), so that R 
 one process of R * b pairs (tested); dropout (the text encoder's) draws per rank, as drop-path does elsewhere.
 
 At the end the run keeps the backbone (``encoder/``: what ``dex finetune``, ``dex benchmark`` and the rest take), the
-text encoder with its tokenizer (``text/``) and the heads (``heads/``: projections, routers, pyramid neck, experts).
+text encoder with its tokenizer (``text/``) and the heads (``heads/``: projections, routers, pyramid neck, experts);
+:meth:`MedMoEObjective.load_kept` reads the three back as one model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dex.collectives import batch_offset, gather_batch, gather_with_gradient, global_max, is_distributed
-from dex.config import STRICT
+from dex.config import STRICT, validate
 from dex.data.shards import collection_reports, read_index
 from dex.data.transforms import PretrainTransform
 from dex.files import write_json
-from dex.models import DEXViT, layer_losses
+from dex.models import load_pretrained, load_state_dict_file
 from dex.models.backbones import family, input_size
 from dex.models.medmoe import (
     FeaturePyramid,
@@ -55,12 +58,11 @@ from dex.models.medmoe import (
     local_gloria_loss,
     report_type_loss,
 )
-from dex.models.text import TextConfig, TextEncoder, build_text_encoder, save_text_encoder
+from dex.models.text import TextConfig, TextEncoder, build_text_encoder, load_text_encoder, save_text_encoder
 from dex.models.weights import init_encoder, save_safetensors
-from dex.train.hooks import DirectorUpdate
+from dex.train.dex_backbone import DEX_TERMS, DEXBackboneObjective, DEXEncoderConfig, create_encoder
 from dex.train.monitor import normalised_entropy
-from dex.train.objective import Objective, StepHook, StepOutput
-from dex.train.objectives.mae_dex import DEXEncoderConfig, create_encoder
+from dex.train.objective import StepHook, StepOutput, register_objective
 
 
 @STRICT
@@ -128,18 +130,21 @@ NOT_HEADS = ("pyramid.encoder.", "text.")  # what heads/ leaves to encoder/ and 
 HEADS_FORMAT = "dex-medmoe-heads"
 
 
-class MedMoEObjective(Objective):
+@register_objective
+class MedMoEObjective(DEXBackboneObjective):
     """MedMoE under the :class:`~dex.train.objective.Objective` interface; see the module docstring. Parameters:
     ``pyramid.encoder`` (the backbone; ``pyramid``'s other parameters are a ViT's neck), ``text`` (the text encoder),
     ``heads`` (experts, routers, projections)."""
 
     name = "medmoe"
     config_class = MedMoEConfig
-    loss_terms = ("global", "local", "aux", "image_router", "alignment", "balance")
+    loss_terms = ("global", "local", "aux", "image_router", *DEX_TERMS)
     batch = "image_text"
     extra_folders = ("text", "heads")
     extras_note = ("MedMoE model: {run}/encoder with {run}/text and {run}/heads "
-                   "(dex.train.export.load_medmoe('{run}'); dex export for one folder)")
+                   "(dex.train.runs.load_kept('{run}'); dex export for one folder)")
+    backbone_path = "pyramid.encoder"
+    routing_log_keys = ("load_entropy", "type_agreement", "image_router_agreement")
 
     def __init__(self, encoder: nn.Module, text: TextEncoder, report_types: list[str], config: MedMoEConfig) -> None:
         super().__init__()
@@ -163,7 +168,6 @@ class MedMoEObjective(Objective):
         })
         self.type_index = {name: i for i, name in enumerate(self.report_types)}
         self.route_log = RouteLog(self.report_types, experts)
-        self.director_update = DirectorUpdate(self.pyramid.encoder)
 
     @classmethod
     def from_config(cls, config: MedMoEConfig) -> MedMoEObjective:
@@ -186,34 +190,17 @@ class MedMoEObjective(Objective):
     def kept(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder}
 
-    def teachers(self) -> dict[str, nn.Module]:
-        """A DEX backbone's directors: each follows its experts by group EMA (Eq. 7), not by gradient."""
-        blocks = self.encoder.blocks if isinstance(self.encoder, DEXViT) else []
-        return {f"pyramid.encoder.blocks.{i}.dex.director": block.dex.director
-                for i, block in enumerate(blocks) if block.dex is not None}
-
     def sharded_units(self) -> list[nn.Module]:
         """The backbone's blocks (a ViT) or stages (a Swin); the text encoder and the heads are the root unit."""
         return list(self.encoder.blocks if family(self.encoder) == "vit" else self.encoder.layers)
 
-    def schedule(self, step: int, total: int) -> dict[str, float]:
-        return self.config.dex_schedule(step, total)
-
-    def step_inputs(self, generator, global_batch: int, rows: slice) -> dict[str, Any]:
-        """A DEX backbone's router noise for the global batch, cut to this rank's images."""
-        encoder = self.encoder
-        if not isinstance(encoder, DEXViT) or not encoder.dex_modules():
-            return {}
-        tokens = encoder.num_prefix_tokens + encoder.patch_embed.num_patches
-        return {"router_eps": encoder.draw_router_eps(generator, global_batch, rows, tokens)}
-
     def hooks(self) -> list[StepHook]:
-        return [self.director_update, self.route_log]
+        return [*super().hooks(), self.route_log]
 
     def save_extras(self, directory: Path) -> None:
         """``text/`` (the text encoder and its tokenizer, :func:`~dex.models.text.save_text_encoder`) and ``heads/``
         (``model.safetensors``: every tensor but the backbone's and the text encoder's; ``config.json``: the run's
-        config and report types), which :func:`dex.train.export.load_medmoe` reads back with the backbone."""
+        config and report types), which :meth:`load_kept` reads back with the backbone."""
         directory = Path(directory)
         save_text_encoder(self.text, directory / "text")
         heads = directory / "heads"
@@ -222,6 +209,33 @@ class MedMoEObjective(Objective):
                          heads / "model.safetensors")
         write_json(heads / "config.json", {"format": HEADS_FORMAT, "config": dataclasses.asdict(self.config),
                                            "report_types": self.report_types})
+
+    @classmethod
+    def load_kept(cls, folder: Path) -> MedMoEObjective:
+        """A trained MedMoE model, in eval mode, from a ``dex export`` folder (the backbone in ``folder``, then
+        ``folder/text`` and ``folder/heads``) or a finished run folder (``folder/encoder`` and the same). Every tensor
+        is loaded strictly from safetensors; a missing or foreign part raises an error naming it."""
+        folder = Path(folder)
+        backbone = folder / "encoder" if (folder / "encoder" / "config.json").is_file() else folder
+        config_path = folder / "heads" / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: missing; {folder} is not a MedMoE export or run folder")
+        try:
+            record = json.loads(config_path.read_text())
+            if record.get("format") != HEADS_FORMAT:
+                raise ValueError(f"format is {record.get('format')!r}, not {HEADS_FORMAT!r}")
+            config = validate(MedMoEConfig, record["config"], str(config_path))
+            report_types = list(record["report_types"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{config_path}: not a MedMoE heads config ({err})") from err
+        model = cls(load_pretrained(backbone), load_text_encoder(folder / "text"), report_types, config)
+        heads = load_state_dict_file(folder / "heads" / "model.safetensors")
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        missing = [k for k in missing if not k.startswith(NOT_HEADS)]
+        if missing or unexpected:
+            raise ValueError(f"{folder / 'heads' / 'model.safetensors'}: does not fit {config_path} (missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]})")
+        return model.eval()
 
     def transform(self) -> PretrainTransform:
         return PretrainTransform(input_size(self.encoder)[0], scale=self.config.crop_scale, degrees=0.0, p=0.0)
@@ -258,14 +272,12 @@ class MedMoEObjective(Objective):
         aux = report_type_loss(routing.logits, types) if config.lambda_aux else images.new_zeros(())
         image_logits = heads["image_router"](pooled.detach())
         image_router = image_router_loss(image_logits, routing.expert)
-        dex = layer_losses(dex_aux, device=images.device)
         loss = (global_loss + config.lambda_local * local_loss + config.lambda_aux * aux
-                + config.lambda_image_router * image_router + config.lambda_co * dex.alignment
-                + schedule["lambda_bal"] * dex.balance)
+                + config.lambda_image_router * image_router)
         with torch.no_grad():
             self.route_log.record(types, routing.expert, image_logits.argmax(-1))
-        return StepOutput(loss, {"global": global_loss, "local": local_loss, "aux": aux,
-                                 "image_router": image_router, "alignment": dex.alignment, "balance": dex.balance})
+        return self.with_dex_terms(loss, {"global": global_loss, "local": local_loss, "aux": aux,
+                                          "image_router": image_router}, dex_aux, schedule)
 
     @staticmethod
     def _global_batch(image: Tensor, text: Tensor, words: Tensor, word_mask: Tensor,

@@ -15,7 +15,8 @@ One step, for a batch of B images with V views each (``[B, V, 3, H, W]``):
    against the teacher's views w != v by expert k_i, negatives the other images (ours: all of them, or only those
    routed to k_i as well);
 4. with a DEX backbone, the DEX terms of Eq. 8 (alignment, balance) join the loss and the directors follow their
-   experts (group EMA) after the step, as in MAE-DEX (ours: the DEX module trained as the DEX paper does);
+   experts (group EMA) after the step, as in MAE-DEX (ours: the DEX module trained as the DEX paper does; the
+   terms are the DEX backbone's, :mod:`dex.train.dex_backbone`, with router noise for every view);
 5. after the optimiser step the teacher follows the student: theta_t <- m theta_t + (1 - m) theta_s, with m
    cosine from ``teacher_momentum`` to ``teacher_momentum_final`` (DINO's schedule; ours for M-IDoL).
 
@@ -36,7 +37,6 @@ from torch import Tensor, nn
 from dex.collectives import batch_offset, gather_batch
 from dex.config import STRICT
 from dex.data.transforms import MultiViewTransform, ViewAugmentation
-from dex.models import DEXViT, layer_losses
 from dex.models.midol import (
     MoEProjector,
     Negatives,
@@ -47,10 +47,10 @@ from dex.models.midol import (
     subspace_infonce,
 )
 from dex.schedules import cosine
-from dex.train.hooks import DirectorUpdate, EMATeacher
+from dex.train.dex_backbone import DEX_TERMS, DEXBackboneObjective, DEXEncoderConfig, create_encoder
+from dex.train.hooks import EMATeacher
 from dex.train.monitor import normalised_entropy
-from dex.train.objective import Objective, StepHook, StepOutput
-from dex.train.objectives.mae_dex import DEXEncoderConfig, create_encoder
+from dex.train.objective import StepHook, StepOutput, register_objective
 
 
 @STRICT
@@ -94,14 +94,17 @@ class RoutingLog(StepHook):
                 "view_agreement": float(self.stats.agreement), "code_agreement": float(self.stats.code_agreement)}
 
 
-class MIDoLObjective(Objective):
+@register_objective
+class MIDoLObjective(DEXBackboneObjective):
     """M-IDoL under the :class:`~dex.train.objective.Objective` interface; see the module docstring. Parameters:
     ``student.encoder``, ``student.projector`` (trained); ``teacher.*`` (the same, following by EMA)."""
 
     name = "midol"
     config_class = MIDoLConfig
-    loss_terms = ("route", "contrast", "alignment", "balance")
+    loss_terms = ("route", "contrast", *DEX_TERMS)
     batch = "views"
+    backbone_path = "student.encoder"
+    routing_log_keys = ("load_entropy", "view_agreement", "code_agreement")
 
     def __init__(self, encoder: nn.Module, config: MIDoLConfig) -> None:
         super().__init__()
@@ -111,7 +114,6 @@ class MIDoLObjective(Objective):
         self.student = nn.ModuleDict({"encoder": encoder, "projector": projector})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.ema = EMATeacher(self.student, self.teacher)
-        self.director_update = DirectorUpdate(self.student)
         self.routing_log = RoutingLog()
 
     @classmethod
@@ -127,9 +129,9 @@ class MIDoLObjective(Objective):
         return {"encoder": self.teacher["encoder"]}
 
     def teachers(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher}
+        return {**super().teachers(), "teacher": self.teacher}
 
-    def routed_projector(self) -> MoEProjector:
+    def routed_module(self) -> MoEProjector:
         """The teacher's projector, whose router gives each image its expert (for ``dex analyze``)."""
         return self.teacher["projector"]
 
@@ -150,24 +152,17 @@ class MIDoLObjective(Objective):
         c = self.config
         final = c.contrast_temperature if c.contrast_temperature_final is None else c.contrast_temperature_final
         return {
-            **c.dex_schedule(step, total),
+            **super().schedule(step, total),
             "teacher_momentum": cosine(c.teacher_momentum, c.teacher_momentum_final, step, total),
             "contrast_temperature": cosine(c.contrast_temperature, final, step, total),
         }
 
     def step_inputs(self, generator, global_batch: int, rows: slice) -> dict[str, Any]:
-        """A DEX backbone's router noise for every view of the global batch (view-major, as :meth:`forward`
-        stacks the views), cut to this rank's images."""
-        encoder = self.student["encoder"]
-        if not isinstance(encoder, DEXViT) or not encoder.dex_modules():
-            return {}
-        tokens = encoder.num_prefix_tokens + encoder.patch_embed.num_patches
-        draws = [encoder.draw_router_eps(generator, global_batch, rows, tokens)
-                 for _ in range(self.config.augment.views)]
-        return {"router_eps": [None if block[0] is None else torch.cat(block) for block in zip(*draws)]}
+        """A DEX backbone's router noise for every view of the global batch, cut to this rank's images."""
+        return self.router_noise(generator, global_batch, rows, self.config.augment.views)
 
     def hooks(self) -> list[StepHook]:
-        return [self.director_update, self.ema, self.routing_log]
+        return [*super().hooks(), self.ema, self.routing_log]
 
     def forward(self, batch: dict[str, Tensor], schedule: Mapping[str, float],
                 inputs: Mapping[str, Any]) -> StepOutput:
@@ -195,12 +190,9 @@ class MIDoLObjective(Objective):
         route = route_loss(scores, codes, self.config.router_temperature)
         contrast = subspace_infonce(own.transpose(0, 1), keys, assignment, key_assignment,
                                     schedule["contrast_temperature"], self.config.negatives, batch_offset(local))
-        dex = layer_losses(aux, device=flat.device)
-        loss = (self.config.lambda_route * route + self.config.lambda_cst * contrast
-                + self.config.lambda_co * dex.alignment + schedule["lambda_bal"] * dex.balance)
         with torch.no_grad():  # the global batch's routing, for the log
             global_view = lambda x: gather_batch(x.transpose(0, 1).contiguous()).transpose(0, 1)  # noqa: E731
             self.routing_log.stats = routing_stats(global_view(scores.detach()), global_view(codes), key_assignment,
                                                    experts)
-        return StepOutput(loss, {"route": route, "contrast": contrast, "alignment": dex.alignment,
-                                 "balance": dex.balance})
+        return self.with_dex_terms(self.config.lambda_route * route + self.config.lambda_cst * contrast,
+                                   {"route": route, "contrast": contrast}, aux, schedule)
