@@ -1,10 +1,16 @@
-"""Training checkpoints: written atomically, verified on load, kept as the last N plus milestones.
+"""Checkpoints of every job that trains, pretraining and fine-tuning alike: written atomically, verified on load, kept
+as the last N plus milestones, with the random generators' state, and one rule for a resume whose settings changed.
 
-A checkpoint is one ``torch.save`` file of tensors and plain Python values only (model, optimizer, training
-position, RNG states, config, code version), so it is read weights-only (:func:`dex.safeload.load_torch_file`):
-nothing is ever unpickled. ``index.json`` records each file's step and SHA-256; a file that fails its hash, is
-refused or does not load is skipped, with a warning, in favour of the previous one; when none is left,
-:class:`NoUsableCheckpointError` names every file and why.
+A checkpoint is one ``torch.save`` file of tensors and plain Python values only (weights, optimiser, position, RNG
+states, settings, code version), so it is read weights-only (:func:`dex.safeload.load_torch_file`): nothing is ever
+unpickled. ``index.json`` records each file's step and SHA-256; a file that fails its hash, is refused or does not
+load is skipped, with a warning, in favour of the previous one; when none is left, :class:`NoUsableCheckpointError`
+names every file and why.
+
+A job resumes only with the settings it was written with (:func:`check_same_settings`): a killed job goes on where it
+was, so a changed setting, which would make the run differ from one that was not stopped, is refused by name. Only
+the settings a job declares free (where files go, workers, logging: nothing that changes what is computed) may
+differ.
 """
 
 from __future__ import annotations
@@ -12,17 +18,99 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from dex.files import file_sha256, write_json
 from dex.safeload import RefusedFileError, load_torch_file
 
-log = logging.getLogger("dex.train")
+log = logging.getLogger("dex.checkpoint")
 NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save(state)`` at ``path`` through a temporary file, fsync and rename: the file is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return path
+
+
+def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], free: Iterable[str],
+                        where: str | Path) -> None:
+    """Refuse to resume from the checkpoint ``where`` when a setting other than the ``free`` ones differs between
+    ``saved`` (the checkpoint's) and ``current``; a ValueError names each with both values. A key the checkpoint's
+    version did not have yet counts as unchanged. Values are compared as JSON (tuples as lists)."""
+    saved, current = (json.loads(json.dumps(dict(values))) for values in (saved, current))
+    free = set(free)
+    changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(current)
+               if key not in free and key in saved and saved[key] != current[key]]
+    if changed:
+        raise ValueError(f"{where}: cannot resume from it with other settings than it was written with "
+                         f"({'; '.join(changed)}); resume with the same settings, or start a new run")
+
+
+# --- random generators -------------------------------------------------------------------------------------------
+
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The state of torch's, NumPy's and Python's global generators (and CUDA's on a CUDA device), as tensors and
+    plain values only, so that a checkpoint holding it loads with ``weights_only=True``."""
+    numpy = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy[1].astype(np.int64)), "pos": int(numpy[2]),
+                  "has_gauss": int(numpy[3]), "gauss": float(numpy[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    device = torch.device(device)
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rank_rng_states(device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state` in rank order (each rank draws its own, e.g. for stochastic depth); in one
+    process, a list of one."""
+    mine = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def set_rank_rng_state(states: list[dict[str, Any]], device: torch.device | str = "cpu") -> None:
+    """Restore this rank's state of :func:`rank_rng_states` (a run resumed on more ranks than it was written with
+    gives the new ranks the first rank's)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    set_rng_state(states[rank] if rank < len(states) else states[0], device)
+
+
+# --- the last N checkpoints of a run -----------------------------------------------------------------------------
 
 
 class NoUsableCheckpointError(ValueError):
@@ -30,6 +118,8 @@ class NoUsableCheckpointError(ValueError):
 
 
 class CheckpointManager:
+    """The checkpoints of one run in ``folder``: the last ``keep`` plus milestones (see the module's docstring)."""
+
     def __init__(self, folder: str | Path, keep: int = 3) -> None:
         self.folder, self.keep = Path(folder), keep
         self.index_path = self.folder / "index.json"
@@ -44,14 +134,8 @@ class CheckpointManager:
             return []
 
     def save(self, state: dict[str, Any], step: int, milestone: bool = False) -> Path:
-        """Write ``state`` as ``step-<step>.pt`` (temporary file, fsync, rename), record it, prune old ones."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{step:08d}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        """Write ``state`` as ``step-<step>.pt`` (:func:`save_atomic`), record it, prune old ones."""
+        path = save_atomic(state, self.folder / f"step-{step:08d}.pt")
         entries = [e for e in self._index() if e["file"] != path.name]
         entries.append({"file": path.name, "step": step, "sha256": file_sha256(path), "milestone": milestone})
         entries.sort(key=lambda e: e["step"])

@@ -3,12 +3,21 @@
 :func:`load_torch_file` reads a ``torch.save`` file of tensors and plain values (``weights_only=True``) and tells a
 file that holds other Python objects (refused, never unpickled) from one whose bytes are not a readable file;
 :func:`load_state_dict_file` reads a state dict from a ``.safetensors`` or a torch file.
+
+Why a file was not read is found by reading its pickle stream's opcodes (:mod:`pickletools`, which builds and runs
+nothing): torch's weights-only reader stops at the first instruction it does not take, which for a pickle of
+protocol 4 or 5 (what ``pickle.dump`` writes by default) is the framing, before it ever sees the object that would
+have been built, so its own message ("Unsupported operand 149") does not say why.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +26,9 @@ import torch
 from torch import Tensor
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights-only unpickler names the class or function it refused
+#: The globals a file of weights may name: torch's tensor and storage rebuilders and types, ordered dicts, and the
+#: encoder of bytes in protocol 2 (what torch's own weights-only reader takes).
+_WEIGHTS_GLOBALS = re.compile(r"(torch\.[\w.]+|collections\.OrderedDict|_codecs\.encode)")
 
 
 class RefusedFileError(ValueError):
@@ -24,8 +36,9 @@ class RefusedFileError(ValueError):
 
     def __init__(self, path: Path, held: str) -> None:
         self.path, self.held = path, held  # held: the first class or function the file would have unpickled
-        super().__init__(f"{path}: refused: it holds Python objects other than tensors ({held}), which are not "
-                         "unpickled for safety; save its state dict alone (or as .safetensors)")
+        super().__init__(f"{path}: refused: it holds Python objects other than tensors ({held}), which the safe "
+                         "loader does not build (nothing in it was run); save its state dict alone (or as "
+                         ".safetensors)")
 
     def __reduce__(self):  # rebuilt from its fields when sent between processes, not from its message
         return type(self), (self.path, self.held)
@@ -42,12 +55,58 @@ def load_torch_file(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        refused = _GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
-        if refused:
-            raise RefusedFileError(path, refused.group(1)) from err
-        raise ValueError(f"{path}: not a readable PyTorch file, corrupt or cut short ({_detail(err)})") from err
+        raise _unread(path, err) from err
+
+
+def _unread(path: Path, err: Exception) -> ValueError:
+    """Why torch's weights-only reader did not read ``path`` (see the module's docstring): the first object outside
+    torch it would have built, else the one torch refused, else the pickle protocol, else unreadable bytes."""
+    stream = _pickle_stream(path)
+    protocol, names = stream or (None, [])
+    foreign = next((name for name in names if not _WEIGHTS_GLOBALS.fullmatch(name)), None)
+    refused = _GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if foreign or refused:
+        return RefusedFileError(path, foreign or refused.group(1))
+    if stream is None or protocol <= 2:
+        return ValueError(f"{path}: not a readable PyTorch file, corrupt or cut short ({_detail(err)})")
+    return ValueError(f"{path}: a pickle of protocol {protocol}, which the safe loader does not read (it reads "
+                      "torch.save files of the default protocol, 2); save the weights with torch.save's defaults "
+                      "or as .safetensors")
+
+
+def _pickle_stream(path: Path) -> tuple[int, list[str]] | None:
+    """The protocol of the pickle stream of a file (a ``torch.save`` archive's ``data.pkl``, or the file itself) and
+    the globals (``module.name``) it would import, in order, read from its opcodes without building anything; None
+    when the bytes are not a pickle stream."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not pickles:
+                return None
+            data = archive.read(pickles[0])
+    protocol, names, strings, memo = 0, [], [], []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name == "PROTO":
+                protocol = argument
+            elif opcode.name in ("GLOBAL", "INST"):
+                names.append(argument.replace(" ", "."))
+            elif "UNICODE" in opcode.name or opcode.name.endswith("STRING"):
+                strings.append(argument)
+            elif opcode.name == "MEMOIZE":
+                memo.append(strings[-1] if strings else None)
+            elif opcode.name in ("BINGET", "LONG_BINGET") and argument < len(memo) and memo[argument] is not None:
+                strings.append(memo[argument])
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # genops raises many kinds on bytes that are not a pickle stream
+        return None
+    return protocol, names
 
 
 def _detail(err: Exception) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dex import cli
+import dex.cli.data
 from dex.cli import main
 
 
@@ -90,7 +90,7 @@ def test_other_failures_are_one_line_exit_1_and_debug_shows_the_traceback(tmp_pa
     def broken(args):
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr(cli, "_stats", broken)
+    monkeypatch.setattr(dex.cli.data, "_stats", broken)
     assert main(["data", "stats", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == "dex data stats: error: RuntimeError: something broke (--debug shows where)\n"

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from dex.checkpoint import CheckpointManager, check_same_settings, rng_state, set_rng_state
 from dex.config import STRICT
 from dex.data.preprocess import Preprocessing
 from dex.data.tasks import Task, mask_labels
@@ -40,9 +41,8 @@ from dex.downstream.metrics import (
 )
 from dex.downstream.task_model import TaskModel
 from dex.models.unetr import UNETR2D
-from dex.safeload import load_torch_file
 from dex.schedules import warmup_cosine
-from dex.seeding import rng_state, seed_everything, set_rng_state
+from dex.seeding import seed_everything
 
 
 @STRICT
@@ -198,19 +198,67 @@ def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneC
 
 
 def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig,
-                     checkpoint: str | Path | None = None, bootstrap: int = 0) -> tuple[dict[str, Any], TaskModel]:
+                     checkpoints: str | Path | None = None, bootstrap: int = 0) -> tuple[dict[str, Any], TaskModel]:
     """Fine-tune ``encoder_spec`` on ``task`` with ``seed``: the run's record (see :func:`finetune`) and the model
     of the best validation epoch as a :class:`TaskModel` (on the CPU, in eval mode), ready to save.
 
-    With ``checkpoint`` (a file path), the state after every epoch (weights, optimiser, the best epoch so far, the
-    history, the random generators and the data order) is written there, and a run that finds the file goes on from
-    it: a run stopped and resumed ends as one that was not (on a CPU, bit for bit). ``bootstrap``: resamples of the
-    test metrics' 95% intervals (``test_intervals`` of the record; none with 0, the benchmark's default: a thousand
-    resamples of the classification metrics take seconds)."""
+    With ``checkpoints`` (a folder), the state after every epoch (weights, optimiser, the best epoch so far, the
+    history, the random generators and the data order) is kept there (:class:`dex.checkpoint.CheckpointManager`, the
+    last one), and a run that finds one goes on from it: a run stopped and resumed ends as one that was not (on a
+    CPU, bit for bit); one written with other settings is refused (:data:`RESUME_FREE` may differ). ``bootstrap``:
+    resamples of the test metrics' 95% intervals (``test_intervals`` of the record; none with 0, the benchmark's
+    default: a thousand resamples of the classification metrics take seconds)."""
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     seed_everything(seed, device)
+    net = _network(encoder_spec, task, seed, config, device)
+    preprocessing = encoder_preprocessing(encoder_spec, net.encoder)
+    train = TaskImages(task, train_subset(task, config.data_fraction, seed), preprocessing, config.flip,
+                       seed)
+    val, test = (TaskImages(task, task.splits[split], preprocessing) for split in ("val", "test"))
+    if not len(train) or not len(val) or not len(test):
+        raise ValueError(f"{task.root}: every split needs images (train {len(train)}, val {len(val)}, "
+                         f"test {len(test)})")
+    params = [p for p in net.model.parameters() if p.requires_grad]
+    try:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    score_name = "dice" if task.spec.type == "segmentation" else "f1_macro"
+    best, history = _fit(net, train, val, optimizer, score_name, config, seed, device, checkpoints)
+    model = net.model
+    model.load_state_dict(best["state"])
+    test_scores, test_intervals, outputs = evaluate_test(model, test, device, config.batch_size, bootstrap, seed)
+    record = {
+        "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
+        "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
+        "test": test_scores, "test_intervals": test_intervals, "encoder_spec": asdict(encoder_spec),
+        "encoder_sha256": net.encoder_sha256, "config": asdict(config), "train_images": len(train),
+        "split_images": {"train": len(train), "val": len(val), "test": len(test)},
+        "trainable_parameters": sum(p.numel() for p in params), "history": history, "test_outputs": outputs,
+        "seconds": time.perf_counter() - started,
+    }
+    if config.lora_rank:
+        merge_lora(model)
+    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes),
+                     task_preprocessing(preprocessing, task), net.architecture, net.encoder_args, config.feature_size,
+                     {"name": task.name, "modality": task.spec.modality})
+    return record, kept
+
+
+class _Network(NamedTuple):
+    encoder: nn.Module
+    model: nn.Module  # the encoder with its head or UNETR decoder, on the device
+    architecture: str  # how to build the encoder again (timm), with its arguments
+    encoder_args: dict[str, Any]
+    encoder_sha256: str  # its weights before fine-tuning
+
+
+def _network(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig,
+             device: torch.device) -> _Network:
+    """The encoder as the adaptation wants it (some blocks trainable, frozen, or with LoRA adapters) with the task's
+    head or decoder, initialised from ``seed`` whatever the encoder, so that encoders compare paired."""
     encoder = load_encoder(encoder_spec)
     architecture, encoder_args = encoder_architecture(encoder_spec, encoder)
     encoder_sha256 = state_dict_sha256(encoder.state_dict())
@@ -223,34 +271,31 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     if config.lora_rank:
         add_lora(encoder, config.lora_rank, config.lora_alpha)
     torch.manual_seed(seed)  # the same head / decoder initialisation for every encoder: paired comparisons
-    model = build_model(encoder, task, config).to(device)
-    preprocessing = encoder_preprocessing(encoder_spec, encoder)
-    train = TaskImages(task, train_subset(task, config.data_fraction, seed), preprocessing, config.flip,
-                       seed)
-    val, test = (TaskImages(task, task.splits[split], preprocessing) for split in ("val", "test"))
-    if not len(train) or not len(val) or not len(test):
-        raise ValueError(f"{task.root}: every split needs images (train {len(train)}, val {len(val)}, "
-                         f"test {len(test)})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    segmentation = task.spec.type == "segmentation"
+    return _Network(encoder, build_model(encoder, task, config).to(device), architecture, encoder_args,
+                    encoder_sha256)
+
+
+def _fit(net: _Network, train: TaskImages, val: TaskImages, optimizer, score_name: str, config: FinetuneConfig,
+         seed: int, device: torch.device, checkpoints: str | Path | None) -> tuple[dict[str, Any], list[dict]]:
+    """Train every epoch left (from the checkpoint in ``checkpoints``, if any), validate after each and keep the best
+    one's weights: returns the best epoch (``score``, ``epoch``, ``state``, ``val``) and one history row per
+    epoch."""
+    segmentation = train.task.spec.type == "segmentation"
     criterion = DiceCELoss(to_onehot_y=True, softmax=True) if segmentation else nn.CrossEntropyLoss()
     loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=len(train) > config.batch_size,
                         num_workers=config.num_workers, generator=torch.Generator().manual_seed(seed))
-    steps_per_epoch = len(loader)
-    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-    score_name = "dice" if segmentation else "f1_macro"
+    total, warmup = config.epochs * len(loader), config.warmup_epochs * len(loader)
     best = {"score": -math.inf, "epoch": -1, "state": None, "val": None}
     history, step, start = [], 0, 0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        start, step, history, best = _restore(Path(checkpoint), model, optimizer, loader.generator, config, device)
+    manager = CheckpointManager(checkpoints, keep=1) if checkpoints is not None else None
+    saved = manager.load_latest() if manager is not None else None
+    if saved is not None:
+        start, step, history, best = _restore(saved, net.model, optimizer, loader.generator, config, device)
+    model = net.model
     for epoch in range(start, config.epochs):
         model.train()
         if config.freeze_encoder:  # no dropout, drop-path or router noise in the frozen features
-            encoder.eval()
+            net.encoder.eval()
         train.epoch = epoch
         losses = []
         for batch in loader:
@@ -269,26 +314,10 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
         if scores[score_name] > best["score"]:
             best = {"score": scores[score_name], "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
                     "val": scores}
-        if checkpoint is not None:
-            _save_checkpoint(Path(checkpoint), model, optimizer, loader.generator, epoch + 1, step, history, best,
-                             config, device)
-    model.load_state_dict(best["state"])
-    test_scores, test_intervals, outputs = evaluate_test(model, test, device, config.batch_size, bootstrap, seed)
-    record = {
-        "task": task.name, "modality": task.spec.modality, "type": task.spec.type, "encoder": encoder_spec.name,
-        "seed": seed, "score_name": score_name, "best_epoch": best["epoch"], "val": best["val"],
-        "test": test_scores, "test_intervals": test_intervals, "encoder_spec": asdict(encoder_spec),
-        "encoder_sha256": encoder_sha256, "config": asdict(config), "train_images": len(train),
-        "split_images": {"train": len(train), "val": len(val), "test": len(test)},
-        "trainable_parameters": sum(p.numel() for p in params), "history": history, "test_outputs": outputs,
-        "seconds": time.perf_counter() - started,
-    }
-    if config.lora_rank:
-        merge_lora(model)
-    kept = TaskModel(model.cpu().eval(), task.spec.type, list(task.spec.classes),
-                     task_preprocessing(preprocessing, task), architecture, encoder_args, config.feature_size,
-                     {"name": task.name, "modality": task.spec.modality})
-    return record, kept
+        if manager is not None:
+            _save_checkpoint(manager, model, optimizer, loader.generator, epoch + 1, step, history, best, config,
+                             device)
+    return best, history
 
 
 def task_preprocessing(preprocessing: Preprocessing, task: Task) -> Preprocessing:
@@ -300,33 +329,31 @@ def task_preprocessing(preprocessing: Preprocessing, task: Task) -> Preprocessin
                    slice_axis=task.spec.slice_axis or "axial")
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer, generator: torch.Generator, epoch: int, step: int,
-                     history: list[dict], best: dict[str, Any], config: FinetuneConfig, device: torch.device) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                "history": history, "best": best, "rng": rng_state(device), "data_order": generator.get_state(),
-                "config": asdict(config)}, tmp)
-    tmp.replace(path)
+#: The fine-tuning settings a run may resume with changed: where and how it runs, never what it computes.
+RESUME_FREE = ("device", "num_workers")
 
 
-def _restore(path: Path, model: nn.Module, optimizer, generator: torch.Generator, config: FinetuneConfig,
+def _save_checkpoint(manager: CheckpointManager, model: nn.Module, optimizer, generator: torch.Generator, epoch: int,
+                     step: int, history: list[dict], best: dict[str, Any], config: FinetuneConfig,
+                     device: torch.device) -> None:
+    manager.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                  "history": history, "best": best, "rng": rng_state(device), "data_order": generator.get_state(),
+                  "config": asdict(config)}, epoch)
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer, generator: torch.Generator, config: FinetuneConfig,
              device: torch.device) -> tuple[int, int, list[dict], dict[str, Any]]:
-    state = load_torch_file(path)
+    """The position of a fine-tuning checkpoint (epoch, step, history, best epoch so far), with the model, optimiser,
+    data order and generators restored."""
     try:
-        changed = sorted(k for k, v in asdict(config).items()
-                         if k not in ("device", "num_workers") and state["config"].get(k) != v)
-        if changed:
-            raise ValueError(f"it was written with other fine-tuning settings ({', '.join(changed)})")
+        check_same_settings(state["config"], asdict(config), RESUME_FREE, state["path"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["data_order"])
         set_rng_state(state["rng"], device)
         return state["epoch"], state["step"], state["history"], state["best"]
     except (KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a checkpoint of this fine-tuning run ({err})") from err
-    except ValueError as err:
-        raise ValueError(f"{path}: cannot resume from it: {err}") from err
+        raise ValueError(f"{state.get('path')}: not a checkpoint of this fine-tuning run ({err})") from err
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:

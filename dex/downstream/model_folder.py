@@ -34,6 +34,8 @@ class ModelFolder:
             raise ValueError(f"{self.out}: exists; give another --out, or --overwrite to replace it")
         if not resume and self.partial.exists():  # an unfinished run: start it over
             shutil.rmtree(self.partial)
+        #: whether the run goes on from the checkpoints of an unfinished one
+        self.resuming = resume and (self.checkpoints / "index.json").is_file()
 
     @property
     def checkpoints(self) -> Path:

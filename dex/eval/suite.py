@@ -25,14 +25,14 @@ A suite is YAML::
 Paths are relative to the working directory. An ablation may set its own ``seeds`` and ``protocols`` (default
 ``[finetune]``; see :func:`plan` for the variants they make).
 
-Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (written atomically) and skipped when it
-exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or an ablation's setting,
-``top_k=2``; under another protocol ``top_k=2,linear``); the frozen protocols (:mod:`dex.eval.protocols`,
-classification tasks) are variants named by the
-protocol (``linear``, ``knn-k10``, ``fewshot-5``, ...), their features cached in ``features/``
-(:mod:`dex.eval.features`); ``lora`` runs are fine-tuning runs of a frozen encoder with LoRA adapters
-(:mod:`dex.downstream.lora`), variant ``lora``, and ``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on
-a frozen encoder. Reports are computed from the stored runs only: recomputing them gives the same files.
+Each run is stored as ``runs/<encoder>/<task>/<variant>/seed<n>.json`` (:mod:`dex.eval.records`, written
+atomically) and skipped when it exists, so an interrupted suite resumes. Fine-tuning runs are variant ``default`` (or
+an ablation's setting, ``top_k=2``; under another protocol ``top_k=2,linear``); the frozen protocols
+(:mod:`dex.eval.protocols`, classification tasks) are variants named by the protocol (``linear``, ``knn-k10``,
+``fewshot-5``, ...), their features cached in ``features/`` (:mod:`dex.eval.features`); ``lora`` runs are
+fine-tuning runs of a frozen encoder with LoRA adapters (:mod:`dex.downstream.lora`), variant ``lora``, and
+``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on a frozen encoder. The tables and figures
+(:mod:`dex.eval.tables`) are computed from the stored runs only: recomputing them gives the same files.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training: the pretraining loop, its objectives (MAE-DEX first) and their hooks."""
 
 from dex.train.objective import Objective, RunConfig, StepHook, StepOutput
-from dex.train.pretrain import PretrainConfig, pretrain
+from dex.train.pretrain import pretrain
 
-__all__ = ["Objective", "PretrainConfig", "RunConfig", "StepHook", "StepOutput", "pretrain"]
+__all__ = ["Objective", "RunConfig", "StepHook", "StepOutput", "pretrain"]

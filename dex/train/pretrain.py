@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,28 +27,29 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dex._version import __version__
+from dex.checkpoint import CheckpointManager, check_same_settings, rank_rng_states, set_rank_rng_state
 from dex.config import read_yaml, save_config
-from dex.data.shards import read_index
-from dex.data.stream import CuratedImages, FolderImages, GlobalBatchSampler, sample_seed
+from dex.data.stream import sample_seed
 from dex.models import save_pretrained
 from dex.safeload import load_torch_file
 from dex.schedules import warmup_cosine
-from dex.seeding import rng_state, seed_everything, set_rng_state
-from dex.train.checkpoint import CheckpointManager
+from dex.seeding import seed_everything
+from dex.train.batches import RunData, bad_shards, require_pairs, run_data
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor
 from dex.train.objective import Objective, RunConfig
-from dex.train.objectives import MAEDEXConfig, build_objective, objective_class
+from dex.train.objectives import build_objective, objective_class
 
 log = logging.getLogger("dex.train")
 
-
-#: The config of the default objective, MAE-DEX (any objective's config is a :class:`RunConfig` with its keys).
-PretrainConfig = MAEDEXConfig
+#: The loop's settings a run may resume with changed: where it writes, how it reads, logs and runs, never what it
+#: computes (any other changed setting refuses the resume, :func:`dex.checkpoint.check_same_settings`).
+RESUME_FREE = ("out_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "milestone_every",
+               "tensorboard", "collapse_threshold", "collapse_patience", "max_bad_shards", "device", "compile",
+               "distributed")
 
 
 @dataclass
@@ -89,87 +90,208 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=0.0, betas=config.betas)
 
 
-# --- data --------------------------------------------------------------------------------------------------------
+# --- the run -----------------------------------------------------------------------------------------------------
 
-class _Data(NamedTuple):
-    steps_per_epoch: int
-    loader: Any  # (epoch, batches_done) -> iterable of micro-batches
-    shards: CuratedImages | None = None  # curated data: what knows its bad shards
+@dataclass
+class _Run:
+    """What the epochs and steps of one run share: its settings, the objective and the module the step calls (the
+    objective wrapped by DDP and compiled, as asked), the optimiser, checkpoints, data, position, log and progress."""
 
+    config: RunConfig
+    ctx: DistContext
+    model: Objective
+    wrapped: nn.Module  # the objective, under DDP when distributed and not sharded
+    optimizer: torch.optim.Optimizer
+    manager: CheckpointManager
+    data: RunData
+    state: TrainState
+    micro_batch: int  # images per micro-batch and rank
+    total: int  # optimiser steps of the whole run
+    warmup: int
+    peak_lr: float
+    forward: nn.Module = field(init=False)
+    monitor: RunMonitor = field(init=False)
+    bar: tqdm = field(init=False)
+    window: dict[str, float] = field(init=False)  # images since the last logged step, and when that was
 
-def _bad_shards(data: _Data, unreadable: set[str], ctx: DistContext) -> list[str]:
-    """The shards left out or found unreadable this epoch, by any loader worker of any rank; raises a ValueError
-    (on every rank alike) when they are more than ``max_bad_shards`` of the collection."""
-    if data.shards is None:
-        return []
-    if ctx.distributed:
-        found: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(found, sorted(unreadable))
-        unreadable = set().union(*map(set, found))
-    data.shards.check_bad_shards(unreadable)
-    return sorted(set(data.shards.missing) | unreadable)
+    def __post_init__(self) -> None:
+        self.forward = torch.compile(self.wrapped) if self.config.compile else self.wrapped
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.hooks = self.model.hooks()
+        self.autocast = dict(device_type=self.ctx.device.type, dtype=torch.bfloat16,
+                             enabled=self.ctx.device.type == "cuda")
+        self.monitor = RunMonitor(Path(self.config.out_dir), self.ctx.is_main, self.state.step, self.config.tensorboard,
+                                  self.config.collapse_threshold, self.config.collapse_patience)
+        self.window = {"start": time.perf_counter(), "images": 0}
+        self.bar = tqdm(total=self.total, initial=self.state.step, desc="pretrain", unit="step",
+                        disable=not self.ctx.is_main)
 
-
-def _data(config: RunConfig, ctx: DistContext, transform, micro_batch: int) -> _Data:
-    root = Path(config.data)
-
-    def dataloader(dataset, **kwargs) -> DataLoader:
-        # its own generator: a loader draws its workers' base seed when an epoch's iterator starts, which from the
-        # global one would shift the draws of the training step (dropout, drop-path) after a mid-epoch resume
-        return DataLoader(dataset, num_workers=config.num_workers, persistent_workers=False,
-                          pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
-                          **kwargs)
-
-    if (root / "index.json").is_file():
-        dataset = CuratedImages(root, transform, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-                                modality_temperature=config.modality_temperature,
-                                loader_workers=config.num_workers, batch_size=micro_batch,
-                                samples_per_epoch=config.samples_per_epoch, rank=ctx.rank,
-                                world_size=ctx.world_size, max_bad_shards=config.max_bad_shards)
-
-        def loader(epoch: int, batches_done: int):
-            dataset.resume_at(epoch, batches_done)
-            return dataloader(dataset, batch_size=micro_batch)
-
-        return _Data(len(dataset) // (micro_batch * config.accum_steps), loader, dataset)
-    if root.is_dir():
-        dataset = FolderImages(root, transform, seed=config.seed)
-        global_micro = micro_batch * ctx.world_size
-
-        def loader(epoch: int, batches_done: int):
-            dataset.set_epoch(epoch)
-            sampler = GlobalBatchSampler(len(dataset), global_micro, ctx.rank, ctx.world_size, config.seed, epoch,
-                                         batches_done)
-            return dataloader(dataset, batch_sampler=sampler)
-
-        return _Data(len(dataset) // global_micro // config.accum_steps, loader)
-    raise FileNotFoundError(f"{root}: no such folder (a dex curate output or a folder of images)")
+    @property
+    def sharded(self) -> bool:
+        return _sharded(self.config, self.ctx)
 
 
-def _require_pairs(root: Path, objective: str) -> None:
-    """An image-text objective trains on a ``dex curate`` collection whose every sample is an image-report pair."""
-    if not (root / "index.json").is_file():
-        raise ValueError(f"{root}: objective {objective} trains on image-report pairs: give it a dex curate collection "
-                         "of them (a recipe source whose index CSV has a report column); a folder of images has none")
-    index = read_index(root)
-    paired = sum(index.get("report_types", {}).values())
-    if paired != index["samples"]:
-        raise ValueError(f"{root / 'index.json'}: {index['samples'] - paired} of {index['samples']} samples have no "
-                         f"report, and objective {objective} trains on image-report pairs only: curate the sources "
-                         "with reports into a collection of their own")
+def pretrain(config: RunConfig, resume: str | None = None) -> PretrainResult:
+    """Run the pretraining described by ``config`` (under torchrun: on every rank); returns the run folder and
+    the model.
+
+    ``resume``: None for a fresh run, ``"auto"`` for the newest checkpoint in the run folder that verifies and loads
+    (a fresh run when there is none, but an error when there are checkpoints and none loads, or when the log records
+    steps and there is no checkpoint), or a checkpoint path; a checkpoint written with other settings is refused
+    (:func:`dex.checkpoint.check_same_settings`). The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
+    ``checkpoints/`` and, at the end, what the objective keeps (``encoder/``, see :func:`dex.load_pretrained`).
+    """
+    ctx = init_distributed(config.device)
+    try:
+        return _pretrain(config, resume, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> PretrainResult:
+    run = _setup(config, resume, ctx)
+    try:
+        while run.state.epoch < config.epochs:
+            _epoch(run)
+    finally:  # a run stopped by an error closes its progress bar and log files first
+        run.bar.close()
+        run.monitor.close()
+    _keep(run)
+    barrier(ctx)
+    return PretrainResult(Path(config.out_dir), run.model)
+
+
+def _setup(config: RunConfig, resume: str | None, ctx: DistContext) -> _Run:
+    """Everything before the first step: the objective (seeded, sharded under FSDP), the optimiser, the resumed
+    position, the data, the run folder's config and the DDP wrapper. Every refusal comes before anything in the run
+    folder is written."""
+    out_dir = Path(config.out_dir)
+    micro_batch = _micro_batch(config, ctx)
+    model = _objective(config, ctx)
+    optimizer = make_optimizer(model, config)
+    manager = CheckpointManager(out_dir / "checkpoints", config.keep_checkpoints)
+    state = _resume(resume, manager, model, optimizer, config, ctx) if resume else TrainState()
+    if model.batch == "image_text":
+        require_pairs(Path(config.data), config.objective)
+    data = run_data(config, ctx, model.transform(), micro_batch)
+    if data.steps_per_epoch < 1:
+        raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+    wrapped: nn.Module = model
+    if ctx.distributed and not _sharded(config, ctx):  # buffers stay in step through the objective's hooks
+        ddp_arguments = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_arguments
+                          else {"broadcast_buffers": False})
+        wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                          **no_buffer_sync)
+    return _Run(config, ctx, model, wrapped, optimizer, manager, data, state, micro_batch,
+                total=config.epochs * data.steps_per_epoch, warmup=config.warmup_epochs * data.steps_per_epoch,
+                peak_lr=config.base_lr * config.batch_size / 512)
+
+
+def _micro_batch(config: RunConfig, ctx: DistContext) -> int:
+    """Images per micro-batch and rank: the global batch split over the ranks and the accumulation steps."""
+    per_rank = config.batch_size // ctx.world_size
+    micro_batch = per_rank // config.accum_steps
+    if per_rank * ctx.world_size != config.batch_size or micro_batch * config.accum_steps != per_rank:
+        raise ValueError(f"batch_size {config.batch_size} does not split into {ctx.world_size} ranks x "
+                         f"{config.accum_steps} accumulation steps")
+    return micro_batch
+
+
+def _objective(config: RunConfig, ctx: DistContext) -> Objective:
+    """The objective ``config`` names, seeded, on the device, in training mode, sharded under FSDP; its teachers
+    must follow by hooks, never by the optimiser."""
+    seed_everything(config.seed, ctx.device)
+    model = build_objective(config).to(ctx.device).train()
+    for name, teacher in model.teachers().items():
+        if any(p.requires_grad for p in teacher.parameters()):
+            raise ValueError(f"objective {config.objective}: its teacher {name} has parameters that require "
+                             "gradients (a teacher follows the trained modules by a hook, not by the optimiser)")
+    if _sharded(config, ctx):
+        shard_model(model, model.sharded_units())
+    return model
+
+
+def _epoch(run: _Run) -> None:
+    """The rest of the current epoch from where the run stands, checkpoints on the way and at its end."""
+    config, state = run.config, run.state
+    batches = iter(run.data.loader(state.epoch, state.batches_done))
+    unreadable: set[str] = set()  # shards this rank's readers could not read this epoch
+    while state.batches_done + config.accum_steps <= run.data.steps_per_epoch * config.accum_steps:
+        values, losses, grad_norm = _step(run, batches, unreadable)
+        run.bar.update()
+        if state.step % config.log_every == 0 or state.step == run.total:
+            row = _log(run.monitor, run.model, state, values, losses / config.accum_steps, grad_norm, run.window,
+                       run.ctx, bad_shards(run.data, unreadable, run.ctx))
+            run.bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
+                                skipped=state.skipped)
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            _checkpoint(run)
+    bad_shards(run.data, unreadable, run.ctx)
+    state.epoch, state.batches_done = state.epoch + 1, 0
+    _checkpoint(run, milestone=bool(config.milestone_every) and state.epoch % config.milestone_every == 0)
+
+
+def _step(run: _Run, batches, unreadable: set[str]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """One optimiser step: ``accum_steps`` micro-batches of forward and backward, clipping, AdamW and the
+    objective's hooks, or a skipped step when a loss or gradient is not finite on any rank. Returns the step's
+    scheduled values, its summed losses (the total, then each term) and the gradient norm."""
+    config, ctx, model, state = run.config, run.ctx, run.model, run.state
+    values = {"lr": warmup_cosine(run.peak_lr, config.min_lr, state.step, run.warmup, run.total),
+              **model.schedule(state.step, run.total)}
+    for group in run.optimizer.param_groups:
+        group["lr"] = values["lr"]
+    losses = torch.zeros(1 + len(model.loss_terms), device=ctx.device)
+    for micro in range(config.accum_steps):
+        out = _forward_backward(run, next(batches), micro, values, unreadable)
+        losses += torch.stack([out.loss, *(out.terms[n] for n in model.loss_terms)]).detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.clip_grad or math.inf)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    if all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx):
+        run.optimizer.step()
+        for hook in run.hooks:
+            hook.after_step(values)
+    else:
+        for hook in run.hooks:
+            hook.after_skipped_step()
+        state.skipped += 1
+        if ctx.is_main:
+            log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", state.step, state.skipped)
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.batches_done += config.accum_steps
+    run.window["images"] += config.batch_size
+    return values, losses, grad_norm
+
+
+def _forward_backward(run: _Run, batch: dict[str, Any], micro: int, values: dict[str, float],
+                      unreadable: set[str]):
+    """Forward and backward of micro-batch ``micro`` of the step; its gradients are synchronised across ranks on the
+    last micro-batch only. The step's random inputs are drawn for all its images: micro-batch m of rank r holds rows
+    m * G + r * b ... + b of the global batch (G images per micro-batch over the ranks, b per rank)."""
+    config, ctx, model = run.config, run.ctx, run.model
+    unreadable.update(n for names in batch.get("bad_shards", ()) for n in names.split(",") if n)
+    # tensors to the device; texts (reports, keys) go to the objective as they are
+    samples = {k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+               for k, v in batch.items() if k != "bad_shards"}
+    start = micro * run.micro_batch * ctx.world_size + ctx.rank * run.micro_batch
+    inputs = model.step_inputs(torch.Generator().manual_seed(sample_seed(config.seed, run.state.step)),
+                               config.batch_size, slice(start, start + run.micro_batch))
+    last = micro == config.accum_steps - 1
+    if run.sharded:
+        model.set_requires_gradient_sync(last)
+    sync = nullcontext() if last or run.sharded or not ctx.distributed else run.wrapped.no_sync()
+    with sync, torch.autocast(**run.autocast):
+        out = run.forward(samples, values, inputs)
+        (out.loss / config.accum_steps).backward()
+    return out
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
-
-def _gather_rng(ctx: DistContext) -> list[dict[str, Any]]:
-    """Every rank's RNG state (each rank draws its own, e.g. for stochastic depth)."""
-    mine = rng_state(ctx.device)
-    if not ctx.distributed:
-        return [mine]
-    states: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(states, mine)
-    return states
-
 
 def _sharded(config: RunConfig, ctx: DistContext) -> bool:
     return ctx.distributed and config.distributed == "fsdp"
@@ -189,26 +311,30 @@ def _full_states(model: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def _checkpoint(manager: CheckpointManager, model: Objective, optimizer, state: TrainState, config: RunConfig,
-                ctx: DistContext, milestone: bool = False) -> None:
-    rng = _gather_rng(ctx)
-    model_state, optimizer_state = _full_states(model, optimizer, _sharded(config, ctx))
-    if ctx.is_main:
-        manager.save({
-            "model": model_state, "optimizer": optimizer_state, "train": dataclasses.asdict(state),
-            "rng": rng, "config": dataclasses.asdict(config), "version": __version__,
-        }, state.step, milestone)
-    barrier(ctx)
+def _checkpoint(run: _Run, milestone: bool = False) -> None:
+    rng = rank_rng_states(run.ctx.device)
+    model_state, optimizer_state = _full_states(run.model, run.optimizer, run.sharded)
+    if run.ctx.is_main:
+        run.manager.save({
+            "model": model_state, "optimizer": optimizer_state, "train": dataclasses.asdict(run.state),
+            "rng": rng, "config": dataclasses.asdict(run.config), "version": __version__,
+        }, run.state.step, milestone)
+    barrier(run.ctx)
 
 
-def _restore(checkpoint: dict[str, Any], model, optimizer, config: RunConfig, ctx: DistContext) -> TrainState:
-    saved, current = (json.loads(json.dumps(c)) for c in (checkpoint["config"], dataclasses.asdict(config)))
-    # a key the checkpoint's version did not have yet (objective) counts as unchanged
-    changed = sorted(k for k in current if k not in ("out_dir", "num_workers", "log_every") and k in saved
-                     and saved[k] != current[k])
-    if changed:
-        log.warning("resuming %s with changed settings %s: the run will differ from an uninterrupted one",
-                    checkpoint["path"], changed)
+def _resume(resume: str, manager: CheckpointManager, model: Objective, optimizer, config: RunConfig,
+            ctx: DistContext) -> TrainState:
+    """The position of the checkpoint ``resume`` names (``auto``: the newest that verifies and loads), with the
+    model, optimiser and generators restored; a fresh start when ``auto`` finds no checkpoint in a run that has
+    logged nothing."""
+    checkpoint = manager.load_latest() if resume == "auto" else _load_file(resume)
+    out_dir = Path(config.out_dir)
+    if checkpoint is None:
+        if (out_dir / "log.jsonl").is_file() and (out_dir / "log.jsonl").read_text().strip():
+            raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
+                             "from; not starting over in this folder silently (run without --resume to start over)")
+        return TrainState()
+    check_same_settings(checkpoint["config"], dataclasses.asdict(config), RESUME_FREE, checkpoint["path"])
     if _sharded(config, ctx):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -222,167 +348,11 @@ def _restore(checkpoint: dict[str, Any], model, optimizer, config: RunConfig, ct
     else:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-    rng = checkpoint["rng"]
-    set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
-    return TrainState(**checkpoint["train"])
-
-
-# --- the step ----------------------------------------------------------------------------------------------------
-
-def _schedule(objective: Objective, config: RunConfig, step: int, warmup: int, total: int,
-              peak_lr: float) -> dict[str, float]:
-    return {"lr": warmup_cosine(peak_lr, config.min_lr, step, warmup, total), **objective.schedule(step, total)}
-
-
-def pretrain(config: RunConfig, resume: str | None = None) -> PretrainResult:
-    """Run the pretraining described by ``config`` (under torchrun: on every rank); returns the run folder and
-    the model.
-
-    ``resume``: None for a fresh run, ``"auto"`` for the newest checkpoint in the run folder that verifies and loads
-    (a fresh run when there is none, but an error when there are checkpoints and none loads, or when the log records
-    steps and there is no checkpoint), or a checkpoint path. The folder holds ``config.yaml``, ``log.jsonl``,
-    ``tensorboard/``, ``checkpoints/`` and, at the end, ``encoder/`` (the pretrained DEX encoder, see
-    :func:`dex.load_pretrained`).
-    """
-    ctx = init_distributed(config.device)
-    try:
-        return _pretrain(config, resume, ctx)
-    finally:
-        shutdown(ctx)
-
-
-def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> PretrainResult:
-    out_dir = Path(config.out_dir)
-    per_rank = config.batch_size // ctx.world_size
-    micro_batch = per_rank // config.accum_steps
-    if per_rank * ctx.world_size != config.batch_size or micro_batch * config.accum_steps != per_rank:
-        raise ValueError(f"batch_size {config.batch_size} does not split into {ctx.world_size} ranks x "
-                         f"{config.accum_steps} accumulation steps")
-    seed_everything(config.seed, ctx.device)
-    model = build_objective(config).to(ctx.device).train()
-    for name, teacher in model.teachers().items():  # teachers follow by their hooks, never by the optimiser
-        if any(p.requires_grad for p in teacher.parameters()):
-            raise ValueError(f"objective {config.objective}: its teacher {name} has parameters that require "
-                             "gradients (a teacher follows the trained modules by a hook, not by the optimiser)")
-    sharded = _sharded(config, ctx)
-    if sharded:
-        shard_model(model, model.sharded_units())
-    optimizer = make_optimizer(model, config)
-    manager = CheckpointManager(out_dir / "checkpoints", config.keep_checkpoints)
-    state = TrainState()
-    if resume:  # every refusal comes before anything in the run folder is written
-        checkpoint = manager.load_latest() if resume == "auto" else _load_file(resume)
-        if checkpoint is not None:
-            state = _restore(checkpoint, model, optimizer, config, ctx)
-            if ctx.is_main:
-                log.info("resumed from %s at step %d", checkpoint["path"], state.step)
-        elif (out_dir / "log.jsonl").is_file() and (out_dir / "log.jsonl").read_text().strip():
-            raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
-                             "from; not starting over in this folder silently (run without --resume to start over)")
-    if model.batch == "image_text":
-        _require_pairs(Path(config.data), config.objective)
-    data = _data(config, ctx, model.transform(), micro_batch)
-    if data.steps_per_epoch < 1:
-        raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
+    set_rank_rng_state(checkpoint["rng"], ctx.device)
+    state = TrainState(**checkpoint["train"])
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
-    total = config.epochs * data.steps_per_epoch
-    warmup = config.warmup_epochs * data.steps_per_epoch
-    peak_lr = config.base_lr * config.batch_size / 512
-    wrapped: nn.Module = model
-    if ctx.distributed and not sharded:  # buffers stay in step through the objective's hooks: no broadcast
-        ddp_arguments = inspect.signature(DistributedDataParallel.__init__).parameters
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_arguments
-                          else {"broadcast_buffers": False})
-        wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                          **no_buffer_sync)
-    forward = torch.compile(wrapped) if config.compile else wrapped
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    hooks = model.hooks()
-    autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
-    monitor = RunMonitor(out_dir, ctx.is_main, state.step, config.tensorboard, config.collapse_threshold,
-                         config.collapse_patience)
-    global_micro = micro_batch * ctx.world_size
-    window = {"start": time.perf_counter(), "images": 0}
-    bar = tqdm(total=total, initial=state.step, desc="pretrain", unit="step", disable=not ctx.is_main)
-    try:
-        while state.epoch < config.epochs:
-            batches = iter(data.loader(state.epoch, state.batches_done))
-            unreadable: set[str] = set()  # shards this rank's readers could not read this epoch
-            while state.batches_done + config.accum_steps <= data.steps_per_epoch * config.accum_steps:
-                values = _schedule(model, config, state.step, warmup, total, peak_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = values["lr"]
-                losses = torch.zeros(1 + len(model.loss_terms), device=ctx.device)
-                for micro in range(config.accum_steps):
-                    batch = next(batches)
-                    unreadable.update(n for names in batch.get("bad_shards", ()) for n in names.split(",") if n)
-                    # tensors to the device; texts (reports, keys) go to the objective as they are
-                    samples = {k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                               for k, v in batch.items() if k != "bad_shards"}
-                    # the step's random inputs for all its images; micro-batch m of rank r holds rows m*G + r*b ... + b
-                    start = micro * global_micro + ctx.rank * micro_batch
-                    inputs = model.step_inputs(torch.Generator().manual_seed(sample_seed(config.seed, state.step)),
-                                               config.batch_size, slice(start, start + micro_batch))
-                    last = micro == config.accum_steps - 1
-                    if sharded:
-                        model.set_requires_gradient_sync(last)
-                    sync = nullcontext() if last or sharded or not ctx.distributed else wrapped.no_sync()
-                    with sync, torch.autocast(**autocast):
-                        out = forward(samples, values, inputs)
-                        (out.loss / config.accum_steps).backward()
-                    losses += torch.stack([out.loss, *(out.terms[n] for n in model.loss_terms)]).detach().float()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad or math.inf)
-                if isinstance(grad_norm, DTensor):
-                    grad_norm = grad_norm.full_tensor()
-                finite = all_ranks_true(bool(torch.isfinite(losses).all() and torch.isfinite(grad_norm)), ctx)
-                if finite:
-                    optimizer.step()
-                    for hook in hooks:
-                        hook.after_step(values)
-                else:
-                    for hook in hooks:
-                        hook.after_skipped_step()
-                    state.skipped += 1
-                    if ctx.is_main:
-                        log.warning("step %d: non-finite loss or gradient; step skipped (%d so far)", state.step,
-                                    state.skipped)
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batches_done += config.accum_steps
-                window["images"] += config.batch_size
-                bar.update()
-                if state.step % config.log_every == 0 or state.step == total:
-                    row = _log(monitor, model, state, values, losses / config.accum_steps, grad_norm, window, ctx,
-                               _bad_shards(data, unreadable, ctx))
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", images_per_s=f"{row['images_per_s']:.0f}",
-                                    skipped=state.skipped)
-                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                    _checkpoint(manager, model, optimizer, state, config, ctx)
-            _bad_shards(data, unreadable, ctx)
-            state.epoch, state.batches_done = state.epoch + 1, 0
-            milestone = bool(config.milestone_every) and state.epoch % config.milestone_every == 0
-            _checkpoint(manager, model, optimizer, state, config, ctx, milestone)
-    finally:  # a run stopped by an error closes its progress bar and log files first
-        bar.close()
-        monitor.close()
-    if sharded:  # gather the shards into a plain model on the main rank
-        full, _ = _full_states(model, optimizer, sharded)
-        if ctx.is_main:
-            plain = build_objective(config)
-            plain.load_state_dict(full)
-            _save_kept(plain, out_dir)
-    elif ctx.is_main:
-        _save_kept(model, out_dir)
-    barrier(ctx)
-    return PretrainResult(out_dir, model)
-
-
-def _save_kept(objective: Objective, out_dir: Path) -> None:
-    for name, module in objective.kept().items():
-        save_pretrained(module, out_dir / name)
-    objective.save_extras(out_dir)
+        log.info("resumed from %s at step %d", checkpoint["path"], state.step)
+    return state
 
 
 def _load_file(path: str) -> dict[str, Any]:
@@ -391,6 +361,24 @@ def _load_file(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not a dex pretrain checkpoint (one holds model, optimizer, train, rng and config)")
     checkpoint["path"] = str(path)
     return checkpoint
+
+
+def _keep(run: _Run) -> None:
+    """Write what the objective keeps (its models, then its extras) into the run folder, from the main rank; under
+    FSDP the shards are gathered into a plain objective first."""
+    out_dir = Path(run.config.out_dir)
+    objective = run.model
+    if run.sharded:
+        full, _ = _full_states(run.model, run.optimizer, sharded=True)
+        if not run.ctx.is_main:
+            return
+        objective = build_objective(run.config)
+        objective.load_state_dict(full)
+    elif not run.ctx.is_main:
+        return
+    for name, module in objective.kept().items():
+        save_pretrained(module, out_dir / name)
+    objective.save_extras(out_dir)
 
 
 def _log(monitor: RunMonitor, model: Objective, state: TrainState, values, losses, grad_norm, window, ctx,

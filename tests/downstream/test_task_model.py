@@ -135,21 +135,26 @@ def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection,
             raise KeyboardInterrupt
 
     monkeypatch.setattr(finetune_module, "_save_checkpoint", stop_after_the_second_epoch)
-    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    checkpoints = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
-        train_task_model(spec, task, 0, config, checkpoint)
+        train_task_model(spec, task, 0, config, checkpoints)
+    assert [p.name for p in checkpoints.glob("*.pt")] == ["step-00000002.pt"]  # the last epoch's only
     monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
-    resumed, resumed_model = train_task_model(spec, task, 0, config, checkpoint)
+    resumed, resumed_model = train_task_model(spec, task, 0, config, checkpoints)
     assert json.dumps(resumed["history"]) == json.dumps(whole["history"])
     assert json.dumps(resumed["test"]) == json.dumps(whole["test"])
     for key, value in whole_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
-    with pytest.raises(ValueError, match="last.pt: cannot resume from it: .*other fine-tuning settings \\(lr\\)"):
-        train_task_model(spec, task, 0, FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, lr=1.0), checkpoint)
+    with pytest.raises(ValueError, match=r"step-00000003.pt: cannot resume from it with other settings than it was "
+                                         r"written with \(lr 0.0001 -> 1.0\); resume with the same settings"):
+        train_task_model(spec, task, 0, FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, lr=1.0), checkpoints)
+    # where it runs is free: the same run on another device setting and worker count goes on
+    free = FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, device="cpu", num_workers=0)
+    assert train_task_model(spec, task, 0, free, checkpoints)[0]["history"] == resumed["history"]
 
 
 def test_dex_finetune_resume_goes_on_from_the_partial_folder(tmp_path, phantom_collection, encoder_folder,
-                                                             monkeypatch):
+                                                             monkeypatch, capsys):
     import dex.downstream.finetune as finetune_module
 
     task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
@@ -164,8 +169,10 @@ def test_dex_finetune_resume_goes_on_from_the_partial_folder(tmp_path, phantom_c
     monkeypatch.setattr(finetune_module, "_save_checkpoint", stop_after_the_first_epoch)
     out = tmp_path / "stopped"
     assert main(["finetune", str(encoder_folder), str(task), "--out", str(out), *settings]) == 130
-    assert (tmp_path / "stopped.partial" / "checkpoints" / "last.pt").is_file() and not out.exists()
+    assert (tmp_path / "stopped.partial" / "checkpoints" / "step-00000001.pt").is_file() and not out.exists()
     monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
+    capsys.readouterr()
     assert main(["finetune", str(encoder_folder), str(task), "--out", str(out), "--resume", *settings]) == 0
+    assert f"resuming from {tmp_path / 'stopped.partial' / 'checkpoints'}" in capsys.readouterr().out
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert not (tmp_path / "stopped.partial").exists() and not (out / "checkpoints").exists()

@@ -52,7 +52,7 @@ def test_checkpoint_with_python_objects_is_not_unpickled(tmp_path):
     path = tmp_path / "with_args.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, path)
     with pytest.raises(RefusedFileError, match=r"with_args.pth: refused: it holds Python objects other than tensors "
-                                               r"\(argparse.Namespace\), which are not unpickled"):
+                                               r"\(argparse.Namespace\), which the safe loader does not build"):
         load_state_dict_file(path)
 
 

@@ -18,11 +18,10 @@ import torch.multiprocessing as mp
 
 import dex
 from dex.config import load_config
-from dex.models import MaskedAutoencoderDEX
-from dex.train.checkpoint import CheckpointManager, NoUsableCheckpointError
+from dex.checkpoint import CheckpointManager, NoUsableCheckpointError
 from dex.train.monitor import RunMonitor, normalised_entropy
-from dex.train.objectives import load_pretrain_config
-from dex.train.pretrain import PretrainConfig, pretrain
+from dex.train.objectives import MAEDEXConfig, MAEDEXObjective, load_pretrain_config
+from dex.train.pretrain import pretrain
 from tests.train.test_pretrain import TINY_ARGS
 
 
@@ -101,7 +100,7 @@ def test_checkpoints_that_all_fail_are_an_error_naming_each_and_why(tmp_path, ca
 
 
 def test_checkpoints_hold_no_pickled_objects(tmp_path, curated):
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1"])
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1"])
     pretrain(config)
     for path in (tmp_path / "checkpoints").glob("*.pt"):
         state = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
@@ -117,7 +116,7 @@ def test_two_cpu_runs_with_one_seed_are_bit_for_bit_identical(tmp_path, phantom_
     args = [f"data={phantom_collection / 'curated'}", "epochs=16", "log_every=5", "keep_checkpoints=1",
             "tensorboard=false"]
     for name in ("a", "b"):
-        pretrain(load_config(PretrainConfig, "configs/pretrain_demo.yaml", [*args, f"out_dir={tmp_path / name}"]))
+        pretrain(load_config(MAEDEXConfig, "configs/pretrain_demo.yaml", [*args, f"out_dir={tmp_path / name}"]))
     assert torch.get_num_threads() > 1 or os.cpu_count() == 1
     assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") >= 16
     assert weights(tmp_path / "a") == weights(tmp_path / "b")
@@ -163,7 +162,7 @@ def clean_killed_resumed(config: str, args: list[str], tmp_path: Path,
 def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, workers):
     args = [*curated, f"num_workers={workers}", "epochs=8", "keep_checkpoints=3"]
     clean = tmp_path / "clean"
-    pretrain(load_config(PretrainConfig, "configs/pretrain_demo.yaml", [*args, f"out_dir={clean}"]))
+    pretrain(load_config(MAEDEXConfig, "configs/pretrain_demo.yaml", [*args, f"out_dir={clean}"]))
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "dex", "pretrain", "configs/pretrain_demo.yaml", "--set", *args,
                f"out_dir={killed}"]
@@ -178,14 +177,19 @@ def test_resume_after_sigkill_ends_bit_for_bit_identical(tmp_path, curated, work
 
 
 def test_resume_from_a_given_checkpoint_file_and_bad_paths(tmp_path, curated):
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'a'}"])
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path / 'a'}"])
     pretrain(config)
     middle = sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))[0]
-    again = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'b'}"])
-    pretrain(again, resume=str(middle))
+    again = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path / 'b'}", "log_every=3"])
+    pretrain(again, resume=str(middle))  # where it writes and how often it logs are free to change
     assert weights(tmp_path / "b") == weights(tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         pretrain(again, resume=str(tmp_path / "nowhere.pt"))
+    longer = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path / 'c'}", "epochs=4", "base_lr=0.01"])
+    with pytest.raises(ValueError, match=rf"{middle.name}: cannot resume from it with other settings than it was "
+                                         r"written with \(base_lr 0.0001 -> 0.01; epochs 3 -> 4\)"):
+        pretrain(longer, resume=str(middle))
+    assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_and_writes_nothing(tmp_path, curated, capsys):
@@ -209,7 +213,7 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_and_writes_nothing
 
 
 def test_resume_auto_refuses_to_start_over_on_a_run_with_logged_steps(tmp_path, curated):
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path / 'run'}", "epochs=1"])
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path / 'run'}", "epochs=1"])
     pretrain(config, resume="auto")  # a brand-new folder starts fresh
     log_rows = (tmp_path / "run" / "log.jsonl").read_bytes()
     assert log_rows
@@ -225,7 +229,7 @@ def test_resume_auto_refuses_to_start_over_on_a_run_with_logged_steps(tmp_path, 
 # --- skipped steps -----------------------------------------------------------------------------------------------
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path, curated, monkeypatch):
-    original = MaskedAutoencoderDEX.forward
+    original = MAEDEXObjective.forward
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -235,8 +239,8 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, curated, monkeypatch):
             return out._replace(loss=out.loss * float("nan"))
         return out
 
-    monkeypatch.setattr(MaskedAutoencoderDEX, "forward", poisoned)
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "keep_checkpoints=10"])
+    monkeypatch.setattr(MAEDEXObjective, "forward", poisoned)
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "keep_checkpoints=10"])
     pretrain(config)
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
@@ -264,7 +268,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, im
             "tensorboard=false", f"distributed={mode}"]
     port = 29600 + os.getpid() % 500 + (0 if mode == "ddp" else 500)
     mp.spawn(_rank, args=(2, port, args, str(tmp_path / mode)), nprocs=2, join=True)
-    single = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'one'}"])).model.state_dict()
+    single = pretrain(load_config(MAEDEXConfig, None, [*args, f"out_dir={tmp_path / 'one'}"])).model.state_dict()
     assert any(".director." in k for k in single) and any(".router.usage" in k for k in single)
     if mode == "ddp":  # each rank holds the whole model: the ranks agree, and agree with one process
         ranks = [torch.load(tmp_path / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -282,8 +286,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, im
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, image_folder):
     args = [*TINY_ARGS, f"data={image_folder}", "batch_size=8", "epochs=1", "checkpoint_every=0",
             "tensorboard=false"]
-    full = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'a'}"])).model.state_dict()
-    accumulated = pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / 'b'}",
+    full = pretrain(load_config(MAEDEXConfig, None, [*args, f"out_dir={tmp_path / 'a'}"])).model.state_dict()
+    accumulated = pretrain(load_config(MAEDEXConfig, None, [*args, f"out_dir={tmp_path / 'b'}",
                                                               "accum_steps=2"])).model.state_dict()
     for key, value in full.items():
         if "router.usage" in key:
@@ -295,7 +299,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, image_folder):
 
 def test_export_round_trip(tmp_path, curated):
     run = tmp_path / "run"
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={run}", "epochs=1"])
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={run}", "epochs=1"])
     trained = pretrain(config).model.encoder.eval()
     assert dex.cli.main(["export", str(run), str(tmp_path / "out")]) == 0
     encoder = dex.load_pretrained(tmp_path / "out").eval()
@@ -312,7 +316,7 @@ def test_export_round_trip(tmp_path, curated):
 
 def test_export_names_checkpoints_refused_as_unsafe(tmp_path, curated, capsys):
     run = tmp_path / "run"
-    pretrain(load_config(PretrainConfig, None, [*curated, f"out_dir={run}", "epochs=1", "keep_checkpoints=2"]))
+    pretrain(load_config(MAEDEXConfig, None, [*curated, f"out_dir={run}", "epochs=1", "keep_checkpoints=2"]))
     shutil.rmtree(run / "encoder")
     (run / "checkpoints" / "index.json").unlink()
     checkpoints = sorted((run / "checkpoints").glob("*.pt"))
@@ -344,7 +348,7 @@ def test_routing_collapse_is_warned_after_a_sustained_low_entropy(tmp_path, capl
 
 def test_tensorboard_scalars(tmp_path, curated):
     pytest.importorskip("tensorboard")
-    config = load_config(PretrainConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "tensorboard=true"])
+    config = load_config(MAEDEXConfig, None, [*curated, f"out_dir={tmp_path}", "epochs=1", "tensorboard=true"])
     pretrain(config)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -359,7 +363,7 @@ def test_torch_compile_matches_eager(tmp_path, curated):
     args = [*curated, "epochs=1", "samples_per_epoch=16", "checkpoint_every=0"]
     losses = []
     for name, compiled in (("eager", "false"), ("compiled", "true")):
-        pretrain(load_config(PretrainConfig, None, [*args, f"out_dir={tmp_path / name}", f"compile={compiled}"]))
+        pretrain(load_config(MAEDEXConfig, None, [*args, f"out_dir={tmp_path / name}", f"compile={compiled}"]))
         losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 

@@ -14,8 +14,8 @@ from dex.cli import main
 from dex.config import load_config, parse_overrides
 from dex.models import create_model
 from dex.models.text import TextConfig, build_text_encoder
-from dex.train.objectives import MedMoEObjective, build_objective, load_pretrain_config
-from dex.train.pretrain import PretrainConfig, param_groups, pretrain
+from dex.train.objectives import MAEDEXConfig, MedMoEObjective, build_objective, load_pretrain_config
+from dex.train.pretrain import param_groups, pretrain
 from dex.schedules import cosine, warmup_cosine
 
 TINY_ARGS = [
@@ -49,7 +49,7 @@ def test_warmup_then_cosine():
 def test_config_from_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 3\nmodel_args:\n  num_experts: 4\n  top_k: 1\n")
-    config = load_config(PretrainConfig, path, ["model_args.top_k=2", "betas=[0.9, 0.999]"])
+    config = load_config(MAEDEXConfig, path, ["model_args.top_k=2", "betas=[0.9, 0.999]"])
     assert config.epochs == 3 and config.model_args == {"num_experts": 4, "top_k": 2}
     assert config.betas == (0.9, 0.999)
     assert parse_overrides(["a.b.c=1.5e-3"]) == {"a": {"b": {"c": 1.5e-3}}}
@@ -59,22 +59,22 @@ def test_config_errors_name_the_problem(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("epoch: 3\n")
     with pytest.raises(ValueError, match=r"bad.yaml: epoch: unknown key; the known keys are out_dir, seed"):
-        load_config(PretrainConfig, path)
+        load_config(MAEDEXConfig, path)
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_overrides(["epochs"])
     path.write_text("epochs: two\nbetas: [0.9]\n")
     with pytest.raises(ValueError, match=r"bad.yaml: epochs: input should be a valid integer.*got 'two'; betas\[1\]"):
-        load_config(PretrainConfig, path)
+        load_config(MAEDEXConfig, path)
     with pytest.raises(ValueError, match=r"batch_size: .*got 'eight' \(--set batch_size=eight\)"):
-        load_config(PretrainConfig, None, ["batch_size=eight"])
+        load_config(MAEDEXConfig, None, ["batch_size=eight"])
     with pytest.raises(ValueError, match=r"distributed: input should be 'ddp' or 'fsdp', got 'x'"):
-        load_config(PretrainConfig, None, ["distributed=x"])
+        load_config(MAEDEXConfig, None, ["distributed=x"])
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        PretrainConfig(batch_size=0)
+        MAEDEXConfig(batch_size=0)
 
 
 def test_param_groups_skip_director_and_decay_no_bias_norm_or_embedding(tiny):
-    model = build_objective(load_config(PretrainConfig, None, tiny))
+    model = build_objective(load_config(MAEDEXConfig, None, tiny))
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -96,7 +96,7 @@ def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys, tiny)
     assert rows[0]["momentum"] == pytest.approx(0.99)
     assert rows[-1]["noise_std"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))  # step 3 of 4
     assert len(rows[-1]["usage_entropy"]) == 2
-    saved = load_config(PretrainConfig, out / "config.yaml")
+    saved = load_config(MAEDEXConfig, out / "config.yaml")
     assert saved.model_args["embed_dim"] == 32 and saved.epochs == 2
     encoder = dex.load_pretrained(out / "encoder")
     fresh = build_objective(saved).encoder
@@ -108,7 +108,7 @@ def test_cli_pretrain_runs_and_writes_a_loadable_encoder(tmp_path, capsys, tiny)
 def test_same_seed_reproduces_bit_for_bit(tmp_path, tiny):
     runs = []
     for name in ("a", "b"):
-        config = load_config(PretrainConfig, None, [*tiny, f"out_dir={tmp_path / name}"])
+        config = load_config(MAEDEXConfig, None, [*tiny, f"out_dir={tmp_path / name}"])
         runs.append(pretrain(config).run_dir)
     assert (runs[0] / "encoder" / "model.safetensors").read_bytes() == (
         runs[1] / "encoder" / "model.safetensors").read_bytes()
