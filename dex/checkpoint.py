@@ -15,12 +15,13 @@ differ.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dex.collectives import is_distributed
 from dex.files import file_sha256, write_json
 from dex.safeload import RefusedFileError, load_torch_file
 
@@ -47,15 +49,14 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], free: Iterable[str],
-                        where: str | Path) -> None:
-    """Refuse to resume from the checkpoint ``where`` when a setting other than the ``free`` ones differs between
-    ``saved`` (the checkpoint's) and ``current``; a ValueError names each with both values. A key the checkpoint's
-    version did not have yet counts as unchanged. Values are compared as JSON (tuples as lists)."""
-    saved, current = (json.loads(json.dumps(dict(values))) for values in (saved, current))
-    free = set(free)
+def check_same_settings(saved: Mapping[str, Any], config: Any, where: str | Path) -> None:
+    """Refuse to resume from the checkpoint ``where`` when a setting of the dataclass ``config`` other than the ones
+    its class declares free (``resume_free``) differs from ``saved`` (the checkpoint's); a ValueError names each with
+    both values. A key the checkpoint's version did not have yet counts as unchanged. Values are compared as JSON
+    (tuples as lists)."""
+    saved, current = (json.loads(json.dumps(values)) for values in (dict(saved), dataclasses.asdict(config)))
     changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in sorted(current)
-               if key not in free and key in saved and saved[key] != current[key]]
+               if key not in config.resume_free and key in saved and saved[key] != current[key]]
     if changed:
         raise ValueError(f"{where}: cannot resume from it with other settings than it was written with "
                          f"({'; '.join(changed)}); resume with the same settings, or start a new run")
@@ -96,7 +97,7 @@ def rank_rng_states(device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Every rank's :func:`rng_state` in rank order (each rank draws its own, e.g. for stochastic depth); in one
     process, a list of one."""
     mine = rng_state(device)
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [mine]
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
@@ -106,12 +107,11 @@ def rank_rng_states(device: torch.device | str = "cpu") -> list[dict[str, Any]]:
 def set_rank_rng_state(states: list[dict[str, Any]], device: torch.device | str = "cpu") -> None:
     """Restore this rank's state of :func:`rank_rng_states` (a run resumed on more ranks than it was written with
     gives the new ranks the first rank's)."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank() if is_distributed() else 0
     set_rng_state(states[rank] if rank < len(states) else states[0], device)
 
 
 # --- the last N checkpoints of a run -----------------------------------------------------------------------------
-
 
 class NoUsableCheckpointError(ValueError):
     """Checkpoint files exist, but none verifies and loads (corrupt, cut short, refused as unsafe)."""
@@ -146,17 +146,20 @@ class CheckpointManager:
         write_json(self.index_path, {"checkpoints": entries})
         return path
 
+    def files(self) -> list[Path]:
+        """The checkpoint files in the folder, newest first (whether they verify or not)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted((p for p in self.folder.iterdir() if NAME.match(p.name)), key=lambda p: p.name, reverse=True)
+
     def load_latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that verifies and loads, or None when there are no checkpoint files.
 
         Raises :class:`NoUsableCheckpointError` when there are checkpoint files but none verifies and loads.
         """
-        if not self.folder.is_dir():
-            return None
         hashes = {e["file"]: e["sha256"] for e in self._index()}
-        files = sorted((p for p in self.folder.iterdir() if NAME.match(p.name)), key=lambda p: p.name, reverse=True)
         failed: list[str] = []
-        for path in files:
+        for path in self.files():
             if path.name in hashes and file_sha256(path) != hashes[path.name]:
                 failed.append(f"{path.name} fails its SHA-256 check (corrupt or cut short)")
                 continue

@@ -89,21 +89,25 @@ def _pickle_stream(path: Path) -> tuple[int, list[str]] | None:
             if not pickles:
                 return None
             data = archive.read(pickles[0])
-    protocol, names, strings, memo = 0, [], [], []
+    protocol, names, strings = 0, [], []  # strings: every string pushed, in order (STACK_GLOBAL takes the last two)
+    memo: dict[int, str | None] = {}  # the memo's strings (None: something else was memoised)
+    top: str | None = None  # the string the last instruction pushed, if it pushed one
     try:
         for opcode, argument, _ in pickletools.genops(data):
-            if opcode.name == "PROTO":
+            name = opcode.name
+            if name == "PROTO":
                 protocol = argument
-            elif opcode.name in ("GLOBAL", "INST"):
-                names.append(argument.replace(" ", "."))
-            elif "UNICODE" in opcode.name or opcode.name.endswith("STRING"):
-                strings.append(argument)
-            elif opcode.name == "MEMOIZE":
-                memo.append(strings[-1] if strings else None)
-            elif opcode.name in ("BINGET", "LONG_BINGET") and argument < len(memo) and memo[argument] is not None:
-                strings.append(memo[argument])
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif name == "MEMOIZE" or name.endswith("PUT"):  # the top is memoised and stays on the stack
+                memo[len(memo) if name == "MEMOIZE" else argument] = top
+            elif name != "FRAME":  # every other instruction leaves a new top
+                text = "UNICODE" in name or name.endswith("STRING")
+                top = argument if text else memo.get(argument) if name.endswith("GET") else None
+                if name in ("GLOBAL", "INST"):
+                    names.append(argument.replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                if top is not None:
+                    strings.append(top)
     except Exception:  # genops raises many kinds on bytes that are not a pickle stream
         return None
     return protocol, names

@@ -3,6 +3,7 @@ it, nothing in it runs, and no library warning reaches the user; torch.save file
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dex.cli import main
-from dex.safeload import RefusedFileError, load_state_dict_file, load_torch_file
+from dex.safeload import RefusedFileError, _pickle_stream, load_state_dict_file, load_torch_file
 
 
 class Payload:
@@ -63,3 +64,24 @@ def test_the_command_line_prints_one_line_and_no_warning(tmp_path, capsys):
                                 "(io.open), which the safe loader does not build (nothing in it was run); save its "
                                 "state dict alone (or as .safetensors)"]
     assert not marker.exists()
+
+
+class System:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+class Directory:
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_the_opcode_reader_names_every_global_once_in_order(tmp_path, protocol):
+    """From protocol 4 the second global of a module names the module through the memo (a memoised string); a
+    memoised dict in between must not be taken for one."""
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps([{"k": 1}, System(), Directory(), System()], protocol=protocol))
+    assert _pickle_stream(path) == (protocol, [f"{os.name}.system", f"{os.name}.getcwd"])
+    path.write_bytes(b"not a pickle")
+    assert _pickle_stream(path) is None

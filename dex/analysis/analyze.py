@@ -13,9 +13,9 @@ import torch
 
 from dex.analysis import plots
 from dex.analysis.attention import last_layer_attention
+from dex.analysis.collapse import collapse_diagnostics, layer_features
 from dex.analysis.cost import activation_cost
 from dex.analysis.patterns import pattern_layout
-from dex.analysis.collapse import collapse_diagnostics, layer_features
 from dex.analysis.routing import layer_nmi, routing_tables, usage_entropy
 from dex.analysis.subspaces import features_and_experts, subspace_diagnostics, tsne_map
 from dex.data.recipe import MODALITIES

@@ -44,23 +44,16 @@ def _curate(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from dex.data.curation import PRIVATE, CurateOptions, curate, private_folder
+    from dex.data.curation import PRIVATE, CurateOptions, curate, private_log
     from dex.data.recipe import Recipe
 
     Recipe.load(args.recipe)  # a bad recipe is refused before anything is written
     out = Path(args.out)
-    handler = logging.FileHandler(private_folder(out) / "curate.log")  # its warnings name files: the curator's
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("dex")
-    logger.addHandler(handler)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = CurateOptions(min_size=args.min_size, dedup_distance=args.dedup_distance,
                             shard_samples=args.shard_samples)
-    try:
+    with private_log(out):
         summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part, options=options)
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary.dropped.items())) or "none"
     print(f"written {summary.written} images; dropped: {dropped}; quarantined files: {summary.quarantined}"
           + (f"; sources without a root: {', '.join(summary.skipped_sources)}" if summary.skipped_sources else ""))
@@ -122,6 +115,7 @@ def _import_task_parser(data) -> None:
 
 def _import_task(args: argparse.Namespace) -> int:
     import dataclasses
+
     from dex.data.importers import ImportOptions, import_task
 
     fields = {f.name for f in dataclasses.fields(ImportOptions)}

@@ -69,4 +69,3 @@ def normalize_volume(values: np.ndarray, rule: str, ct_window: tuple[float, floa
     if rule not in VOLUME_NORMALIZERS:
         raise ValueError(f"volume normalisation {rule!r}: one of {', '.join(VOLUME_NORMALIZERS)}")
     return ct_hu(values, ct_window) if rule == "ct_hu" else VOLUME_NORMALIZERS[rule](values)
-

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -63,6 +63,8 @@ class FinetuneConfig:
     flip: bool = True  # random horizontal flips in training
     device: str = "auto"
     num_workers: int = 0
+    #: the settings a run may resume with changed: where and how it runs, never what it computes
+    resume_free: ClassVar[tuple[str, ...]] = ("device", "num_workers")
 
 
 class TaskImages(Dataset):
@@ -205,9 +207,9 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     With ``checkpoints`` (a folder), the state after every epoch (weights, optimiser, the best epoch so far, the
     history, the random generators and the data order) is kept there (:class:`dex.checkpoint.CheckpointManager`, the
     last one), and a run that finds one goes on from it: a run stopped and resumed ends as one that was not (on a
-    CPU, bit for bit); one written with other settings is refused (:data:`RESUME_FREE` may differ). ``bootstrap``:
-    resamples of the test metrics' 95% intervals (``test_intervals`` of the record; none with 0, the benchmark's
-    default: a thousand resamples of the classification metrics take seconds)."""
+    CPU, bit for bit); one written with other settings is refused (only ``FinetuneConfig.resume_free`` may differ).
+    ``bootstrap``: resamples of the test metrics' 95% intervals (``test_intervals`` of the record; none with 0, the
+    benchmark's default: a thousand resamples of the classification metrics take seconds)."""
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
@@ -329,10 +331,6 @@ def task_preprocessing(preprocessing: Preprocessing, task: Task) -> Preprocessin
                    slice_axis=task.spec.slice_axis or "axial")
 
 
-#: The fine-tuning settings a run may resume with changed: where and how it runs, never what it computes.
-RESUME_FREE = ("device", "num_workers")
-
-
 def _save_checkpoint(manager: CheckpointManager, model: nn.Module, optimizer, generator: torch.Generator, epoch: int,
                      step: int, history: list[dict], best: dict[str, Any], config: FinetuneConfig,
                      device: torch.device) -> None:
@@ -346,7 +344,7 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer, generator: torc
     """The position of a fine-tuning checkpoint (epoch, step, history, best epoch so far), with the model, optimiser,
     data order and generators restored."""
     try:
-        check_same_settings(state["config"], asdict(config), RESUME_FREE, state["path"])
+        check_same_settings(state["config"], config, state["path"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["data_order"])

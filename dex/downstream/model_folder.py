@@ -17,6 +17,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from dex.checkpoint import CheckpointManager
 from dex.downstream.task_model import FORMAT, TaskModel
 from dex.figures import plt, save_figure
 from dex.files import write_json
@@ -35,7 +36,7 @@ class ModelFolder:
         if not resume and self.partial.exists():  # an unfinished run: start it over
             shutil.rmtree(self.partial)
         #: whether the run goes on from the checkpoints of an unfinished one
-        self.resuming = resume and (self.checkpoints / "index.json").is_file()
+        self.resuming = resume and bool(CheckpointManager(self.checkpoints).files())
 
     @property
     def checkpoints(self) -> Path:

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dex.files import write_json
+
 
 def record_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> Path:
     return out / "runs" / encoder / task / variant / f"seed{seed}.json"
@@ -35,12 +37,11 @@ def model_path(out: Path, encoder: str, task: str, variant: str, seed: int) -> P
 
 
 def store_record(out: Path, encoder: str, task: str, variant: str, seed: int, record: dict[str, Any]) -> None:
+    """Store a finished run's ``record`` under its name (:func:`dex.files.write_json`: whole or not at all)."""
     record["variant"] = variant
     path = record_path(out, encoder, task, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(path, record)
 
 
 def stored_runs(out: Path) -> list[dict[str, Any]]:

@@ -82,6 +82,12 @@ class RunConfig:
     tensorboard: bool = True
     collapse_threshold: float = 0.5  # routing collapse: usage entropy under this fraction of log R ...
     collapse_patience: int = 5  # ... for this many logged steps in a row
+    #: the settings a run may resume with changed: where it writes, how it reads, logs and runs, never what it
+    #: computes (any other changed setting refuses the resume, :func:`dex.checkpoint.check_same_settings`)
+    resume_free: ClassVar[tuple[str, ...]] = (
+        "out_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "milestone_every",
+        "tensorboard", "collapse_threshold", "collapse_patience", "max_bad_shards", "device", "compile",
+        "distributed")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -40,16 +40,10 @@ from dex.seeding import seed_everything
 from dex.train.batches import RunData, bad_shards, require_pairs, run_data
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor
-from dex.train.objective import Objective, RunConfig
+from dex.train.objective import Objective, RunConfig, StepHook
 from dex.train.objectives import build_objective, objective_class
 
 log = logging.getLogger("dex.train")
-
-#: The loop's settings a run may resume with changed: where it writes, how it reads, logs and runs, never what it
-#: computes (any other changed setting refuses the resume, :func:`dex.checkpoint.check_same_settings`).
-RESUME_FREE = ("out_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "milestone_every",
-               "tensorboard", "collapse_threshold", "collapse_patience", "max_bad_shards", "device", "compile",
-               "distributed")
 
 
 @dataclass
@@ -110,6 +104,9 @@ class _Run:
     warmup: int
     peak_lr: float
     forward: nn.Module = field(init=False)
+    trainable: list[nn.Parameter] = field(init=False)  # what the gradient is clipped over
+    hooks: list[StepHook] = field(init=False)
+    autocast: dict[str, Any] = field(init=False)  # bfloat16 on a GPU, off on a CPU
     monitor: RunMonitor = field(init=False)
     bar: tqdm = field(init=False)
     window: dict[str, float] = field(init=False)  # images since the last logged step, and when that was
@@ -334,7 +331,7 @@ def _resume(resume: str, manager: CheckpointManager, model: Objective, optimizer
             raise ValueError(f"{out_dir}: log.jsonl records training steps but there is no checkpoint to resume "
                              "from; not starting over in this folder silently (run without --resume to start over)")
         return TrainState()
-    check_same_settings(checkpoint["config"], dataclasses.asdict(config), RESUME_FREE, checkpoint["path"])
+    check_same_settings(checkpoint["config"], config, checkpoint["path"])
     if _sharded(config, ctx):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -7,9 +7,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,22 @@ def private_folder(out: str | Path) -> Path:
     folder = Path(out) / PRIVATE
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
+
+
+@contextmanager
+def private_log(out: str | Path) -> Iterator[Path]:
+    """While in the block, the ``dex`` loggers' records also go to ``OUT/private/curate.log`` (curation's warnings
+    name source files, so its log is the curator's only); yields the log's path."""
+    path = private_folder(out) / "curate.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("dex")
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def read_salt(out: Path) -> str:
