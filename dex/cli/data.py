@@ -99,10 +99,13 @@ def _import_task_parser(data) -> None:
         data, "import-task", help="turn a public dataset's layout into a task folder",
         description="Import a dataset as it was released into a dex task folder (images/, masks/ or labels.csv, "
                     "splits.csv, task.yaml). Layouts: class-folders (SRC/[split/]class/image), csv (SRC is a CSV "
-                    "of image names and labels), pairs (SRC holds images, masks matched by name), volumes (SRC "
-                    "holds NIfTI volumes or DICOM series folders, --labels their NIfTI label volumes; cut into "
-                    "normalised 2D slices, split by case), medmnist (SRC is a MedMNIST .npz). Items that cannot "
-                    "be imported are listed in OUT/problems.csv and the command exits with status 3.")
+                    "of image names and labels), pairs (SRC or --images holds images, --masks their masks matched by "
+                    "name, --rois optional regions of interest), volumes (SRC holds NIfTI volumes or DICOM series "
+                    "folders, --labels their NIfTI label volumes; cut into normalised 2D slices, split by case), "
+                    "medmnist (SRC is a MedMNIST .npz). A relative --images, --masks, --rois, --labels or --splits "
+                    "is taken below SRC (the CSV's folder for csv) when it is there, else from the working "
+                    "directory. Items that cannot be imported are listed in OUT/problems.csv and the command exits "
+                    "with status 3.")
     imports.add_argument("layout", choices=LAYOUTS)
     imports.add_argument("src", help="the dataset folder, CSV or .npz")
     imports.add_argument("out", help="the task folder to write")

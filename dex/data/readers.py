@@ -1,5 +1,5 @@
 """Readers for the formats medical image collections come in, built on pydicom, Pillow, tifffile and PyAV: DICOM
-datasets and their pictures, PNG / JPEG / BMP / TIFF, NPY arrays, masks and video frames.
+datasets and their pictures, PNG / JPEG / BMP / GIF / TIFF, NPY arrays, masks and video frames.
 
 Volumes (NIfTI, DICOM series and multi-frame objects) are read by :mod:`dex.data.volumes`, on the DICOM helpers of
 this module. Every failure is a :class:`ReadError` naming the file and the reason.
@@ -199,8 +199,9 @@ def array_picture(array: np.ndarray) -> Picture:
 
 
 def read_picture(path: str | Path) -> Picture:
-    """PNG / JPEG / BMP / TIFF in 8 or 16 bit, grey, RGB, RGBA (alpha dropped), palette (expanded to RGB),
-    1-bit; float TIFFs keep their values (full scale 1.0); a ``.npy`` image array by :func:`array_picture`."""
+    """PNG / JPEG / BMP / GIF / TIFF (any compression, see :func:`_stored_pixels`) in 8 or 16 bit, grey, RGB, RGBA
+    (alpha dropped), palette (expanded to RGB), 1-bit (0 / 255); float TIFFs keep their values (full scale 1.0); a
+    ``.npy`` image array by :func:`array_picture`."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         array = read_npy(path)
@@ -209,12 +210,7 @@ def read_picture(path: str | Path) -> Picture:
                                   "volume as NIfTI or DICOM, which carry its geometry)")
         return array_picture(array)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            pixels = tifffile.imread(path)
-        else:
-            with Image.open(path) as image:
-                image.load()
-                pixels = _pil_pixels(image)
+        pixels = _stored_pixels(path, palette_indices=False)
     except Exception as err:
         raise ReadError(path, f"not a readable image ({type(err).__name__}: {err})") from err
     if pixels.ndim == 3 and pixels.shape[2] in (2, 4):  # grey+alpha, RGBA: drop the alpha channel
@@ -229,23 +225,49 @@ def read_picture(path: str | Path) -> Picture:
     return Picture(pixels.astype(np.uint8 if bits == 8 else np.uint16), float((1 << bits) - 1))
 
 
-def _pil_pixels(image: Image.Image) -> np.ndarray:
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif image.mode == "1":
-        image = image.convert("L")
-    elif image.mode == "CMYK":
-        image = image.convert("RGB")
-    return np.asarray(image)
+def _stored_pixels(path: Path, palette_indices: bool) -> np.ndarray:
+    """The pixel array of an image file, for :func:`read_picture` and :func:`read_mask_pixels`.
 
-
-def read_mask_pixels(path: str | Path) -> np.ndarray:
-    """A mask file's stored values: [H, W] for grey and palette images (palette indices, not colours), [H, W, 3]
-    for colour ones (alpha dropped); RGB masks with grey values (R = G = B) come back as grey."""
+    TIFFs are read by tifffile, which keeps every bit depth and sample format (16-bit colour, float), except palette
+    TIFFs and those tifffile cannot decode: LZW, JPEG and CCITT compression (among others) need the optional
+    imagecodecs package, so Pillow reads them, unless Pillow would keep fewer bits than the file stores (16-bit
+    colour), which is an error. Other formats are read by Pillow. 1-bit images come back as 0 / 255, palette images
+    as their indices (``palette_indices``) or colours (RGB, or RGBA with transparency), CMYK as RGB.
+    """
+    tiff_error = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                if tiff.pages.first.photometric != tifffile.PHOTOMETRIC.PALETTE:
+                    pixels = tiff.asarray()
+                    return pixels.astype(np.uint8) * 255 if pixels.dtype == bool else pixels
+        except ValueError as err:  # a codec tifffile lacks (or not a TIFF it can parse): Pillow may read it
+            tiff_error = err
     try:
         with Image.open(path) as image:
             image.load()
-            pixels = np.asarray(image.convert("L") if image.mode == "1" else image)
+            if image.mode == "P" and not palette_indices:
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            elif image.mode in ("1", "CMYK"):
+                image = image.convert("L" if image.mode == "1" else "RGB")
+            pixels = np.asarray(image)
+            stored = int(np.max(getattr(image, "tag_v2", {}).get(258, 0)))  # a TIFF's BitsPerSample
+    except Exception as err:
+        if tiff_error is None:
+            raise
+        raise ValueError(f"tifffile: {tiff_error}; Pillow: {err}") from err
+    if stored > 8 * pixels.dtype.itemsize:
+        raise ValueError(f"Pillow would read its {stored}-bit samples as {8 * pixels.dtype.itemsize}-bit, and "
+                         f"tifffile cannot decode it ({tiff_error})")
+    return pixels
+
+
+def read_mask_pixels(path: str | Path) -> np.ndarray:
+    """A mask file's stored values (any format of :func:`read_picture`): [H, W] for grey and palette images (palette
+    indices, not colours), [H, W, 3] for colour ones (alpha dropped); RGB masks with grey values (R = G = B) come back
+    as grey."""
+    try:
+        pixels = _stored_pixels(Path(path), palette_indices=True)
     except Exception as err:
         raise ReadError(path, f"not a readable mask ({type(err).__name__}: {err})") from err
     if pixels.ndim == 3:

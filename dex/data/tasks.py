@@ -3,6 +3,9 @@
 The layout is the one of the real tasks under ``shared/data``: ``images/<id>.<ext>``, ``masks/<id>.png``
 (segmentation, one label value per pixel), ``labels.csv`` with ``id,label`` (classification, class names),
 ``splits.csv`` with ``id,split`` (train / val / test), a ``README.md``, and ``task.yaml`` describing the task.
+Optional: ``cases.csv`` (``id,case,slice``: the volume an image was cut from), and ``roi/<id>.<ext>``, a region of
+interest per image (nonzero inside, e.g. a fundus photograph's field of view; :func:`roi_mask`): a task with a
+``roi/`` folder needs one for every image.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class Task:
     masks: dict[str, Path]  # segmentation
     labels: dict[str, int]  # classification: class index
     cases: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (case, slice index); cases.csv
+    rois: dict[str, Path] = field(default_factory=dict)  # id -> its region of interest, roi/<id>.<ext>; empty: none
 
     @property
     def name(self) -> str:
@@ -186,7 +190,12 @@ def load_task(folder: str | Path, overrides: dict | None = None, seed: int = 0) 
         images = {i: p for i, p in images.items() if i in labels}
     ids = sorted(images)
     cases = _cases(folder, ids)
-    task = Task(folder, spec, _splits(folder, ids, seed, cases), images, masks, labels, cases)
+    rois = _by_stem(folder / "roi") if (folder / "roi").is_dir() else {}
+    missing = sorted(set(ids) - set(rois)) if (folder / "roi").is_dir() else []
+    if missing:
+        raise ValueError(f"{folder / 'roi'}: no region of interest for image {missing[0]!r} ({len(missing)} image(s) "
+                         "without one; a task with roi/ needs one for every image)")
+    task = Task(folder, spec, _splits(folder, ids, seed, cases), images, masks, labels, cases, rois)
     if spec.type == "segmentation":
         for item in ids:
             _check_mask(task, item)
@@ -273,6 +282,28 @@ def _check_mask(task: Task, item: str) -> None:
     if task.spec.mask_threshold is None and labels.max() >= len(task.spec.classes):
         raise ValueError(f"{mask_path}: label value {int(labels.max())} is outside the {len(task.spec.classes)} "
                          f"classes {task.spec.classes}")
+
+
+def roi_mask(task: Task, item: str) -> np.ndarray | None:
+    """An item's region of interest as [H, W] bool (True inside: nonzero in ``roi/<id>.<ext>``; any channel of a
+    colour file), or None when the task has no ``roi/`` folder. A region of another size than the item's image (and
+    so its mask) is a ValueError naming the file."""
+    from PIL import Image
+
+    from dex.data.readers import read_mask_pixels
+
+    if not task.rois:
+        return None
+    path, image_path = task.rois[item], task.images[item]
+    pixels = read_mask_pixels(path)
+    inside = pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
+    with Image.open(image_path) as image:
+        size = (image.height, image.width)
+    if inside.shape != size:
+        mask = " and its mask" if item in task.masks else ""
+        raise ValueError(f"{path}: region of interest is {inside.shape[0]} x {inside.shape[1]}, the image "
+                         f"{image_path.name}{mask} {size[0]} x {size[1]}")
+    return inside
 
 
 def mask_labels(task: Task, item: str) -> np.ndarray:

@@ -4,22 +4,26 @@ they were released in, on the real CT series as NIfTI volumes, and on broken inp
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image
 
 from dex.cli import main
-from dex.data.dedup import near_duplicate_groups
+from dex.data.dedup import IMPORT_DUPLICATE_DISTANCE, IMPORT_HASH_SIZE, near_duplicate_groups, phash
+from dex.data.importers import ImportOptions, Item, MaskMapping, TaskWriter, import_task
 from dex.data.normalize import ct_hu
 from dex.data.phantoms.writers import write_nifti
 from dex.data.readers import read_picture
-from dex.data.importers import ImportOptions, Item, TaskWriter, import_task
-from dex.data.tasks import load_task, mask_labels, write_csv
+from dex.data.tasks import load_task, mask_labels, roi_mask, write_csv
 from dex.data.volumes import read_dicom_volume, read_nifti
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -450,16 +454,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert same.done == {"unit0", "unit1"}
 
 
-def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs():
+@pytest.mark.parametrize(("bits", "distances"), [(64, (0, 2, 3)), (256, (0, 3, IMPORT_DUPLICATE_DISTANCE))])
+def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs(bits, distances):
     rng = np.random.default_rng(0)
-    base = [int(v) for v in rng.integers(0, 2**63, 40, dtype=np.int64)]
+    base = [int.from_bytes(rng.bytes(bits // 8), "big") for _ in range(40)]
     hashes = {f"i{n}": value for n, value in enumerate(base)}
     for n in range(60):  # variants a few bits away, some chained through each other
         values = list(hashes.values())
         source = values[rng.integers(0, len(values))] if n % 3 else base[n % 40]
-        flips = rng.choice(64, size=rng.integers(0, 4), replace=False)
+        flips = rng.choice(bits, size=rng.integers(0, max(distances) + 2), replace=False)
         hashes[f"v{n}"] = source ^ sum(1 << int(b) for b in flips)
-    for distance in (0, 2, 3):
+    for distance in distances:
         keys = sorted(hashes)
         parent = {k: k for k in keys}
 
@@ -476,7 +481,7 @@ def test_near_duplicate_groups_equal_a_brute_force_union_of_close_pairs():
         for k in keys:
             expected.setdefault(root(k), []).append(k)
         expected = sorted((g for g in expected.values() if len(g) > 1), key=lambda g: g[0])
-        assert near_duplicate_groups(hashes, distance) == expected
+        assert near_duplicate_groups(hashes, distance, bits) == expected
         assert expected  # the case is not trivial
 
 
@@ -539,3 +544,172 @@ def test_every_unreadable_mask_of_an_image_is_named(tmp_path):
     assert set(problems) == {str(src / "b_mask.png"), str(src / "b_mask_1.png"), str(src / "b.png")}
     assert "2 of its 2 masks could not be read" in problems[str(src / "b.png")]
     assert summary.images == 1
+
+
+# --- a DRIVE-like release: LZW TIFFs, GIF masks named by leading id, field-of-view masks ---------------------------
+
+def _grey_gif(path: Path, values: np.ndarray) -> None:
+    """A GIF with a grey-ramp palette (as DRIVE's masks are stored), which Pillow reads back as these values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.frombytes("P", values.shape[::-1], values.astype(np.uint8).tobytes())
+    image.putpalette([v for i in range(256) for v in (i, i, i)])
+    image.save(path, optimize=False)
+
+
+def _drive_like(root: Path, numbers: range = range(21, 26)) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """DRIVE's training folder as released, small: ``images/NN_training.tif`` (RGB, LZW), ``1st_manual/NN_manual1.gif``
+    (vessels 0 / 255) and ``mask/NN_training_mask.gif`` (the field of view, 0 / 255). Returns id -> (image, vessels
+    as 0 / 1, field of view as bool)."""
+    rng, out = np.random.default_rng(0), {}
+    yy, xx = np.mgrid[:30, :34]
+    for n in numbers:
+        fov = (yy - 15) ** 2 + (xx - 17) ** 2 < (12 + n % 3) ** 2
+        image = rng.integers(0, 256, (30, 34, 3), dtype=np.uint8)
+        vessels = (rng.random((30, 34)) > 0.8) & fov
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{n}_training.tif", compression="tiff_lzw")
+        _grey_gif(root / "1st_manual" / f"{n}_manual1.gif", vessels * 255)
+        _grey_gif(root / "mask" / f"{n}_training_mask.gif", fov * 255)
+        out[f"{n}_training"] = (image, vessels.astype(np.int64), fov)
+    return out
+
+
+def test_a_drive_like_release_imports_with_the_modality_flag_only(tmp_path, monkeypatch):
+    src = tmp_path / "DRIVE" / "training"
+    expected = _drive_like(src)
+    with tifffile.TiffFile(src / "images" / "21_training.tif") as tiff:  # the files are what DRIVE ships
+        assert tiff.pages.first.compression == tifffile.COMPRESSION.LZW
+    with Image.open(src / "1st_manual" / "21_manual1.gif") as gif:
+        assert set(np.unique(np.asarray(gif))) == {0, 255}
+    monkeypatch.chdir(tmp_path)  # --images, --masks and --rois are found below SRC, not here
+    code = main(["data", "import-task", "pairs", str(src), "drive", "--modality", "fundus", "--images", "images",
+                 "--masks", "1st_manual", "--rois", "mask", "--workers", "1"])
+    assert code == 0
+    task = load_task(tmp_path / "drive")
+    assert sorted(task.images) == sorted(expected) and sorted(task.rois) == sorted(expected)
+    assert task.spec.classes == ["background", "foreground"] and task.spec.mask_threshold is None
+    for item, (image, vessels, fov) in expected.items():
+        np.testing.assert_array_equal(read_picture(task.images[item]).pixels, image)  # LZW decoded, kept exactly
+        np.testing.assert_array_equal(mask_labels(task, item), vessels)  # 0 / 255 became 0 / 1 with no flag
+        np.testing.assert_array_equal(roi_mask(task, item), fov)
+    assert "Regions of interest: `roi/<id>.png` for every image" in (tmp_path / "drive" / "README.md").read_text()
+
+
+def test_a_region_of_interest_is_needed_for_every_image_and_must_fit_it(tmp_path):
+    src = tmp_path / "training"
+    _drive_like(src)
+    (src / "mask" / "23_training_mask.gif").unlink()
+    summary = import_task("pairs", src / "images", tmp_path / "task",
+                          ImportOptions(modality="fundus", masks=str(src / "1st_manual"), rois=str(src / "mask")))
+    assert summary.images == 4
+    reason = (f"no region of interest with the leading id '23' in {src / 'mask'} (images and files are paired by "
+              "the name before the first '_')")
+    assert summary.problems == [(str(src / "images" / "23_training.tif"), reason)]
+    (tmp_path / "task" / "roi" / "24_training.png").unlink()
+    with pytest.raises(ValueError, match=r"task/roi: no region of interest for image '24_training' \(1 image\(s\) "
+                                         r"without one"):
+        load_task(tmp_path / "task")
+    Image.fromarray(np.full((29, 34), 255, np.uint8)).save(tmp_path / "task" / "roi" / "24_training.png")
+    task = load_task(tmp_path / "task")
+    assert roi_mask(task, "21_training").shape == (30, 34)
+    with pytest.raises(ValueError, match=r"roi/24_training.png: region of interest is 29 x 34, the image "
+                                         r"24_training.png and its mask 30 x 34"):
+        roi_mask(task, "24_training")
+    with pytest.raises(ValueError, match="--rois mask: regions of interest are imported with the pairs layout only"):
+        import_task("class-folders", src, tmp_path / "other", ImportOptions(rois="mask"))
+    shutil.rmtree(tmp_path / "task" / "roi")
+    task = load_task(tmp_path / "task")
+    assert task.rois == {} and roi_mask(task, "21_training") is None
+
+
+def test_masks_are_paired_by_leading_id_only_when_no_two_files_share_it(tmp_path):
+    src = tmp_path / "training"
+    _drive_like(src, range(21, 24))
+    _grey_gif(src / "1st_manual" / "22_manual2.gif", np.zeros((30, 34), np.uint8))  # a second observer's tracing
+    with pytest.raises(ValueError, match=r"no image could be imported") as caught:
+        import_task("pairs", src, tmp_path / "task", ImportOptions(images="images", masks="1st_manual"))
+    assert str(src / "images" / "21_training.tif") in str(caught.value)
+    assert (f"no mask named 21_training.* in {src / '1st_manual'}; give --mask-pattern for files named otherwise "
+            "than their image (e.g. {stem}_mask); pairing by the name before the first '_' is off: 22_manual1.gif "
+            "and 22_manual2.gif share '22'") in str(caught.value)
+    # images named alike (CHASE: Image_01L, Image_01R) are not paired by their shared 'Image'
+    images, masks = tmp_path / "chase" / "images", tmp_path / "chase" / "masks"
+    for stem in ("Image_01L", "Image_01R"):
+        _picture(images / f"{stem}.png", np.zeros((4, 5), np.uint8))
+        _picture(masks / f"{stem}_1stHO.png", np.zeros((4, 5), np.uint8))
+    summary = import_task("pairs", images, tmp_path / "chase-task", ImportOptions(masks=str(masks),
+                                                                                  mask_pattern="{stem}_1stHO"))
+    assert summary.images == 2
+    with pytest.raises(ValueError, match="is off: images Image_01L and Image_01R share 'Image'"):
+        import_task("pairs", images, tmp_path / "chase-other", ImportOptions(masks=str(masks)))
+
+
+def test_relative_folders_are_taken_below_src_else_from_the_working_directory(tmp_path, monkeypatch):
+    src = tmp_path / "DRIVE" / "training"
+    _drive_like(src, range(21, 24))
+    (tmp_path / "elsewhere").mkdir()
+    (src / "1st_manual").rename(tmp_path / "elsewhere" / "manual")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    summary = import_task("pairs", src, tmp_path / "task", ImportOptions(images="images", masks="manual"))
+    assert summary.images == 3 and not summary.problems
+    with pytest.raises(FileNotFoundError, match=f"--rois fov: no such file or folder below {src} or in the working "
+                                                "directory"):
+        import_task("pairs", src, tmp_path / "other", ImportOptions(images="images", masks="manual", rois="fov"))
+
+
+def test_binary_masks_of_zero_and_one_other_value_need_no_flags(tmp_path):
+    mapping, path = MaskMapping(["background", "vessel"]), tmp_path / "m.png"
+    truth = np.zeros((6, 6), bool)
+    truth[1:3, 2:5] = True
+    for raw in (truth * np.uint8(100), truth * np.uint16(255), truth * np.uint8(1), truth * np.uint16(65535)):
+        np.testing.assert_array_equal(mapping(path, raw), truth.astype(np.int64), err_msg=str(raw.dtype))
+    lossy = (truth * 255).astype(np.uint8) + np.uint8(3) * ~truth - np.uint8(2) * truth  # JPEG-like: 0-3, 253
+    np.testing.assert_array_equal(mapping(path, lossy), truth.astype(np.int64))
+    with pytest.raises(ValueError, match="are not indices of the 3 classes"):  # several classes: no guessing
+        MaskMapping(["background", "a", "b"])(path, truth * np.uint8(255))
+
+
+@needs_shared
+def test_distinct_fundus_photos_are_no_near_duplicates_and_a_resaved_copy_is(tmp_path, capsys):
+    """The 28 CHASE photographs (14 children, both eyes) look alike in a 32 x 32 thumbnail; a copy re-saved as JPEG
+    at another quality, or resized, is still found. The hash tells them apart: a copy of each re-saved at quality 10
+    is within the default distance, the closest two photographs more than twice as far (with the 64-bit hash they
+    were 6 bits apart, the quality-10 copies up to 4)."""
+    source = SHARED / "fundus-vessels-chase"
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    stems = sorted(p.stem for p in (source / "images").iterdir())
+    for stem in stems:
+        os.symlink(source / "images" / f"{stem}.jpg", images / f"{stem}.jpg")
+        os.symlink(source / "masks" / f"{stem}.png", masks / f"{stem}.png")
+    hashes, resaved = {}, {}
+    for stem in stems:
+        with Image.open(images / f"{stem}.jpg") as image:
+            hashes[stem] = phash(np.asarray(image.convert("F")), IMPORT_HASH_SIZE)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=10)
+        with Image.open(buffer) as copy:
+            resaved[stem] = phash(np.asarray(copy.convert("F")), IMPORT_HASH_SIZE)
+    closest = min((hashes[a] ^ hashes[b]).bit_count() for a, b in itertools.combinations(stems, 2))
+    farthest_copy = max((hashes[stem] ^ resaved[stem]).bit_count() for stem in stems)
+    assert farthest_copy <= IMPORT_DUPLICATE_DISTANCE < closest / 2
+    splits = tmp_path / "splits.csv"
+    write_csv(splits, ("id", "split"), [(stem, "train" if n % 2 else "test") for n, stem in enumerate(stems)])
+    command = ["data", "import-task", "pairs", str(images), "", "--modality", "fundus", "--masks", str(masks),
+               "--splits", str(splits), "--workers", "1"]
+    assert main([*command[:4], str(tmp_path / "chase"), *command[5:]]) == 0
+    assert "near-duplicate" not in capsys.readouterr().err
+    assert (tmp_path / "chase" / "duplicates.csv").read_text() == "id,group,split\n"
+    with Image.open(images / "Image_01L.jpg") as photo, Image.open(masks / "Image_01L.png") as mask:
+        photo.save(images / "Image_01L_q40.jpg", quality=40)
+        half = (photo.width // 2, photo.height // 2)
+        photo.resize(half, Image.Resampling.LANCZOS).save(images / "Image_01L_half.png")
+        mask.save(masks / "Image_01L_q40.png")
+        mask.resize(half, Image.Resampling.NEAREST).save(masks / "Image_01L_half.png")
+    with open(splits, "a") as handle:
+        handle.write("Image_01L_q40,train\nImage_01L_half,train\n")  # Image_01L itself is in test
+    assert main([*command[:4], str(tmp_path / "copies"), *command[5:]]) == 0
+    assert "1 near-duplicate group(s) lie on both sides of the source's own split" in capsys.readouterr().err
+    assert (tmp_path / "copies" / "duplicates.csv").read_text() == ("id,group,split\nImage_01L,0,test\n"
+                                                                    "Image_01L_half,0,train\nImage_01L_q40,0,train\n")

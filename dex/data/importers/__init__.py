@@ -7,7 +7,8 @@ Layouts (``dex data import-task LAYOUT SRC OUT``):
   the split.
 - ``csv``: a CSV naming each image (id or relative path) and its label (APTOS 2019, ISIC ground truth).
 - ``pairs``: images and masks matched by name, in two folders or one (Kvasir-SEG, ISIC, BUSI ``X_mask.png``,
-  CHASE ``X_1stHO.png``, FIVES).
+  CHASE ``X_1stHO.png``, FIVES), or by the id before the first ``_`` (DRIVE ``21_training.tif`` and
+  ``21_manual1.gif``), with an optional region of interest per image (DRIVE's field-of-view masks).
 - ``volumes``: image volumes (NIfTI, or a folder per DICOM series) and NIfTI label volumes (Medical Segmentation
   Decathlon, nnU-Net ``X_0000.nii.gz``, KiPA, FeTA, AutoPET, hospital series with labels drawn in 3D Slicer or
   ITK-SNAP) cut into 2D slices after the volume-wise Table 2 normalisation, split by case so that no patient is in
@@ -17,7 +18,9 @@ Layouts (``dex data import-task LAYOUT SRC OUT``):
 Every importer writes into ``OUT.partial`` with a journal of the source items done, and renames it to ``OUT`` at
 the end: a killed import resumes where it was when run again with ``--resume``. An item that cannot be read or
 does not fit (mask size, unknown label value) is recorded in ``problems.csv`` with the file and the reason, and
-the import carries on.
+the import carries on. A relative folder or file given by a flag (``--images``, ``--masks``, ``--rois``,
+``--labels``, ``--splits``) is taken below SRC (the CSV's folder for the csv layout) when it is there, else from the
+working directory.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dex.data.dedup import IMPORT_DUPLICATE_DISTANCE, IMPORT_HASH_SIZE
 from dex.data.importers.class_folders import import_class_folders
 from dex.data.importers.csv_table import import_csv
 from dex.data.importers.masks import MaskMapping
@@ -37,6 +41,7 @@ from dex.data.importers.writer import (
     COPIED_SUFFIXES,
     GREY_MODES,
     IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
     SPLIT_ALIASES,
     ImportSummary,
     Item,
@@ -47,9 +52,9 @@ from dex.data.normalize import SLICE_AXES
 from dex.data.tasks import CLASSIFICATION_METRICS, TaskSpec
 
 __all__ = [
-    "COPIED_SUFFIXES", "GREY_MODES", "IMAGE_SUFFIXES", "LAYOUTS", "SPLIT_ALIASES", "ImportOptions", "ImportSummary",
-    "Item", "MakeItems", "MaskMapping", "TaskWriter", "import_class_folders", "import_csv", "import_medmnist",
-    "import_pairs", "import_task", "import_volumes",
+    "COPIED_SUFFIXES", "GREY_MODES", "IMAGE_SUFFIXES", "LAYOUTS", "MASK_SUFFIXES", "SPLIT_ALIASES", "ImportOptions",
+    "ImportSummary", "Item", "MakeItems", "MaskMapping", "TaskWriter", "import_class_folders", "import_csv",
+    "import_medmnist", "import_pairs", "import_task", "import_volumes",
 ]
 
 LAYOUTS = ("class-folders", "csv", "pairs", "volumes", "medmnist")
@@ -75,11 +80,19 @@ class ImportOptions:
     classes: list[str] = _option(factory=list, separator=",",
                                  help="comma-separated class names; segmentation: in mask index order (default "
                                       "background,foreground); classification: fixes the order (default: sorted)")
-    images: str | None = _option(None, help="csv: the image folder (default: the CSV's folder)")
-    masks: str | None = _option(None, help="pairs: the mask folder (default: the image folder)")
+    images: str | None = _option(None, help="csv, pairs: the image folder (default: the CSV's folder; pairs: SRC)")
+    masks: str | None = _option(None, help="pairs: the mask folder (default: the image folder); PNG, GIF, BMP, TIFF "
+                                           "or JPEG masks")
+    rois: str | None = _option(None, help="pairs: a folder of regions of interest, one per image, nonzero inside "
+                                          "(e.g. fundus field-of-view masks), stored as roi/<id>.png")
     labels: str | None = _option(None, help="volumes: the folder of label volumes")
     mask_pattern: str = _option("{stem}", help="pairs: a mask's name from its image's stem, e.g. {stem}_mask* "
-                                               "(* for several masks per image, merged); default {stem}")
+                                               "(* for several masks per image, merged); default {stem}, and masks in "
+                                               "a folder of their own named otherwise (DRIVE 21_manual1 for "
+                                               "21_training) are paired by the name before the first '_' when no "
+                                               "two images and no two masks share it")
+    roi_pattern: str = _option("{stem}", help="pairs: a region of interest's name from its image's stem, e.g. "
+                                              "{stem}_mask; default {stem}, else as for masks")
     mask_values: list[str] = _option(factory=list, flag="--mask-value", metavar="VALUE=CLASS",
                                      help="a mask value (255, or R,G,B for colour masks) and its class; repeat for "
                                           "each")
@@ -100,8 +113,10 @@ class ImportOptions:
     splits: str | None = _option(None, help="an id,split CSV with the dataset's own split (ids: image stems or "
                                             "volume case names)")
     seed: int = _option(0, help="seed of the 60/20/20 split where the source has none (0)")
-    duplicate_distance: int = _option(2, help="pHash bits within which images count as near-duplicates and share "
-                                              "a split (2; -1: off)")  # any value < 0 turns grouping off
+    duplicate_distance: int = _option(IMPORT_DUPLICATE_DISTANCE,
+                                      help=f"bits of a {IMPORT_HASH_SIZE ** 2}-bit pHash within which images count "
+                                           f"as near-duplicates (re-saved or resized copies) and share a split "
+                                           f"({IMPORT_DUPLICATE_DISTANCE}; -1: off)")  # any value < 0: off
     description: str = _option("", help="one line on the task for its README")
     source: str = _option("", help="where the data comes from (citation or address)")
     licence: str = _option("", help="the data's licence")
@@ -117,6 +132,10 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
+    if options.rois is not None and layout != "pairs":
+        raise ValueError(f"--rois {options.rois}: regions of interest are imported with the pairs layout only")
+    images, masks, rois, labels, splits = (_below_src(src, flag, getattr(options, flag))
+                                           for flag in ("images", "masks", "rois", "labels", "splits"))
     segmentation = layout in ("pairs", "volumes")
     class_masks = [pair.partition("=")[::2] for pair in options.class_masks]
     if any(not name or not pattern or "{stem}" not in pattern for name, pattern in class_masks):
@@ -127,21 +146,20 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
     if unknown:
         raise ValueError(f"--class-mask classes {unknown} are not among the classes {classes}")
     mapping = MaskMapping.parse(classes, options.mask_values)
-    settings = {"layout": layout, "src": str(src), **dataclasses.asdict(options)}
+    settings = {"layout": layout, "src": str(src), "phash_bits": IMPORT_HASH_SIZE ** 2, **dataclasses.asdict(options)}
     writer = TaskWriter(out, resume=resume, overwrite=overwrite, workers=workers, settings=settings)
     if layout == "class-folders":
-        import_class_folders(src, writer, options.splits)
+        import_class_folders(src, writer, splits)
     elif layout == "csv":
-        import_csv(src, options.images or src.parent, writer, options.id_column, options.label_column,
-                   options.split_column)
+        import_csv(src, images or src.parent, writer, options.id_column, options.label_column, options.split_column)
     elif layout == "pairs":
-        import_pairs(src, writer, mapping, options.masks, options.mask_pattern, options.splits,
-                     [(classes.index(name), pattern) for name, pattern in class_masks])
+        import_pairs(images or src, writer, mapping, masks, options.mask_pattern, splits,
+                     [(classes.index(name), pattern) for name, pattern in class_masks], rois, options.roi_pattern)
     elif layout == "volumes":
-        if options.labels is None:
+        if labels is None:
             raise ValueError("the volumes layout needs --labels (the folder of label volumes)")
-        import_volumes(src, options.labels, writer, mapping, options.normalization, options.axis, options.slices,
-                       options.stride, options.channel, options.splits, options.seed)
+        import_volumes(src, labels, writer, mapping, options.normalization, options.axis, options.slices,
+                       options.stride, options.channel, splits, options.seed)
     else:
         classes = import_medmnist(src, writer, classes)
     spec = TaskSpec(
@@ -153,3 +171,17 @@ def import_task(layout: str, src: str | Path, out: str | Path, options: ImportOp
         **({"volume_normalization": options.normalization, "slice_axis": options.axis} if layout == "volumes" else {}),
     )
     return writer.finish(spec, options.seed, options.duplicate_distance)
+
+
+def _below_src(src: Path, flag: str, given: str | None) -> Path | None:
+    """The path a flag gives: a relative one is taken below SRC (SRC's folder when SRC is a file) when it is there,
+    else from the working directory; one found in neither place is an error naming the flag."""
+    if given is None:
+        return None
+    base, path = (src if src.is_dir() else src.parent), Path(given)
+    if not path.is_absolute() and (base / path).exists():
+        return base / path
+    if not path.exists():
+        raise FileNotFoundError(f"--{flag} {given}: no such file or folder"
+                                + ("" if path.is_absolute() else f" below {base} or in the working directory"))
+    return path

@@ -28,9 +28,10 @@ class MaskMapping:
     """How source mask values become class indices.
 
     ``values`` maps a source value (an integer, or an (R, G, B) colour) to a class index; every value found must
-    be listed. Without it, values that are class indices are kept, and in a 2D mask with two classes anything
-    above half the bit depth's range is foreground (0 / 255 masks, lossy JPEG masks). ``volume=True``: ``raw`` is
-    a [Z, Y, X] label volume (no colours, no thresholding).
+    be listed. Without it, values that are class indices are kept, and a 2D mask with two classes is taken as
+    binary: one holding 0 and a single other value (0 / 255, 0 / 1, 0 / 128, in any bit depth) has that value as
+    foreground, and in one holding more values (lossy JPEG masks) anything above half the bit depth's range is
+    foreground. ``volume=True``: ``raw`` is a [Z, Y, X] label volume (no colours, no binary rule).
     """
 
     classes: list[str]
@@ -60,8 +61,11 @@ class MaskMapping:
                 raise ReadError(path, "a colour mask needs --mask-value R,G,B=CLASS for each colour")
             if raw.min(initial=0) >= 0 and int(raw.max(initial=0)) < len(self.classes):
                 return raw.astype(np.int64)
-            if not volume and len(self.classes) == 2 and raw.dtype.kind == "u":
-                return (raw > np.iinfo(raw.dtype).max // 2).astype(np.int64)
+            if not volume and len(self.classes) == 2:
+                if np.unique(raw[raw != 0]).size == 1:  # 0 and one other value
+                    return (raw != 0).astype(np.int64)
+                if raw.dtype.kind == "u":
+                    return (raw > np.iinfo(raw.dtype).max // 2).astype(np.int64)
             raise ReadError(path, f"mask values {sorted(np.unique(raw).tolist())[:8]} are not indices of the "
                                   f"{len(self.classes)} classes; give --mask-value VALUE=CLASS")
         out = np.full(raw.shape[:2] if colour else raw.shape, -1, dtype=np.int64)
@@ -79,7 +83,7 @@ class MaskMapping:
 
 
 def _read_binary_mask(path: Path) -> np.ndarray:
-    """A one-class mask as [H, W] bool: 0/1 or 0/255 (or lossy) grey, palette indices, or colour (any channel),
-    by the two-class rule of :class:`MaskMapping`."""
+    """A one-class mask (or a region of interest) as [H, W] bool: 0 / any one value or lossy grey, palette indices,
+    or colour (any channel), by the two-class rule of :class:`MaskMapping`."""
     raw = read_mask_pixels(path)
     return MaskMapping(["background", "foreground"])(path, raw.max(axis=2) if raw.ndim == 3 else raw) > 0

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dex.data.dedup import near_duplicate_groups, phash
+from dex.data.dedup import IMPORT_DUPLICATE_DISTANCE, IMPORT_HASH_SIZE, near_duplicate_groups, phash
 from dex.data.journal import read_journal
 from dex.data.readers import Problem, ReadError, read_dicom_pictures, read_picture
 from dex.data.tasks import SPLITS, TaskSpec, finish_task, split_of, write_csv
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 COPIED_SUFFIXES = (".png", ".jpg", ".jpeg")  # stored as they are; the others are converted to PNG
+MASK_SUFFIXES = (".png", ".gif", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")  # masks and regions of interest
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # PIL modes of one-channel images
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",
@@ -42,6 +43,7 @@ class Item:
     image: Path | np.ndarray
     label: str | None = None  # classification
     mask: np.ndarray | None = None  # segmentation: [H, W] class indices
+    roi: np.ndarray | None = None  # a region of interest: [H, W] bool, True inside
     split: str | None = None
     case: str | None = None  # a slice of a volume: the case's name
     slice: int | None = None  # and its index in the volume
@@ -91,7 +93,7 @@ def _inspect(path: Path) -> tuple[tuple[int, int], str, int]:
     try:
         with Image.open(path) as image:
             image.load()
-            return (image.height, image.width), image.mode, phash(np.asarray(image.convert("F")))
+            return (image.height, image.width), image.mode, phash(np.asarray(image.convert("F")), IMPORT_HASH_SIZE)
     except Exception as err:
         raise ReadError(path, f"not a readable image ({type(err).__name__}: {err})") from err
 
@@ -160,6 +162,7 @@ class TaskWriter:
             for item_id, record in items.items():
                 (self.partial / "images" / record["file"]).unlink(missing_ok=True)
                 (self.partial / "masks" / f"{item_id}.png").unlink(missing_ok=True)
+                (self.partial / "roi" / f"{item_id}.png").unlink(missing_ok=True)
             with self._lock:
                 self._claimed.difference_update(claimed)
             return {}, [*problems, err.problem if isinstance(err, ReadError) else Problem(key, str(err))]
@@ -182,11 +185,12 @@ class TaskWriter:
             pixels = _picture_pixels(item.image) if isinstance(item.image, Path) else item.image
             size, name = pixels.shape[:2], item.id + ".png"
             mode = "RGB" if pixels.ndim == 3 else "I;16" if pixels.dtype == np.uint16 else "L"
-            image_hash = phash(pixels.astype(np.float32))
-        if item.mask is not None and item.mask.shape != tuple(size):
-            raise ReadError(item.image if isinstance(item.image, Path) else item.id,
-                            f"its mask is {item.mask.shape[0]} x {item.mask.shape[1]}, the image is "
-                            f"{size[0]} x {size[1]}")
+            image_hash = phash(pixels.astype(np.float32), IMPORT_HASH_SIZE)
+        for kind, layer in (("mask", item.mask), ("region of interest", item.roi)):
+            if layer is not None and layer.shape != tuple(size):
+                raise ReadError(item.image if isinstance(item.image, Path) else item.id,
+                                f"its {kind} is {layer.shape[0]} x {layer.shape[1]}, the image is "
+                                f"{size[0]} x {size[1]}")
         if copied:
             shutil.copyfile(item.image, self.partial / "images" / name)
         else:
@@ -195,24 +199,29 @@ class TaskWriter:
             (self.partial / "masks").mkdir(exist_ok=True)
             dtype = np.uint8 if item.mask.max(initial=0) < 256 else np.uint16
             Image.fromarray(item.mask.astype(dtype)).save(self.partial / "masks" / f"{item.id}.png")
+        if item.roi is not None:
+            (self.partial / "roi").mkdir(exist_ok=True)
+            Image.fromarray(item.roi.astype(np.uint8) * 255).save(self.partial / "roi" / f"{item.id}.png")
         return {"file": name, "label": item.label, "split": item.split, "size": list(size), "mode": mode,
-                "phash": f"{image_hash:016x}", "case": item.case, "slice": item.slice}
+                "phash": f"{image_hash:0{IMPORT_HASH_SIZE ** 2 // 4}x}", "case": item.case, "slice": item.slice}
 
-    def finish(self, spec: TaskSpec, seed: int = 0, duplicate_distance: int = 2) -> ImportSummary:
+    def finish(self, spec: TaskSpec, seed: int = 0,
+               duplicate_distance: int = IMPORT_DUPLICATE_DISTANCE) -> ImportSummary:
         """Write task.yaml, labels.csv, splits.csv, README.md, problems.csv, duplicates.csv and, for slices of
         volumes, cases.csv (each image's case and slice index); rename to OUT.
 
-        Images whose pHashes lie within ``duplicate_distance`` bits (transitively) form a group: re-exports,
-        crops, copies of one scan under two names. Items without a split get one by a seeded 60 / 20 / 20 draw of
-        whole groups (stratified by class for classification), so no group is on both sides of a split; items
-        without a split in a group with a source split join it. Groups that the source's own split puts on both
-        sides are counted and listed. ``duplicate_distance < 0`` turns grouping off."""
+        Images whose 256-bit pHashes lie within ``duplicate_distance`` bits (transitively) form a group: re-saved
+        and resized copies, one scan under two names (the rule, and the margins measured for it, in
+        :mod:`dex.data.dedup`). Items without a split get one by a seeded 60 / 20 / 20 draw of whole groups
+        (stratified by class for classification), so no group is on both sides of a split; items without a split in
+        a group with a source split join it. Groups that the source's own split puts on both sides are counted and
+        listed. ``duplicate_distance < 0`` turns grouping off."""
         if not self.items:
             raise ValueError(f"{self.partial}: no image could be imported ({len(self.problems)} problem(s); "
                              f"first: {self.problems[0] if self.problems else 'no source items found'})")
         ids = sorted(self.items)
         groups = [] if duplicate_distance < 0 else near_duplicate_groups(
-            {i: int(self.items[i]["phash"], 16) for i in ids}, duplicate_distance)
+            {i: int(self.items[i]["phash"], 16) for i in ids}, duplicate_distance, IMPORT_HASH_SIZE ** 2)
         splits = _fill_splits({i: self.items[i]["split"] for i in ids}, {i: self.items[i]["label"] for i in ids},
                               groups, seed)
         across = [g for g in groups if len({splits[i] for i in g}) > 1]
@@ -236,8 +245,10 @@ class TaskWriter:
         if groups:
             where = (f"{len(across)} group(s) lie on both sides of the source's own split" if across
                      else "each within one split")
-            notes.append(f"- Near-duplicates (pHash within {duplicate_distance} bits): {len(groups)} group(s) of "
-                         f"{sum(map(len, groups))} images in `duplicates.csv`; {where}.")
+            notes.append(f"- Near-duplicates (256-bit pHash within {duplicate_distance} bits): {len(groups)} "
+                         f"group(s) of {sum(map(len, groups))} images in `duplicates.csv`; {where}.")
+        if (self.partial / "roi").is_dir():
+            notes.append("- Regions of interest: `roi/<id>.png` for every image, 255 inside.")
         sliced = [i for i in ids if self.items[i].get("case") is not None]
         if sliced:
             write_csv(self.partial / "cases.csv", ("id", "case", "slice"),
@@ -293,8 +304,9 @@ def _read_split_file(path: str | Path | None) -> dict[str, str]:
     return out
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+def _images_in(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files below ``folder`` (recursively) with one of ``suffixes``, hidden ones left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                   and not p.name.startswith("."))
 
 
