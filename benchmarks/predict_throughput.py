@@ -1,6 +1,9 @@
 """Throughput of ``dex predict`` on a folder of PNG images and on a NIfTI volume against a bare batched forward of
 the same model on tensors already in memory, in the same run (images or slices per second, and their ratio: what
-reading, normalisation, resizing, resizing back and writing cost).
+reading, normalisation, resizing, resizing back and writing cost); and of a segmentation model trained on patches
+(``fit: native``) on ``--large`` images of ``--large-size`` px predicted with the Gaussian sliding window at overlap
+0.5, no mirroring (windows per second of ``dex predict`` against a bare batched forward of the same windows, cut
+from the images in memory: what the sliding window's cutting, weighting and stitching add to reading and writing).
 
 A DEX ViT (``--model``, at ``--size`` px, random weights: speed does not depend on them) with a classification head
 and with a UNETR decoder is saved as a ``dex finetune`` model folder of a CT model (``ct_hu``, axial slices);
@@ -10,7 +13,7 @@ preprocessed images or slices, batch by batch, timed before and after ``dex pred
 shared machine's speed drifts).
 
     python benchmarks/predict_throughput.py [--images 500] [--volume 256 256 64] [--model tiny] [--size 256]
-        [--batch-size 16] [--device cpu] [--json out.json]
+        [--large 8] [--large-size 1000] [--batch-size 16] [--device cpu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dex.data.preprocess import Preprocessing
 from dex.downstream.inputs import find_inputs, read_cases
 from dex.downstream.predict import predict
 from dex.downstream.task_model import TaskModel, build_network
+from dex.downstream.windows import SlidingWindow, window_count
 
 ARCHITECTURES = {size: f"dex_vit_{size}_patch16_256" for size in ("tiny", "small", "base", "large")}
 
@@ -54,14 +58,59 @@ def _volume(path: Path, shape: tuple[int, int, int]) -> None:
     nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([0.8, 0.8, 2.5, 1.0])), path)
 
 
-def _model(task_type: str, architecture: str, size: int, folder: Path) -> TaskModel:
+def _model(task_type: str, architecture: str, size: int, folder: Path, native: bool = False) -> TaskModel:
     args = {"img_size": size, "mode": "experts"}
     classes = ["background", "foreground"] if task_type == "segmentation" else ["a", "b", "c"]
     torch.manual_seed(0)
-    model = TaskModel(build_network(task_type, len(classes), architecture, args), task_type, classes,
-                      Preprocessing(size=size, modality="CT", volume_normalization="ct_hu"), architecture, args)
+    preprocessing = Preprocessing(size=size, modality="CT", volume_normalization="ct_hu",
+                                  fit="native" if native else "resize")
+    model = TaskModel(build_network(task_type, len(classes), architecture, args), task_type, classes, preprocessing,
+                      architecture, args, inference=SlidingWindow((size, size), 0.5, "none") if native else None)
     model.save(folder)
     return model
+
+
+def _windows(image: torch.Tensor, window: int, overlap: float) -> torch.Tensor:
+    """The [N, C, window, window] windows MONAI's sliding window cuts from an image [C, H, W] (H, W >= window)."""
+    step = max(int(window * (1 - overlap)), 1)
+
+    def starts(length: int) -> list[int]:
+        return sorted({min(i * step, length - window) for i in range(-(-(length - window) // step) + 1)})
+
+    return torch.stack([image[:, y:y + window, x:x + window] for y in starts(image.shape[1])
+                        for x in starts(image.shape[2])])
+
+
+def _bare_network(model: TaskModel, windows: torch.Tensor, batch_size: int, device: str) -> float:
+    """Windows per second of the bare network on ``windows`` in memory, batch by batch."""
+    network = model.network.to(device).eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            network(windows[i: i + batch_size].to(device)).softmax(1).cpu()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return len(windows) / (time.perf_counter() - start)
+
+
+def _large_images(tmp: Path, args: argparse.Namespace) -> dict:
+    """dex predict of a patch-trained segmentation model on large images against the bare forward of its windows."""
+    _images(tmp / "large", args.large, args.large_size)
+    model = _model("segmentation", ARCHITECTURES[args.model], args.size, tmp / "native", native=True)
+    pictures = [picture for case in read_cases(find_inputs([tmp / "large"], []), model.preprocessing, [])
+                for _, picture in case.pictures]
+    windows = torch.cat([_windows(model.preprocessing.picture_input(p), args.size, 0.5) for p in pictures])
+    assert len(windows) == sum(window_count(p.pixels.shape[:2], (args.size, args.size)) for p in pictures)
+    _bare_network(model, windows[: args.batch_size], args.batch_size, args.device)  # warm-up
+    before = _bare_network(model, windows, args.batch_size, args.device)
+    start = time.perf_counter()
+    predict(tmp / "native", [tmp / "large"], tmp / "out-native", args.batch_size, args.device)
+    full = len(windows) / (time.perf_counter() - start)
+    bare = (before + _bare_network(model, windows, args.batch_size, args.device)) / 2
+    print(f"segmentation, {args.large} images of {args.large_size} px, sliding window: dex predict {full:.1f} "
+          f"windows/s, bare forward {bare:.1f} windows/s, ratio {full / bare:.2f}")
+    return {"task": "segmentation", "input": f"{args.large_size} px images, sliding window", "windows": len(windows),
+            "bare_per_s": round(bare, 1), "predict_per_s": round(full, 1), "ratio": round(full / bare, 3)}
 
 
 def _bare(model: TaskModel, images: torch.Tensor, batch_size: int, device: str) -> float:
@@ -80,6 +129,8 @@ def main() -> None:
     parser.add_argument("--volume", type=int, nargs=3, default=[256, 256, 64], metavar=("I", "J", "K"))
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--large", type=int, default=8, help="large images for the sliding window (8)")
+    parser.add_argument("--large-size", type=int, default=1000, help="their side in pixels (1000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
@@ -106,8 +157,10 @@ def main() -> None:
                                 "ratio": round(full / bare, 3)})
                 print(f"{task_type}, {name}: dex predict {full:.1f} images/s, bare forward {bare:.1f} images/s, "
                       f"ratio {full / bare:.2f}")
+        if args.large:
+            results.append(_large_images(tmp, args))
     report = {"model": ARCHITECTURES[args.model], "size": args.size, "volume": args.volume,
-              "batch_size": args.batch_size,
+              "large": [args.large, args.large_size], "batch_size": args.batch_size,
               "device": args.device, "threads": torch.get_num_threads(), "machine": platform.processor() or
               platform.machine(), "torch": torch.__version__, "results": results}
     if args.json:

@@ -17,15 +17,21 @@ def _finetune_parser(commands) -> None:
     finetune = command(
         commands, "finetune", help="fine-tune an encoder on a task and keep the model",
         description="Fine-tune ENCODER (any source dex benchmark takes: an exported or saved encoder folder, a "
-                    "pretraining run, scratch, timm:ARCH:FILE) on the task folder TASK with the benchmark's "
-                    "protocol, and write OUT: config.json (network, task, classes, preprocessing), "
-                    "model.safetensors, metrics.json, log.jsonl and README.md, the model card (dex.load_model).")
+                    "pretraining run, scratch, timm:ARCH:FILE, or peer: a U-Net or timm CNN from scratch, "
+                    "--set encoder.model=unet or encoder.model=resnet18) on the task folder TASK with the recipe "
+                    "derived from the task (recipe=derived: layer decay, drop path, RandAugment, mixup, EMA for "
+                    "classification; patches at the images' own size and a sliding window for large-image "
+                    "segmentation; docs/benchmark.md) or the paper's (recipe=paper), and write OUT: config.json "
+                    "(network, task, classes, preprocessing, the plans that derived the settings), "
+                    "model.safetensors, metrics.json, log.jsonl and README.md, the model card (dex.load_model). "
+                    "--set budget_minutes=M fits the schedule to M minutes of this machine. One line per epoch.")
     finetune.add_argument("encoder", help="the encoder source")
     finetune.add_argument("task", help="a task folder (dex data make-phantoms, dex data import-task)")
     finetune.add_argument("--out", required=True, help="the model folder to write")
     finetune.add_argument("--seed", type=int, default=0, help="seed (0)")
     finetune.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                          help="fine-tuning settings, e.g. --set epochs=20 batch_size=8; encoder.KEY for the encoder "
+                          help="fine-tuning settings, e.g. --set budget_minutes=15, --set epochs=20 batch_size=8 "
+                               "(a setting given wins over the derived one); encoder.KEY for the encoder "
                                "(encoder.mode=director, encoder.top_k=1, encoder.img_size=224)")
     finetune.add_argument("--resume", action="store_true",
                           help="go on with a run that was stopped, from its last epoch (OUT.partial/checkpoints)")
@@ -34,6 +40,7 @@ def _finetune_parser(commands) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
 
     from dex.config import load_config
@@ -42,6 +49,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from dex.downstream.finetune import FinetuneConfig, train_task_model
     from dex.downstream.model_folder import ModelFolder
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the epochs' progress lines
     folder = ModelFolder(args.out, resume=args.resume, overwrite=args.overwrite)
     encoder_pairs = [p.removeprefix("encoder.") for p in args.set if p.startswith("encoder.")]
     config = load_config(FinetuneConfig, None, [p for p in args.set if not p.startswith("encoder.")])
@@ -72,8 +80,10 @@ def _predict_parser(commands) -> None:
                     "exits with status 3.")
     prediction.add_argument("model", help="a dex finetune model folder")
     inference_flags(prediction, 16)
-    prediction.add_argument("--tta", choices=["none", "flip"], default="none",
-                            help="flip: average with the mirror image's prediction")
+    prediction.add_argument("--tta", choices=["auto", "none", "flip", "mirror"], default="auto",
+                            help="test-time mirroring: auto (the model's plan: a segmentation model of the derived "
+                                 "recipe mirrors along both axes), none, flip (left-right) or mirror (left-right "
+                                 "and up-down, segmentation)")
     prediction.add_argument("--labels", help="ground truth: a folder of label volumes (NAME.nii.gz) and masks "
                                              "(NAME.png), or an id,label CSV: adds OUT/metrics.csv and metrics.json")
     prediction.add_argument("--split", choices=["train", "val", "test", "all"], default="test",

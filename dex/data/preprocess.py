@@ -19,7 +19,9 @@ The steps, in order:
    (``dex.data.normalize.VOLUME_NORMALIZERS``: ``ct_hu``, ``mr_percentile``, ``pet_raw``, ``pet_suv``) when they were
    curated or imported, and stored as 8- or 16-bit pictures: ``full_scale`` is what reads them back.
 2. resize (:meth:`Preprocessing.resize`): the whole image to ``size`` (H, W) with ``interpolation`` (torchvision's
-   ``InterpolationMode`` value) and ``antialias``;
+   ``InterpolationMode`` value) and ``antialias``, when ``fit`` is ``"resize"``; with ``"native"`` (a segmentation
+   model trained on patches) the image keeps its own size and ``size`` is that of the windows the model sees
+   (:mod:`dex.downstream.windows`);
 3. :meth:`Preprocessing.standardize`: clamp to [0, 1], a grey image repeated to ``channels``, then
    ``(x - mean) / std`` per channel.
 
@@ -59,6 +61,7 @@ def full_scale(picture: Picture) -> Tensor:
 
 INTENSITY_RULES: dict[str, Callable[[Picture], Tensor]] = {"full_scale": full_scale}
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # the modes TF.resize has for tensors
+FITS = ("resize", "native")
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -96,6 +99,8 @@ class Preprocessing:
             ``mr_percentile``, ``pet_raw``, ``pet_suv``), ``""`` when they were not cut from volumes.
         slice_axis: the axis those slices were cut along (``axial``, ``coronal``, ``sagittal``).
         ct_window: the HU window of ``ct_hu`` (Table 2: [-200, 400]).
+        fit: ``"resize"`` (the whole image to ``size``) or ``"native"`` (kept at its own size; ``size`` is the
+            window of a sliding-window prediction).
     """
 
     size: tuple[int, int] = (256, 256)
@@ -109,6 +114,7 @@ class Preprocessing:
     volume_normalization: str = ""
     slice_axis: str = "axial"
     ct_window: tuple[float, float] = CT_WINDOW
+    fit: str = "resize"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (from JSON) to tuples once, here
@@ -139,6 +145,8 @@ class Preprocessing:
             raise ValueError(f"preprocessing: ct_window: expected [low, high] HU with low < high, got "
                              f"{self.ct_window!r}")
         set_(self, "ct_window", window)
+        if self.fit not in FITS:
+            raise ValueError(f"preprocessing: fit: expected one of {', '.join(FITS)}, got {self.fit!r}")
 
     # --- serialisation ---------------------------------------------------------------------------------------
 
@@ -166,7 +174,9 @@ class Preprocessing:
         return INTENSITY_RULES[self.intensity](picture)
 
     def resize(self, image: Tensor) -> Tensor:
-        """Step 2: [C, h, w] -> [C, H, W] at ``size``."""
+        """Step 2: [C, h, w] -> [C, H, W] at ``size`` (``fit="native"``: unchanged)."""
+        if self.fit == "native":
+            return image
         return TF.resize(image, list(self.size), interpolation=TF.InterpolationMode(self.interpolation),
                          antialias=self.antialias)
 

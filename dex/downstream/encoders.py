@@ -9,11 +9,28 @@
 - ``timm:ARCH:FILE``: a timm ViT checkpoint file on disk (e.g. ImageNet MAE or DINO weights): ARCH is built without
   weights at ``img_size``, FILE is read without unpickling (``.safetensors``, a PyTorch state dict, or a JAX ``.npz``
   that the model's own ``load_pretrained`` reads), converted by the architecture's checkpoint filter (MAE, DINO,
-  CLIP layouts; position embeddings resampled to the model's grid), and must then fit the encoder exactly.
+  CLIP layouts; position embeddings resampled to the model's grid), and must then fit the encoder exactly;
+- ``peer``: a conventional network trained from scratch next to the foundation encoders (:mod:`dex.models.peers`):
+  ``model: unet`` (segmentation: nnU-Net's 2D U-Net, the whole network, at ``img_size``, default 128) or a timm CNN
+  such as ``model: resnet18`` (classification, at ``img_size``, default timm's); ``model_args`` for more arguments
+  (the U-Net's ``features``, ``max_features``). A peer is fine-tuned whole (no drop path, no layer decay, no
+  frozen, partial or LoRA adaptation, no frozen probes) and only on its own task type.
+
+``img_size`` sets the input size of every source. ``scratch``, ``timm:ARCH:FILE`` and ``peer`` are built at it (a
+timm file's position embeddings resampled by the architecture's checkpoint filter, once, from the file's grid). A
+pretrained encoder (an exported or saved folder, a run, a fine-tuned model's encoder) is loaded at its own size and
+brought to ``img_size`` by the model's own ``set_input_size``: a ViT's patch grid and absolute position embeddings
+(:meth:`dex.models.DEXViT.set_input_size`: the sin-cos table of the new grid, or a bicubic resampling of a learned
+table, the class token's entry kept; timm's ``VisionTransformer.set_input_size``: bicubic resampling), a Swin's
+grid, windows (scaled with the grid) and relative position tables (timm's ``SwinTransformer.set_input_size``); its
+other weights are kept. The size must be a multiple of the encoder's patch size (a Swin: of 32). The model is then
+recorded (:func:`encoder_architecture`) and fed (:func:`encoder_preprocessing`: the folder's recorded preprocessing,
+its size replaced) at ``img_size``, so its fine-tuned model folder rebuilds at that size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -23,15 +40,19 @@ from typing import Any, Literal
 
 import timm
 import torch
+from timm.models import get_model_args
 from torch import Tensor, nn
 
 from dex.config import STRICT, ConfigError, validate
 from dex.data.preprocess import Preprocessing
 from dex.downstream.task_model import is_task_model, load_model
 from dex.models import DEXViT, load_pretrained, load_state_dict_file, vit_to_dex_state_dict
-from dex.models.backbones import input_size, trainable_units
+from dex.models.backbones import input_multiple, input_size, trainable_units
+from dex.models.peers import create_peer, peer_architecture
 from dex.models.unetr import UNETR2D
 from dex.models.weights import load_preprocessing
+
+PEER = "peer"  # the source of a peer (dex.models.peers)
 
 
 @STRICT
@@ -39,12 +60,12 @@ from dex.models.weights import load_preprocessing
 class EncoderSpec:
     name: str
     source: str = "scratch"
-    model: str = "dex_vit_tiny_patch16_256"  # architecture for scratch
-    img_size: int | None = None  # scratch and timm files; pretrained DEX encoders keep their own
+    model: str = "dex_vit_tiny_patch16_256"  # architecture for scratch; for a peer: unet or a timm CNN
+    img_size: int | None = None  # input size; a pretrained encoder is brought to it (module docstring)
     mode: Literal["experts", "director"] | None = None  # DEX only: DEX-E or DEX-D; None keeps the saved mode
     top_k: int | None = None  # DEX-E only
     scratch_experts: bool = False  # scratch: a random DEX encoder instead of a plain ViT
-    model_args: dict[str, Any] = field(default_factory=dict)  # scratch: more timm.create_model arguments
+    model_args: dict[str, Any] = field(default_factory=dict)  # scratch, peer: more timm.create_model arguments
 
     @classmethod
     def parse(cls, name: str, value: Any, where: str, check: bool = True) -> EncoderSpec:
@@ -79,6 +100,12 @@ def check_encoder(spec: EncoderSpec, where: str) -> None:
                 timm.create_model(spec.model, pretrained=False, **_scratch_args(spec))
         except (RuntimeError, TypeError, ValueError) as err:  # timm: "Unknown model"; the model: an argument
             problem = f"model {spec.model!r} with model_args {spec.model_args}: {err}"
+    elif spec.source == PEER:
+        try:
+            with torch.device("meta"):
+                create_peer(spec.model, spec.img_size, spec.model_args)
+        except (RuntimeError, TypeError, ValueError) as err:
+            problem = f"peer model {spec.model!r} with model_args {spec.model_args}: {err}"
     elif spec.source.startswith("timm:"):
         arch, _, file = spec.source.removeprefix("timm:").partition(":")
         if not arch or not file:
@@ -96,6 +123,8 @@ def check_encoder(spec: EncoderSpec, where: str) -> None:
 def load_encoder(spec: EncoderSpec) -> nn.Module:
     if spec.source == "scratch":
         encoder = timm.create_model(spec.model, pretrained=False, **_scratch_args(spec))
+    elif spec.source == PEER:
+        encoder = create_peer(spec.model, spec.img_size, spec.model_args)
     elif spec.source.startswith("timm:"):
         arch, _, file = spec.source.removeprefix("timm:").partition(":")
         if not arch or not file:
@@ -115,6 +144,8 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
         else:
             raise FileNotFoundError(f"{path}: encoder {spec.name!r} is neither an exported encoder (config.json) nor "
                                     "a pretraining run (config.yaml)")
+    if spec.img_size and spec.source != PEER:
+        _to_input_size(encoder, spec)
     if isinstance(encoder, DEXViT) and encoder.dex_modules():
         if spec.mode or spec.top_k:
             encoder.set_mode(spec.mode or "experts", spec.top_k)
@@ -125,11 +156,33 @@ def load_encoder(spec: EncoderSpec) -> nn.Module:
     return encoder
 
 
+def _to_input_size(encoder: nn.Module, spec: EncoderSpec) -> None:
+    """Bring ``encoder`` (loaded from ``spec``) to inputs of ``spec.img_size`` px, in place, by the model's own
+    ``set_input_size`` (see the module docstring); a timm model's ``model_args`` become those timm records for the
+    resized model (``timm.models.get_model_args``: the new ``img_size``, a Swin's windows), which rebuild it. An
+    encoder already at that size is left as it is. A size that is not a multiple of :func:`input_multiple`, or an
+    encoder without ``set_input_size``, raises a ``ValueError`` naming the encoder."""
+    multiple = input_multiple(encoder)
+    if spec.img_size % multiple:
+        raise ValueError(f"encoder {spec.name!r}: img_size {spec.img_size} is not a multiple of {multiple}, the "
+                         f"patch size (a Swin: the last reduction) of its {type(encoder).__name__}")
+    if input_size(encoder) == (spec.img_size, spec.img_size):
+        return
+    if not hasattr(encoder, "set_input_size"):
+        raise ValueError(f"encoder {spec.name!r}: a {type(encoder).__name__} has no set_input_size, so it cannot be "
+                         f"brought to img_size {spec.img_size}; leave img_size unset to use it at its own "
+                         f"{list(input_size(encoder))}")
+    encoder.set_input_size((spec.img_size, spec.img_size))
+    if not isinstance(encoder, DEXViT):  # a DEXViT's model_args follow its size
+        encoder.model_args = get_model_args(encoder)
+
+
 def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, dict[str, Any]]:
     """The timm architecture and arguments that rebuild ``encoder`` (loaded from ``spec``, no head) without its
-    weights: a DEX encoder's own ``model_args`` (its mode and K included) or those :func:`dex.models.create_model`
-    recorded (a Swin), else what its source records."""
-    if isinstance(getattr(encoder, "model_args", None), dict):  # a DEXViT, or a model of dex.models.create_model
+    weights: a DEX encoder's own ``model_args`` (its mode and K, and the input size it was brought to, included),
+    those :func:`dex.models.create_model` recorded (a Swin) or :func:`load_encoder` set for a timm model it resized,
+    else what its source records."""
+    if isinstance(getattr(encoder, "model_args", None), dict):  # a DEXViT, dex.models.create_model, resized
         return encoder.pretrained_cfg.get("architecture") or "dex_vit_base_patch16_256", {**encoder.model_args,
                                                                                            "num_classes": 0}
     if spec.source.startswith("timm:"):
@@ -137,6 +190,9 @@ def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, di
         return arch, {"num_classes": 0, **({"img_size": spec.img_size} if spec.img_size else {})}
     if spec.source == "scratch":
         return spec.model, {**_scratch_args(spec), "num_classes": 0}
+    if spec.source == PEER:
+        architecture, args = peer_architecture(spec.model, spec.img_size, spec.model_args)
+        return architecture, {**args, "num_classes": 0}
     config = json.loads((Path(spec.source) / "config.json").read_text())
     if is_task_model(spec.source):
         return config["network"]["encoder_architecture"], {**config["network"]["encoder_args"], "num_classes": 0}
@@ -145,13 +201,16 @@ def encoder_architecture(spec: EncoderSpec, encoder: nn.Module) -> tuple[str, di
 
 def encoder_preprocessing(spec: EncoderSpec, encoder: nn.Module) -> Preprocessing:
     """How images are fed to ``encoder`` (loaded from ``spec``): what its model folder records
-    (:func:`dex.models.weights.load_preprocessing`), else the default :class:`Preprocessing` at its input size.
-    A folder whose recorded size is not the model's raises a ``ValueError`` naming it."""
+    (:func:`dex.models.weights.load_preprocessing`; with ``spec.img_size``, its size replaced by the one the encoder
+    was brought to), else the default :class:`Preprocessing` at its input size. A folder whose recorded size is not
+    the model's raises a ``ValueError`` naming it."""
     size = input_size(encoder)
     folder = Path(spec.source)
-    if spec.source == "scratch" or spec.source.startswith("timm:") or not (folder / "config.json").is_file():
+    if spec.source in ("scratch", PEER) or spec.source.startswith("timm:") or not (folder / "config.json").is_file():
         return Preprocessing(size=size)
     preprocessing = load_preprocessing(folder)
+    if spec.img_size:
+        return dataclasses.replace(preprocessing, size=size)
     if preprocessing.size != size:
         raise ValueError(f"{folder / 'config.json'}: preprocessing size {list(preprocessing.size)} is not the model's "
                          f"input size {list(size)}")

@@ -183,11 +183,15 @@ class DiceAccumulator:
         self.num_classes, self.scores = num_classes, []
         self.cases: dict[str, Tensor] = {}  # case -> [3, C - 1] counts summed over its slices
 
-    def add(self, logits: Tensor, target: Tensor, case: str | None = None) -> None:
+    def add(self, logits: Tensor, target: Tensor, case: str | None = None, roi: Tensor | None = None) -> None:
         """[C, h, w] logits at the model's resolution and the [H, W] original mask: the logits are resized
-        (bilinear) to the mask's size before the argmax. ``case``: the volume the slice belongs to, if any."""
+        (bilinear) to the mask's size before the argmax. ``case``: the volume the slice belongs to, if any.
+        ``roi``: an [H, W] region of interest (true inside); pixels outside it are not counted."""
         classes = torch.arange(1, self.num_classes)[:, None, None]
         pred, truth = label_map(logits, tuple(target.shape))[None] == classes, target[None].long() == classes
+        if roi is not None:
+            inside = torch.as_tensor(roi, dtype=torch.bool)[None]
+            pred, truth = pred & inside, truth & inside
         counts = torch.stack([(pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))]).double()
         self.scores.append(dice_from_counts(counts))
         if case is not None:

@@ -100,7 +100,17 @@ def model_card(model: TaskModel, record: dict[str, Any]) -> str:
                      + ("{:.4f} - {:.4f}".format(*intervals[name]) if name in intervals else "")
                      + " |" for name in metrics)
     settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
+    plans = record.get("plans") or {}
+    sources = plans.get("sources", {})
+    derived = ", ".join(f"{k} {config.get(k)} ({source})" for k, source in sources.items()) or "none"
     pre = model.preprocessing
+    if model.inference is not None:
+        sw = model.inference
+        inference = (f"- prediction: Gaussian-weighted sliding windows of {sw.window[0]} x {sw.window[1]} px at "
+                     f"overlap {sw.overlap}, mirroring `{sw.mirror}`, over the image "
+                     + ("at its own resolution" if pre.fit == "native" else "resized to the window"))
+    else:
+        inference = "- prediction: the whole image resized to the input"
     window = f" (window {list(pre.ct_window)} HU)" if pre.volume_normalization == "ct_hu" else ""
     volumes = (f"volumes (NIfTI, DICOM series): normalised by `{pre.volume_normalization}`{window} and cut into "
                f"{pre.slice_axis} slices, as its training images were" if pre.volume_normalization else
@@ -121,13 +131,16 @@ inputs made by its preprocessing (`config.json`, `preprocessing`).
   {model.preprocessing.intensity} intensity, z-score mean {list(model.preprocessing.mean)} std
   {list(model.preprocessing.std)}
 - {volumes}
+{inference}
 
 ## Training
 - encoder: `{spec['source']}` (architecture `{model.encoder_architecture}`), weights SHA-256
   `{record['encoder_sha256']}` before fine-tuning
 - seed {record['seed']}; {settings}
-- best validation epoch: {record['best_epoch']} (by {record['score_name']}); {record['trainable_parameters']}
-  trainable parameters; {record['seconds']:.0f} s
+- recipe `{plans.get('recipe', 'paper')}`; where each derived setting came from: {derived} (the fingerprint and the
+  rules: `config.json`, `plans`)
+- best validation epoch: {record['best_epoch']} (by {record['score_name']})
+- {record['trainable_parameters']:,} trainable parameters; {record['seconds']:.0f} s
 - training curves: `curves.png` (loss and validation {record['score_name']} per epoch; the per-epoch rows in
   `log.jsonl`)
 

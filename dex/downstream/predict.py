@@ -2,14 +2,19 @@
 volumes.
 
 Inputs are found and read as :mod:`dex.downstream.inputs` describes (the model folder's preprocessing drives the
-reading; ``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs;
-``tta="flip"`` averages the probabilities of each picture and of its mirror image (mirrored back).
+reading; ``volume_normalization`` and ``slice_axis`` may be overridden), and fed in batches across inputs. A
+segmentation model runs as its folder's ``inference`` block says: a Gaussian sliding window over each picture at its
+own resolution (a model trained on patches) or over the picture resized to the model's input, with the test-time
+mirroring it was planned with (:mod:`dex.downstream.windows`). ``tta`` overrides the mirroring: ``none``, ``flip``
+(the picture and its left-right mirror image, averaged, mirrored back) or ``mirror`` (every combination of
+left-right and up-down); ``auto`` keeps the model's (none for classification and for models without an inference
+block).
 
 - Classification: ``predictions.csv``: ``input``, ``slice`` (a volume's slice or a DICOM object's frame; empty for
   an image), ``predicted`` (the class name) and ``p_<class>`` for every class; an input of several slices or frames
   also has one aggregated row (``slice`` = ``all``): the mean of its slices' probabilities (our choice).
-- Segmentation: label maps at the input's own resolution (the probabilities resized, bilinear, before the argmax,
-  as fine-tuning's Dice scores them). An image gives an 8-bit PNG of class indices in ``masks/`` named after it
+- Segmentation: label maps at the input's own resolution (predicted there by a model trained on patches; else the
+  probabilities resized, bilinear, before the argmax, as fine-tuning's Dice scores them). An image gives an 8-bit PNG of class indices in ``masks/`` named after it
   (its frames: ``NAME_0003.png``); a volume or DICOM series is segmented slice by slice along the model's axis and
   written as ``masks/NAME.nii.gz``, a NIfTI label volume of the input's shape and affine (for a series: its geometry,
   the voxel axes column, row and slice in position order; :func:`dex.data.volumes.source_grid`). With ``dicom_seg`` a
@@ -20,7 +25,9 @@ reading; ``volume_normalization`` and ``slice_axis`` may be overridden), and fed
 Ground truth (``labels``: a folder of label volumes ``NAME.nii.gz`` and masks ``NAME.png``, or a CSV ``id,label``
 for classification; or a task folder given as the input, whose ``split`` images are predicted against its masks or
 labels) adds ``metrics.csv`` (per case) and ``metrics.json`` (the mean): Dice and HD95 of each class, in 3D (mm)
-for volumes and in pixels for images (MONAI), or the classification metrics of fine-tuning.
+for volumes and in pixels for images (MONAI), or the classification metrics of fine-tuning. A task folder with a
+``roi/`` folder is scored inside each image's region of interest (outside it, prediction and truth count as
+background), as fine-tuning scores it; ``metrics.json`` names the rule (``scored``) and HD95's unit.
 
 An input that cannot be read, a DICOM object of another modality than the model's, or a ground truth that does not
 fit its input is listed in ``errors.csv`` with the reason, and the others carry on.
@@ -33,7 +40,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -41,14 +48,15 @@ import torch
 from PIL import Image
 
 from dex.data.readers import Problem, ReadError, read_label_map
-from dex.data.tasks import SPLITS, load_task, mask_labels
+from dex.data.tasks import SPLITS, load_task, mask_labels, roi_mask
 from dex.data.volumes import SLICE_AXES, read_label_volume, source_grid
 from dex.downstream.inputs import Case, find_inputs, read_cases, reading, run_batched
 from dex.downstream.metrics import classification_metrics, label_map, segmentation_case_metrics
 from dex.downstream.task_model import TaskModel, load_model
+from dex.downstream.windows import mirrored
 from dex.files import write_csv, write_json
 
-MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class PredictSummary(NamedTuple):
@@ -57,14 +65,25 @@ class PredictSummary(NamedTuple):
     errors: int
 
 
+TTA = {"auto": None, "none": "none", "flip": "x", "mirror": "xy"}  # --tta -> the mirroring of dex.downstream.windows
+
+
 @torch.no_grad()
-def probabilities(model: TaskModel, images: torch.Tensor, tta: Literal["none", "flip"] = "none") -> torch.Tensor:
-    """The model's class probabilities of model inputs [B, 3, H, W] ([B, C], or [B, C, H, W]); with ``flip`` the
-    mean of the image's and its mirror image's (mirrored back)."""
+def probabilities(model: TaskModel, images: torch.Tensor, tta: str = "auto", batch_size: int = 8) -> torch.Tensor:
+    """The model's class probabilities of model inputs [B, 3, H, W] ([B, C], or [B, C, H, W]), mirrored as ``tta``
+    says (see the module); a segmentation model with an inference block runs its sliding window, ``batch_size``
+    windows a forward."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
+    if model.inference is not None:
+        return model.predict(images, TTA[tta], batch_size)
+    if model.task_type == "segmentation":  # a folder written before inference blocks: whole inputs
+        return mirrored(lambda x: model.network(x).float(), TTA[tta] or "none")(images).softmax(1)
+    if tta == "mirror":
+        raise ValueError("tta mirror (up-down too) is for segmentation; a classifier takes none or flip")
     probs = model.predict(images)
     if tta == "flip":
-        mirrored = model.predict(images.flip(-1))
-        probs = (probs + (mirrored.flip(-1) if probs.ndim == 4 else mirrored)) / 2
+        probs = (probs + model.predict(images.flip(-1))) / 2
     return probs
 
 
@@ -76,6 +95,7 @@ class GroundTruth:
         self.folder: Path | None = None
         self.table: dict[str, str] = {}
         self.by_source: dict[str, Any] = {}  # image file of a task -> its mask labels (callable) or class name
+        self.regions: dict[str, Any] = {}  # image file of a task with roi/ -> its region of interest (callable)
         if labels is None:
             return
         labels = Path(labels)
@@ -103,6 +123,8 @@ class GroundTruth:
             image = str(task.images[item])
             self.by_source[image] = (task.spec.classes[task.labels[item]] if task.spec.type == "classification"
                                      else (lambda item=item: mask_labels(task, item)))
+            if task.rois:
+                self.regions[image] = lambda item=item: roi_mask(task, item)
         return [task.images[i] for i in ids]
 
     def label(self, case: Case) -> str | None:
@@ -181,12 +203,12 @@ def write_dicom_seg(labels: np.ndarray, case: Case, classes: Sequence[str], path
 
 
 def predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 16,
-            device: str = "cpu", tta: Literal["none", "flip"] = "none", labels: str | Path | None = None,
+            device: str = "cpu", tta: str = "auto", labels: str | Path | None = None,
             split: str = "test", dicom_seg: bool = False, volume_normalization: str | None = None,
             slice_axis: str | None = None) -> PredictSummary:
     """Run the model of ``model_dir`` on ``inputs`` and write ``out``; see the module's docstring."""
-    if tta not in ("none", "flip"):
-        raise ValueError(f"tta must be none or flip, got {tta!r}")
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, got {split!r}")
     model = load_model(model_dir, device)
@@ -198,8 +220,10 @@ def predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path
     out.mkdir(parents=True, exist_ok=True)
     errors: list[Problem] = []
     writer = _Writer(model, out, truth, dicom_seg, errors)
+    native = preprocessing.fit == "native"  # pictures of their own sizes: one a forward, its windows batched
     run_batched(read_cases(find_inputs(paths, errors), preprocessing, errors), preprocessing.picture_input,
-                lambda x: probabilities(model, x, tta).cpu(), batch_size, writer.finish, device)
+                lambda x: probabilities(model, x, tta, batch_size).cpu(), 1 if native else batch_size, writer.finish,
+                device)
     writer.close()
     write_csv(out / "errors.csv", ["input", "reason"], errors)
     return PredictSummary(out, writer.cases, len(errors))
@@ -279,6 +303,9 @@ class _Writer:
                                                     f"{int(truth.max())}, the model {len(self.model.classes)} classes"))
             return
         spacing = case.volume.spacing if case.volume is not None else (1.0, 1.0)
+        if case.source in self.truth.regions:  # scored inside the task's region of interest only
+            inside = self.truth.regions[case.source]()
+            labels, truth = labels * inside, truth * inside
         dice, hd95 = segmentation_case_metrics(labels, truth, len(self.model.classes), spacing)
         for name, d, h in zip(self.model.classes[1:], dice, hd95):
             self.metric_rows.append([case.source, name, f"{d:.6f}", "" if math.isnan(h) else f"{h:.4f}"])
@@ -302,6 +329,9 @@ class _Writer:
                 summary["dice"][name] = float(np.mean([float(row[2]) for row in rows])) if rows else math.nan
                 summary["hd95"][name] = float(np.mean(hd)) if hd else math.nan
             summary["mean_dice"] = float(np.mean(list(summary["dice"].values()))) if classes[1:] else math.nan
+            summary["scored"] = ("inside each image's region of interest (the task's roi/)" if self.truth.regions
+                                 else "every pixel")
+            summary["hd95_unit"] = "mm for volumes, pixels for images"
         else:
             write_csv(self.out / "metrics.csv", ["input", "label", "predicted"], self.metric_rows)
             summary = {"cases": len(self.scores)}

@@ -10,6 +10,8 @@ A suite is YAML::
     encoders:                               # name: source, or name: {EncoderSpec fields}
       scratch: {source: scratch, img_size: 64}
       dex: runs/cpu/dex-tiny
+      unet: {source: peer, model: unet, img_size: 64}   # peers: trained from scratch (dex.models.peers)
+      resnet: {source: peer, model: resnet18, img_size: 64}
     tasks:                                  # task folders; other keys override their description
       - {path: runs/phantoms/tasks/ct-organs}
       - {path: ../shared/data/us-breast-busi, modality: US}
@@ -31,7 +33,9 @@ an ablation's setting, ``top_k=2``; under another protocol ``top_k=2,linear``); 
 (:mod:`dex.eval.protocols`, classification tasks) are variants named by the protocol (``linear``, ``knn-k10``,
 ``fewshot-5``, ...), their features cached in ``features/`` (:mod:`dex.eval.features`); ``lora`` runs are
 fine-tuning runs of a frozen encoder with LoRA adapters (:mod:`dex.downstream.lora`), variant ``lora``, and
-``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on a frozen encoder. The tables and figures
+``frozen-unetr`` runs (segmentation tasks) train the UNETR decoder on a frozen encoder. A peer (an encoder of source
+``peer``: a U-Net or a timm CNN trained from scratch, :mod:`dex.models.peers`) has fine-tuning runs only, on the
+tasks of its type, so the tables put it next to the foundation encoders. The tables and figures
 (:mod:`dex.eval.tables`) are computed from the stored runs only: recomputing them gives the same files.
 """
 
@@ -46,12 +50,13 @@ from typing_extensions import TypedDict
 
 from dex.config import STRICT, ConfigError, read_yaml, validate
 from dex.data.tasks import Task, TaskSpec, load_task
-from dex.downstream.encoders import EncoderSpec
+from dex.downstream.encoders import PEER, EncoderSpec
 from dex.downstream.finetune import FinetuneConfig, train_task_model
 from dex.downstream.model_folder import write_finetuned
 from dex.eval.protocols import FROZEN_PROTOCOLS, PROTOCOLS, ProbeConfig, protocol_variants, run_frozen
 from dex.eval.records import model_path, record_path, split_variant, store_record, variant_name
 from dex.eval.tables import report
+from dex.models.peers import peer_task_type
 
 log = logging.getLogger("dex.eval")
 ABLATIONS = ("top_k", "data_fraction", "trainable_blocks", "experts_vs_director", "components")
@@ -151,14 +156,16 @@ def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, 
                                                              FinetuneConfig | ProbeConfig]]:
     """Every run the suite asks for: (encoder, task, variant, seed, encoder spec, fine-tuning settings, or the
     probe settings for a frozen protocol's run). kNN and few-shot are planned for classification tasks only,
-    frozen UNETR for segmentation tasks only. An ablation's settings run under its ``protocols`` (default
-    ``[finetune]``): fine-tuning as variant ``top_k=2``, another protocol as ``top_k=2,linear``, ``top_k=2,knn-k10``,
-    ... (the components ablation: the protocol's own names)."""
+    frozen UNETR for segmentation tasks only, a peer's fine-tuning on its own task type only
+    (:func:`_encoder_protocols`). An ablation's settings run under its ``protocols`` (default ``[finetune]``):
+    fine-tuning as variant ``top_k=2``, another protocol as ``top_k=2,linear``, ``top_k=2,knn-k10``, ... (the
+    components ablation: the protocol's own names)."""
     runs = []
     for name, spec in suite.encoders.items():
-        for task in tasks:
+        for task in tasks.values():
+            protocols = _encoder_protocols(name, spec, task, suite.protocols)
             for seed in suite.seeds:
-                runs += _protocol_runs(suite, tasks[task], name, seed, spec, suite.finetune, suite.protocols)
+                runs += _protocol_runs(suite, task, name, seed, spec, suite.finetune, protocols)
     unknown = sorted({t for a in suite.ablations.values() for t in a.get("tasks") or []} - set(tasks))
     if unknown:
         raise ValueError(f"{suite.path}: ablations name tasks the suite does not have: {unknown}")
@@ -182,13 +189,31 @@ def plan(suite: Suite, tasks: dict[str, Any]) -> list[tuple[str, str, str, int, 
             else:  # components: the default runs of the named encoders
                 settings = [("", spec, suite.finetune)]
             for task in ablation.get("tasks") or list(tasks):
+                task_protocols = _encoder_protocols(name, spec, tasks[task], protocols)
                 for seed in ablation.get("seeds", suite.seeds):
                     for base, setting_spec, config in settings:
-                        runs += _protocol_runs(suite, tasks[task], name, seed, setting_spec, config, protocols, base)
+                        runs += _protocol_runs(suite, tasks[task], name, seed, setting_spec, config, task_protocols,
+                                               base)
     unique = {}
     for run in runs:
         unique.setdefault(run[:4], run)
     return list(unique.values())
+
+
+def _encoder_protocols(name: str, spec: EncoderSpec, task: Task, protocols: list[str]) -> list[str]:
+    """The protocols of ``protocols`` that encoder ``name`` runs on ``task``: all of them for a foundation encoder;
+    for a peer (:mod:`dex.models.peers`, trained whole from scratch) fine-tuning only, and nothing on a task of
+    another type than the peer's; what a peer skips is logged."""
+    if spec.source != PEER:
+        return protocols
+    kind = peer_task_type(spec.model)
+    if kind != task.spec.type:
+        log.info("%s is a %s peer: no runs on %s (%s)", name, kind, task.name, task.spec.type)
+        return []
+    if skipped := [p for p in protocols if p != "finetune"]:
+        log.info("%s is a peer, trained whole from scratch: fine-tuning only on %s, not %s", name, task.name,
+                 ", ".join(skipped))
+    return [p for p in protocols if p == "finetune"]
 
 
 def _protocol_runs(suite: Suite, task: Task, name: str, seed: int, spec: EncoderSpec, config: FinetuneConfig,

@@ -41,8 +41,19 @@ def family(encoder: nn.Module) -> str:
 
 
 def input_size(encoder: nn.Module) -> tuple[int, int]:
-    """The (height, width) of the encoder's model inputs."""
-    return tuple(encoder.patch_embed.img_size)
+    """The (height, width) of the encoder's model inputs: its patch embedding's image size (a ViT, a Swin), else
+    (a peer, :mod:`dex.models.peers`) the ``input_size`` of its timm ``pretrained_cfg``."""
+    if hasattr(encoder, "patch_embed"):
+        return tuple(encoder.patch_embed.img_size)
+    return tuple(encoder.pretrained_cfg["input_size"][-2:])
+
+
+def input_multiple(encoder: nn.Module) -> int:
+    """What the height and width of the encoder's inputs must be multiples of for its token grid to be whole: a
+    ViT's patch size, a hierarchical encoder's last reduction (a Swin's 32)."""
+    if family(encoder) == "vit":
+        return _patch_size(encoder)
+    return encoder.feature_info[-1]["reduction"]
 
 
 def token_grid(encoder: nn.Module) -> tuple[int, int]:
@@ -151,3 +162,21 @@ def pooled_and_mean(encoder: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]
     """The pooled feature and the mean of the final tokens of model inputs [B, 3, H, W]: two [B, D] float32."""
     pooled, tokens = final_tokens(encoder, images)
     return pooled, tokens.mean(1)
+
+
+def set_drop_path(encoder: nn.Module, rate: float) -> None:
+    """Stochastic depth on every block of ``encoder`` (ViT, DEX ViT, Swin), rising linearly from 0 at the first
+    block to ``rate`` at the last (timm's rule), in place: each block's ``drop_path1`` and ``drop_path2`` (the
+    residual branches of attention and of the MLP or DEX module) become :class:`timm.layers.DropPath` (identity for
+    a rate of 0). Lets a pretrained encoder be fine-tuned with the drop path it was not built with."""
+    from timm.layers import DropPath
+
+    if not 0 <= rate < 1:
+        raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+    blocks = [unit[-1] for unit in trainable_units(encoder)]
+    for index, block in enumerate(blocks):
+        block_rate = rate * index / max(len(blocks) - 1, 1)
+        for name in ("drop_path1", "drop_path2"):
+            if not hasattr(block, name):
+                raise ValueError(f"a {type(block).__name__} block has no {name}: drop path cannot be set")
+            setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())

@@ -11,19 +11,29 @@ plain timm ViT (see :func:`dex.models.weights.export_director`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from dex.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from dex.models.conversions import vit_to_dex_state_dict
-from dex.models.director_experts import MODES, DEXAux, DEXSettings, DirectorExperts, Mode, Routing, per_block
+from dex.models.director_experts import (
+    MODES,
+    DEXAux,
+    DEXSettings,
+    DirectorExperts,
+    ExpertBank,
+    Mode,
+    Routing,
+    per_block,
+)
 from dex.models.pos_embed import sincos_2d
-
 
 layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -66,10 +76,11 @@ class DEXBlock(nn.Module):
         return x + self.drop_path2(out), aux
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
+def _image_size(size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
+    """``size`` (int or (H, W)) as (H, W), checked to be divisible by ``patch_size``."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"img_size {(int(height), int(width))} is not divisible by patch_size {patch_size}")
     return int(height), int(width)
 
 
@@ -105,9 +116,7 @@ class DEXViT(nn.Module):
         **dex_overrides: Any,
     ) -> None:
         super().__init__()
-        img_size = _pair(img_size)
-        if any(s % patch_size for s in img_size):
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        img_size = _image_size(img_size, patch_size)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if global_pool not in ("token", "avg"):
@@ -165,6 +174,33 @@ class DEXViT(nn.Module):
         settings as one ``dex`` block."""
         return {**self._init_args, "mode": self.mode, "dex": self.dex_settings.to_dict()}
 
+    def set_input_size(self, img_size: int | Sequence[int]) -> None:
+        """Bring the model to inputs of ``img_size`` (int or (H, W), divisible by the patch size), in place, as
+        timm's ``VisionTransformer.set_input_size`` does: the patch embedding's image size and grid, and the position
+        table ``pos_embed`` [1, 1 + H/p * W/p, C] for the new grid; every other weight is kept, and
+        :attr:`model_args` rebuild the model at the new size.
+
+        The table is fixed (never trained). When it is the 2D sin-cos table of the current grid (as the constructor
+        builds it and MAE checkpoints hold it), it becomes the sin-cos table of the new grid, the one ``DEXViT(img_size=...)``
+        builds: the function the encoder was pretrained with, exact at every position of the new grid, where a
+        bicubic resampling of it only approximates its high-frequency channels. Any other table (learned positions
+        copied from a plain ViT checkpoint by :func:`~dex.models.conversions.vit_to_dex_state_dict`) is resampled
+        bicubically to the new grid, the class token's entry kept (timm's ``resample_abs_pos_embed``, as timm's ViTs
+        and MAE's ``interpolate_pos_embed`` do).
+        """
+        size = _image_size(img_size, self.patch_size)
+        old_grid = tuple(self.patch_embed.grid_size)
+        self.patch_embed.set_input_size(img_size=size)
+        new_grid = tuple(self.patch_embed.grid_size)
+        table = self.pos_embed.detach()
+        if torch.allclose(table[0], sincos_2d(self.embed_dim, old_grid).to(table), rtol=0, atol=1e-6):
+            resized = sincos_2d(self.embed_dim, new_grid).unsqueeze(0).to(table)
+        else:
+            resized = resample_abs_pos_embed(table, list(new_grid), list(old_grid),
+                                             num_prefix_tokens=self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
+        self._init_args["img_size"] = list(size)
+
     def dex_modules(self) -> list[DirectorExperts]:
         return [block.dex for block in self.blocks if block.dex is not None]
 
@@ -184,7 +220,17 @@ class DEXViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        """The parameters that take no weight decay besides timm's 1-D rule (biases, norms): the position
+        embedding, the class token and the experts' stacked biases ([R, hidden] and [R, C], which that rule
+        misses)."""
+        expert_biases = {f"{name}.{bias}" for name, module in self.named_modules() if isinstance(module, ExpertBank)
+                         for bias in ("fc1_bias", "fc2_bias")}
+        return {"pos_embed", "cls_token", *expert_biases}
+
+    # timm's grouping of a VisionTransformer's parameters (the layer ids of timm.optim's layer-wise lr decay) fits
+    # the same names here: embeddings (class token, positions, patch embedding) 0, block i (its DEX router, experts
+    # and director included) i + 1, the final norm with the last block, the head (unmatched) after it.
+    group_matcher = VisionTransformer.group_matcher
 
     def draw_router_eps(self, generator: torch.Generator, global_batch: int, rows: slice,
                         tokens: int) -> list[Tensor | None]:

@@ -10,7 +10,11 @@ no H/2 stage, the last decoder step up-samples x4 (ours). In both the image itse
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from timm.models import group_parameters
 from torch import Tensor, nn
 
 from dex.models.backbones import family, four_map_indices, four_maps, stage_shapes
@@ -55,6 +59,23 @@ class UNETR2D(nn.Module):
         self.decoder2 = UnetrUpBlock(in_channels=feature_size * 2, out_channels=feature_size,
                                      upsample_kernel_size=2 if self.vit else 4, **common)
         self.out = UnetOutBlock(spatial_dims=2, in_channels=feature_size, out_channels=num_classes)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's parameters that take no weight decay (its ``no_weight_decay``), named from here."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's parameter grouping (the layer ids of ``timm.optim``'s layer-wise lr decay): a parameter
+        ``encoder.<name>`` in the group the encoder's own ``group_matcher`` gives ``<name>``, every other one (the
+        decoder) in one group after the encoder's last, so at the full learning rate.
+
+        Returns a function of a parameter name, the form ``timm.models.group_parameters`` takes besides a dict."""
+        groups = group_parameters(self.encoder, self.encoder.group_matcher(coarse), reverse=True)
+        decoder = max(groups.values()) + 1
+        groups = {f"encoder.{name}": group for name, group in groups.items()}
+        return lambda name: groups.get(name, decoder)
 
     def forward(self, x: Tensor) -> Tensor:
         (shallow, middle, deep, bottleneck), _, _ = four_maps(self.encoder, x, self.block_indices)

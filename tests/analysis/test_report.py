@@ -25,7 +25,8 @@ def project(phantom_collection, tmp_path_factory):
     assert main(["pretrain", "configs/pretrain_demo.yaml", "--set", *TINY_ARGS, "samples_per_epoch=16",
                  f"data={phantom_collection / 'curated'}", f"out_dir={run}"]) == 0
     suite = {"out_dir": str(root / "bench"), "seeds": [0], "baseline": "scratch",
-             "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+             "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 3,
+                          "mirror": "none"},
              "encoders": {"scratch": {"source": "scratch", "img_size": 32,
                                       "model_args": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
                           "dex": str(run)},

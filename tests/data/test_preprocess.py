@@ -114,10 +114,10 @@ def test_to_dict_from_dict_round_trip():
     assert default.to_dict() == {"size": [256, 256], "channels": 3, "mean": [0.485, 0.456, 0.406],
                                  "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "antialias": True,
                                  "intensity": "full_scale", "modality": "", "volume_normalization": "",
-                                 "slice_axis": "axial", "ct_window": [-200.0, 400.0]}
+                                 "slice_axis": "axial", "ct_window": [-200.0, 400.0], "fit": "resize"}
     other = Preprocessing(size=(224, 192), mean=(0.5, 0.25, 0.125), std=(1, 2, 3), interpolation="bicubic",
                           antialias=False, modality="CT", volume_normalization="ct_hu", slice_axis="coronal",
-                          ct_window=(-1000, 1000))
+                          ct_window=(-1000, 1000), fit="native")
     for preprocessing in (default, other):
         again = Preprocessing.from_dict(json.loads(json.dumps(preprocessing.to_dict())))
         assert again == preprocessing and hash(again) == hash(preprocessing)
@@ -134,7 +134,8 @@ def test_to_dict_from_dict_round_trip():
     ({"interpolation": "cubic"}, "interpolation"), ({"interpolation": "lanczos"}, "interpolation"),
     ({"antialias": 1}, "antialias"), ({"intensity": "ct_hu"}, "intensity.*VOLUME_NORMALIZERS"),
     ({"modality": 3}, "modality"), ({"volume_normalization": "hu"}, "volume_normalization.*ct_hu"),
-    ({"slice_axis": "transverse"}, "slice_axis.*axial"), ({"ct_window": [400, -200]}, "ct_window.*low < high"),
+    ({"slice_axis": "transverse"}, "slice_axis.*axial"),
+    ({"fit": "crop"}, "fit.*native"), ({"ct_window": [400, -200]}, "ct_window.*low < high"),
     ({"ct_window": [-200]}, "ct_window.*low and high HU"),
 ])
 def test_from_dict_refuses_bad_blocks_naming_the_key(block, key):

@@ -58,7 +58,8 @@ def test_a_fine_tuned_model_folder_is_an_encoder_source(tmp_path, phantom_collec
     dex.save_pretrained(encoder, tmp_path / "encoder")
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
     record, model = train_task_model(EncoderSpec("dex", str(tmp_path / "encoder")), task, 0,
-                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4))
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4,
+                                                    steps_per_epoch=3))
     write_finetuned(tmp_path / "model", model, record)
     images = task.root / "images"
     assert main(["embed", str(tmp_path / "model"), str(images), "--out", str(tmp_path / "out")]) == 0

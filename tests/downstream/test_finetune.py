@@ -24,7 +24,7 @@ from dex.downstream.metrics import DiceAccumulator, classification_metrics
 from dex.models import DEXViT
 from dex.models.unetr import UNETR2D
 
-QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4)
+QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4, steps_per_epoch=3)
 
 
 def small_vit(depth: int = 4, img_size: int = 32, **kwargs) -> DEXViT:

@@ -66,7 +66,8 @@ def test_the_lora_protocol_changes_the_attention_projections_only(tmp_path, phan
     dex.save_pretrained(_vit(0), folder)
     task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
     record, model = train_task_model(EncoderSpec("dex", str(folder)), task, 0,
-                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, lr=1e-2, lora_rank=4))
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, lr=1e-2, lora_rank=4,
+                                                    steps_per_epoch=3))
     classes = len(task.spec.classes)
     adapters = 4 * (4 * (32 + 96) + 4 * (32 + 32))  # 4 blocks: qkv A [4, 32], B [96, 4]; proj A [4, 32], B [32, 4]
     assert record["trainable_parameters"] == adapters + 32 * classes + classes

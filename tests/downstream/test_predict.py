@@ -31,7 +31,8 @@ def models(phantom_collection, tmp_path_factory):
     for name in ("photo-lesion-type", "pathology-nuclei"):
         task = load_task(phantom_collection / "raw" / "tasks" / name)
         record, model = train_task_model(EncoderSpec("dex", str(root / "encoder")), task, 0,
-                                         FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4))
+                                         FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4,
+                                                        steps_per_epoch=3))
         folders[name] = (write_finetuned(root / name, model, record), task)
     return folders
 
@@ -72,7 +73,9 @@ def test_segmentation_writes_label_maps_at_the_images_size(models, tmp_path):
     picture = read_picture(first)
     assert written.shape == picture.pixels.shape[:2] and written.dtype == np.uint8
     x = model.preprocessing.read(first)[None]
-    flipped = (model.predict(x) + model.predict(x.flip(-1)).flip(-1)) / 2
+    assert model.inference.window == model.preprocessing.size  # one window: the whole input
+    with torch.no_grad():  # the logits of the image and of its mirror image averaged (nnU-Net), then the softmax
+        flipped = ((model.network(x) + model.network(x.flip(-1)).flip(-1)) / 2).softmax(1)
     torch.testing.assert_close(probabilities(model, x, "flip"), flipped)
     assert np.array_equal(written, label_map(flipped[0], written.shape).numpy())
     assert sum(int(rows[0][f"pixels_{c}"]) for c in model.classes) == written.size

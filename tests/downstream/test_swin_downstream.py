@@ -37,7 +37,7 @@ def swin_run(phantom_collection, tmp_path_factory):
 
 def test_fine_tuning_prediction_and_embedding_take_a_swin(swin_run, phantom_collection, tmp_path):
     tasks = phantom_collection / "raw" / "tasks"
-    quick = ["epochs=1", "warmup_epochs=0", "batch_size=4"]
+    quick = ["epochs=1", "warmup_epochs=0", "batch_size=4", "steps_per_epoch=3", "mirror=none"]
     for task, extra in (("photo-lesion-type", ["trainable_blocks=2"]), ("ct-organs", ["lora_rank=4"])):
         assert main(["finetune", str(swin_run / "exported"), str(tasks / task), "--out", str(tmp_path / task),
                      "--set", *quick, *extra]) == 0
@@ -66,7 +66,7 @@ def test_every_benchmark_protocol_and_the_analysis_take_a_swin(swin_run, phantom
     tasks = phantom_collection / "raw" / "tasks"
     suite = {"out_dir": str(tmp_path / "bench"), "protocols": ["finetune", "linear", "knn", "fewshot", "lora",
                                                                "frozen-unetr"],
-             "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+             "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 3, "mirror": "none"},
              "encoders": {"scratch": {"source": "scratch", "model": ARCH, "img_size": 32,
                                       "model_args": {k: v for k, v in SWIN.items() if k != "img_size"}},
                           "midol": str(swin_run / "run")},

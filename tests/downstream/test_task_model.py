@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from dex.downstream.model_folder import finetune_curves, write_finetuned
 from dex.downstream.task_model import load_model
 from dex.models import DEXViT
 
-QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4)
+QUICK = FinetuneConfig(epochs=2, warmup_epochs=1, batch_size=4, lr=5e-4, steps_per_epoch=3)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_the_curves_draw_one_point_per_epoch_and_mark_the_best(tmp_path):
 def test_a_folder_with_a_missing_or_altered_file_is_refused_naming_it(tmp_path, phantom_collection, encoder_folder):
     task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
     record, model = train_task_model(EncoderSpec("dex", str(encoder_folder)), task, 0,
-                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4))
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, steps_per_epoch=3))
     write_finetuned(tmp_path / "model", model, record)
     weights = tmp_path / "model" / "model.safetensors"
     content = weights.read_bytes()
@@ -110,7 +111,7 @@ def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phan
                                                                   capsys):
     task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
     args = ["finetune", str(encoder_folder), str(task), "--out", str(tmp_path / "model"), "--set", "epochs=1",
-            "warmup_epochs=0", "batch_size=4", "encoder.mode=director"]
+            "warmup_epochs=0", "batch_size=4", "steps_per_epoch=3", "encoder.mode=director"]
     assert main(args) == 0
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors", "metrics.json",
                                                                  "log.jsonl", "README.md", "curves.png"}
@@ -123,7 +124,8 @@ def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection,
     import dex.downstream.finetune as finetune_module
 
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
-    spec, config = EncoderSpec("dex", str(encoder_folder)), FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4)
+    spec = EncoderSpec("dex", str(encoder_folder))
+    config = FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, steps_per_epoch=3)
     whole, whole_model = train_task_model(spec, task, 0, config)
     save = finetune_module._save_checkpoint
     calls = []
@@ -146,10 +148,11 @@ def test_a_stopped_fine_tuning_resumes_bit_for_bit(tmp_path, phantom_collection,
     for key, value in whole_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
     with pytest.raises(ValueError, match=r"step-00000003.pt: cannot resume from it with other settings than it was "
-                                         r"written with \(lr 0.0001 -> 1.0\); resume with the same settings"):
-        train_task_model(spec, task, 0, FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, lr=1.0), checkpoints)
+                                         r"written with \(lr 0.0005 -> 1.0\); resume with the same settings"):
+        train_task_model(spec, task, 0, replace(config, lr=1.0), checkpoints)
     # where it runs is free: the same run on another device setting and worker count goes on
-    free = FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, device="cpu", num_workers=0)
+    free = FinetuneConfig(epochs=3, warmup_epochs=1, batch_size=4, steps_per_epoch=3, device="cpu",
+                          num_workers=0)
     assert train_task_model(spec, task, 0, free, checkpoints)[0]["history"] == resumed["history"]
 
 
@@ -158,7 +161,7 @@ def test_dex_finetune_resume_goes_on_from_the_partial_folder(tmp_path, phantom_c
     import dex.downstream.finetune as finetune_module
 
     task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
-    settings = ["--set", "epochs=2", "warmup_epochs=0", "batch_size=4"]
+    settings = ["--set", "epochs=2", "warmup_epochs=0", "batch_size=4", "steps_per_epoch=3"]
     assert main(["finetune", str(encoder_folder), str(task), "--out", str(tmp_path / "whole"), *settings]) == 0
     save = finetune_module._save_checkpoint
 

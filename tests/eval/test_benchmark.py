@@ -24,7 +24,8 @@ def suite(phantom_collection, tmp_path_factory):
     tasks = phantom_collection / "raw" / "tasks"
     data = {
         "out_dir": str(tmp_path / "bench"), "seeds": [0, 1], "baseline": "scratch",
-        "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr": 5.0e-4},
+        "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "lr": 5.0e-4, "steps_per_epoch": 3,
+                     "mirror": "none"},
         "encoders": {"scratch": {"source": "scratch", "img_size": 32, "model_args": SMALL},
                      "dex-scratch": {"source": "scratch", "img_size": 32, "scratch_experts": True,
                                      "model_args": SMALL}},
@@ -87,7 +88,7 @@ def test_suite_errors(suite, tmp_path, capsys):
     assert "does not define: ['mae']" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     cases = {
-        "finetune: {epoch: 3}": r"finetune\.epoch: unknown key; the known keys are epochs, warmup_epochs",
+        "finetune: {epoch: 3}": r"finetune\.epoch: unknown key; the known keys are recipe, epochs, warmup_epochs",
         "finetune: {epochs: ten}": r"finetune\.epochs: input should be a valid integer.*got 'ten'",
         "encoders: {a: {source: scratch, model: vit_nonexistent}}": r"encoder 'a': model 'vit_nonexistent'.*Unknown",
         "encoders: {a: {source: scratch, model_args: {depht: 2}}}": r"encoder 'a': .*unexpected keyword.*'depht'",
@@ -142,7 +143,7 @@ def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
 
 def test_keep_models_writes_a_model_folder_per_run(phantom_collection, tmp_path):
     data = {"out_dir": str(tmp_path / "bench"), "keep_models": True,
-            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 3, "mirror": "none"},
             "encoders": {"scratch": {"source": "scratch", "img_size": 32, "model_args": SMALL}},
             "tasks": [str(phantom_collection / "raw" / "tasks" / "photo-lesion-type")]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(data))

@@ -108,7 +108,7 @@ def test_a_segmentation_task_takes_the_linear_protocol_only(tmp_path, phantom_co
 def test_a_suite_runs_its_protocols_and_the_command_line_replaces_them(tmp_path, phantom_collection, monkeypatch):
     tasks = phantom_collection / "raw" / "tasks"
     data = {"out_dir": str(tmp_path / "bench"), "seeds": [0],
-            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 3, "mirror": "none"},
             "protocols": ["finetune", "linear", "knn"], "probe": {"knn_k": [2], "bootstrap": 20},
             "encoders": {"dex": str(_encoder(tmp_path / "encoder"))},
             "tasks": [str(tasks / "photo-lesion-type"), str(tasks / "pathology-nuclei")]}
@@ -169,7 +169,7 @@ def test_an_ablation_runs_under_its_own_protocols(tmp_path, phantom_collection, 
     scratch = {"source": "scratch", "img_size": 32, "scratch_experts": True,
                "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_experts": 4}}
     data = {"out_dir": str(tmp_path / "bench"), "seeds": [0], "protocols": ["knn"],
-            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4},
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 3, "mirror": "none"},
             "probe": {"knn_k": [2], "bootstrap": 20}, "encoders": {"dex": scratch},
             "tasks": [str(tasks / "photo-lesion-type"), str(tasks / "pathology-nuclei")],
             "ablations": {"top_k": {"encoder": "dex", "values": [1, 4], "tasks": ["photo-lesion-type"],
@@ -214,7 +214,8 @@ def test_frozen_unetr_trains_the_decoder_and_leaves_the_encoder_as_it_was(tmp_pa
     folder = _encoder(tmp_path / "encoder")
     task = load_task(phantom_collection / "raw" / "tasks" / "pathology-nuclei")
     record, model = train_task_model(EncoderSpec("dex", str(folder)), task, 0,
-                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, freeze_encoder=True))
+                                     FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, freeze_encoder=True,
+                                                    steps_per_epoch=3))
     original = dex.load_pretrained(folder).state_dict()
     kept = model.network.encoder.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in original.items() if k in kept and not k.startswith("head."))
