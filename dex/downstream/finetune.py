@@ -576,6 +576,8 @@ def _fit_to_budget(net: _Network, train: Dataset, val: TaskImages, test: TaskIma
         if window is None:
             return per_input * len(data)
         copies = 2 ** len(MIRROR_AXES[mirror])
+        if data.preprocessing.fit == "resize":  # one window: the image resized to the input
+            return per_input * copies * len(data)
         return per_input * copies * sum(window_count(_image_size(data, i), window.window, window.overlap)
                                         for i in range(len(data)))
 

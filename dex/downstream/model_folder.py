@@ -102,7 +102,10 @@ def model_card(model: TaskModel, record: dict[str, Any]) -> str:
     settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
     plans = record.get("plans") or {}
     sources = plans.get("sources", {})
-    derived = ", ".join(f"{k} {config.get(k)} ({source})" for k, source in sources.items()) or "none"
+    by_source: dict[str, list[str]] = {}
+    for key, source in sources.items():
+        by_source.setdefault(source, []).append(key)
+    derived = "; ".join(f"{source}: {', '.join(keys)}" for source, keys in by_source.items()) or "none"
     pre = model.preprocessing
     if model.inference is not None:
         sw = model.inference
@@ -137,8 +140,8 @@ inputs made by its preprocessing (`config.json`, `preprocessing`).
 - encoder: `{spec['source']}` (architecture `{model.encoder_architecture}`), weights SHA-256
   `{record['encoder_sha256']}` before fine-tuning
 - seed {record['seed']}; {settings}
-- recipe `{plans.get('recipe', 'paper')}`; where each derived setting came from: {derived} (the fingerprint and the
-  rules: `config.json`, `plans`)
+- recipe `{plans.get('recipe', 'paper')}`; where the settings came from: {derived} (the fingerprint and the rules:
+  `config.json`, `plans`)
 - best validation epoch: {record['best_epoch']} (by {record['score_name']})
 - {record['trainable_parameters']:,} trainable parameters; {record['seconds']:.0f} s
 - training curves: `curves.png` (loss and validation {record['score_name']} per epoch; the per-epoch rows in

@@ -62,9 +62,13 @@ def test_fingerprint_measures_sizes_shares_and_structure_width(tmp_path):
     assert found["structure_width"]["vessel"] == pytest.approx(4.0, abs=0.1)  # a band 4 px wide
 
 
-def test_large_images_get_patches_small_ones_do_not_and_given_values_win():
-    large = {"images": {"train": 20}, "median_size": [999, 960]}
-    small = {"images": {"train": 20}, "median_size": [64, 64]}
+def test_large_images_of_thin_structures_get_patches_others_do_not_and_given_values_win():
+    large = {"images": {"train": 20}, "median_size": [999, 960], "structure_width": {"vessel": 8.0}}
+    small = {"images": {"train": 20}, "median_size": [64, 64], "structure_width": {"vessel": 8.0}}
+    blobs = {"images": {"train": 20}, "median_size": [256, 256], "structure_width": {"polyp": 90.0}}
+    assert derive({}, "derived", "segmentation", blobs, (64, 64), pretrained=True)[0]["fit"] == "resize"  # 22 px
+    blobs["structure_width"]["polyp"] = 12.0  # 3 px once resized to 64
+    assert derive({}, "derived", "segmentation", blobs, (64, 64), pretrained=True)[0]["fit"] == "native"
     values, sources = derive({}, "derived", "segmentation", large, (64, 64), pretrained=True)
     assert values["fit"] == "native" and values["mirror"] == "xy" and values["layer_decay"] == 0.75
     assert values["steps_per_epoch"] >= 25 and sources["fit"] == "derived"
