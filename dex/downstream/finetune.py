@@ -376,7 +376,7 @@ def _settings(config: FinetuneConfig, task: Task, net: _Network, spec: EncoderSp
         values |= {k: saved["config"][k] for k in ("epochs", "steps_per_epoch", "warmup_epochs")}
         sources |= dict.fromkeys(("epochs", "steps_per_epoch", "warmup_epochs"), "budget (checkpoint)")
     resolved = replace(config, **{k: values[k] for k in FinetuneConfig.derived})
-    plans = {"recipe": config.recipe, "fingerprint": fingerprint_, "settings": {k: values[k] for k in values},
+    plans = {"recipe": config.recipe, "fingerprint": fingerprint_, "settings": dict(values),
              "sources": sources, "rules": {k: RULES[k] for k in RULES if sources.get(k) == "derived"}}
     return resolved, plans
 
@@ -547,7 +547,8 @@ def _fit_to_budget(net: _Network, train: Dataset, val: TaskImages, test: TaskIma
                    started: float) -> tuple[FinetuneConfig, dict[str, Any]]:
     """The epochs (and steps an epoch) that fit ``config.budget_minutes``, from this machine's speed: three
     training steps timed with their batches' making (after one untimed) on a copy of the model and optimiser, and
-    one forward of a batch of windows or images timed, from which the validation and the test are estimated (:func:`fit_budget`). The
+    one forward of a batch of windows or images timed, from which the validation and the test are estimated
+    (:func:`fit_budget`). The
     global random generators are left as they were, so the run that follows does not depend on the trial."""
     model, trial_optimizer = copy.deepcopy(net.model), copy.deepcopy(optimizer)
     loss_of = TrainingLoss(val.task, config)

@@ -58,7 +58,8 @@ def _augmentation(kind: str, keys: tuple[str, ...]):
 class TaskPatches(Dataset):
     """``steps * batch_size`` training patches [channels, h, w] of a segmentation task's images ``ids`` at their
     own resolution (with ``fit="resize"``: of the images resized to the input, one patch each), each with its
-    target [h, w] (class indices) and region of interest [h, w] (1 inside; all ones for a task without ``roi/``). Images, masks and regions are read once and kept (as stored, 8 or 16 bit: a
+    target [h, w] (class indices) and region of interest [h, w] (1 inside; all ones for a task without ``roi/``).
+    Images, masks and regions are read once and kept (as stored, 8 or 16 bit: a
     small task's training split in memory, as nnU-Net's 2D data loader keeps its cases)."""
 
     def __init__(self, task: Task, ids: list[str], preprocessing: Preprocessing, patch: tuple[int, int],

@@ -14,7 +14,8 @@ block).
   an image), ``predicted`` (the class name) and ``p_<class>`` for every class; an input of several slices or frames
   also has one aggregated row (``slice`` = ``all``): the mean of its slices' probabilities (our choice).
 - Segmentation: label maps at the input's own resolution (predicted there by a model trained on patches; else the
-  probabilities resized, bilinear, before the argmax, as fine-tuning's Dice scores them). An image gives an 8-bit PNG of class indices in ``masks/`` named after it
+  probabilities resized, bilinear, before the argmax, as fine-tuning's Dice scores them). An image gives an 8-bit
+  PNG of class indices in ``masks/`` named after it
   (its frames: ``NAME_0003.png``); a volume or DICOM series is segmented slice by slice along the model's axis and
   written as ``masks/NAME.nii.gz``, a NIfTI label volume of the input's shape and affine (for a series: its geometry,
   the voxel axes column, row and slice in position order; :func:`dex.data.volumes.source_grid`). With ``dicom_seg`` a

@@ -181,8 +181,8 @@ class DEXViT(nn.Module):
         :attr:`model_args` rebuild the model at the new size.
 
         The table is fixed (never trained). When it is the 2D sin-cos table of the current grid (as the constructor
-        builds it and MAE checkpoints hold it), it becomes the sin-cos table of the new grid, the one ``DEXViT(img_size=...)``
-        builds: the function the encoder was pretrained with, exact at every position of the new grid, where a
+        builds it and MAE checkpoints hold it), it becomes the sin-cos table of the new grid, the one
+        ``DEXViT(img_size=...)`` builds: the function the encoder was pretrained with, exact at every position of the new grid, where a
         bicubic resampling of it only approximates its high-frequency channels. Any other table (learned positions
         copied from a plain ViT checkpoint by :func:`~dex.models.conversions.vit_to_dex_state_dict`) is resampled
         bicubically to the new grid, the class token's entry kept (timm's ``resample_abs_pos_embed``, as timm's ViTs

@@ -67,7 +67,8 @@ def test_randaugment_inputs_are_reproducible_grey_where_the_image_is_and_leave_t
     assert np.array_equal(np.random.get_state()[1], numpy_state)
     assert first.shape == (3, 32, 32) and torch.equal(data[2]["image"], first)
     grey = preprocessing.unnormalize(first)
-    torch.testing.assert_close(grey[0], grey[1]) and torch.testing.assert_close(grey[1], grey[2])
+    torch.testing.assert_close(grey[0], grey[1])
+    torch.testing.assert_close(grey[1], grey[2])
     data.epoch = 1
     assert not torch.equal(data[2]["image"], first)
     evaluation = TaskImages(task, task.splits["val"], preprocessing)[0]["image"]
