@@ -6,6 +6,10 @@ Grey-scale-aware (ours): a grey picture goes through RandAugment as a grey image
 channels afterwards, and random erasing fills with a constant (the mean: zero after the z-score) instead of per-pixel
 colour noise, which would put colour into a grey image. RandAugment works on 8-bit images: a 16-bit picture is
 brought to 8 bits for its training augmentation only (validation, test and prediction read it whole).
+
+RandAugment's magnitudes are clipped at 9.99 instead of timm's 10 (ours): at 10 exactly, timm's increasing
+posterize keeps 0 bits, which Pillow 13 refuses ("bits must be between or equal to 1 and 8"); a draw of N(9, 0.5)
+reaches 9.99 about once in 40, and the ops' strength at 9.99 differs from 10's by a tenth of a percent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dex.data.readers import Picture
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # MAE's and RETFound's fine-tuning policy
 RANDOM_ERASING = 0.25  # their probability of random erasing
+MAGNITUDE_MAX = 9.99  # under timm's 10, where posterize would keep 0 bits (see the module's docstring)
 
 
 def classification_augmentation(preprocessing: Preprocessing, grey: bool,
@@ -35,8 +40,14 @@ def classification_augmentation(preprocessing: Preprocessing, grey: bool,
     from timm.data.random_erasing import RandomErasing
 
     fill = (float(np.mean(preprocessing.mean)),) if grey else preprocessing.mean  # what rotations and shears uncover
+    from timm.data.auto_augment import RandAugment
+
     transform = create_transform(list(preprocessing.size), is_training=True, auto_augment=RANDAUGMENT,
                                  interpolation="bicubic", normalize=False, mean=fill)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                op.magnitude_max = MAGNITUDE_MAX  # what timm's "mmax" sets, which takes integers only
     erase = RandomErasing(random_erasing, mode="const" if grey else "pixel", device="cpu") if random_erasing else None
 
     def augment(picture: Picture) -> Tensor:

@@ -77,6 +77,21 @@ def test_randaugment_inputs_are_reproducible_grey_where_the_image_is_and_leave_t
         TaskImages(load_task(_segmentation(tmp_path / "s")), ["c0"], preprocessing, "randaugment")
 
 
+def test_randaugment_survives_its_largest_magnitude(monkeypatch):
+    """A magnitude drawn at or above timm's maximum (10) made posterize keep 0 bits, which Pillow 13 refuses: every
+    op at the largest magnitude must run on grey and colour pictures."""
+    from dex.data.readers import Picture
+    from dex.downstream.augment import classification_augmentation
+
+    monkeypatch.setattr(random, "gauss", lambda mean, std: mean + 10 * std)  # every magnitude drawn far too high
+    for grey in (True, False):
+        augment = classification_augmentation(Preprocessing(size=32), grey)
+        pixels = np.random.default_rng(0).integers(0, 255, (40, 48) if grey else (40, 48, 3), dtype=np.uint8)
+        random.seed(0)
+        for _ in range(150):  # two of the 15 ops a time, each at p 0.5: posterize about ten times
+            assert augment(Picture(pixels, 255)).shape == (3, 32, 32)
+
+
 def _segmentation(root):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
