@@ -3,6 +3,7 @@
 Importing ``dex`` registers the DEX encoders in timm (``dex_vit_{tiny,small,base,large}_patch16_256``).
 """
 
+from dex import threads  # noqa: F401  (first: sets OpenMP's spin count before PyTorch loads it, see dex.threads)
 from dex._version import __version__
 from dex.models import (
     DEXSettings,

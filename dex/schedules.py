@@ -16,3 +16,11 @@ def warmup_cosine(peak: float, final: float, step: int, warmup: int, total: int)
     if step < warmup:
         return peak * step / warmup
     return cosine(peak, final, step - warmup, total - warmup)
+
+
+def warmup_warning(epochs: int, warmup_epochs: int | None) -> str | None:
+    """What to warn of when the warm-up takes the whole run (every step below the peak rate, no decay), else None."""
+    if warmup_epochs is not None and warmup_epochs >= epochs:
+        return (f"warmup_epochs {warmup_epochs} >= epochs {epochs}: the whole run trains at warm-up learning rates "
+                f"(set warmup_epochs below epochs)")
+    return None

@@ -109,7 +109,8 @@ sys.exit(1 if failed else 0)
 #: The package's layers, lowest first: a module may import its own layer and those below it, never one above.
 #: ``dex`` itself (the package's __init__) offers the models and ``load_model``, so it sits with downstream.
 LAYERS = (
-    ("dex._version", "dex.config", "dex.files", "dex.safeload", "dex.seeding", "dex.schedules", "dex.parallel",
+    ("dex._version", "dex.threads", "dex.config", "dex.files", "dex.safeload", "dex.seeding", "dex.schedules",
+     "dex.parallel",
      "dex.collectives", "dex.checkpoint", "dex.figures"),
     ("dex.models", "dex.data"),
     ("dex.train",),

@@ -23,8 +23,9 @@ def _finetune_parser(commands) -> None:
                     "classification; patches at the images' own size and a sliding window for large-image "
                     "segmentation; docs/benchmark.md) or the paper's (recipe=paper), and write OUT: config.json "
                     "(network, task, classes, preprocessing, the plans that derived the settings), "
-                    "model.safetensors, metrics.json, log.jsonl and README.md, the model card (dex.load_model). "
-                    "--set budget_minutes=M fits the schedule to M minutes of this machine. One line per epoch.")
+                    "model.safetensors, metrics.json, log.jsonl, progress.log (the lines printed while it ran: one per "
+                    "epoch) and README.md, the model card (dex.load_model). "
+                    "--set budget_minutes=M fits the schedule to M minutes of this machine.")
     finetune.add_argument("encoder", help="the encoder source")
     finetune.add_argument("task", help="a task folder (dex data make-phantoms, dex data import-task)")
     finetune.add_argument("--out", required=True, help="the model folder to write")
@@ -49,8 +50,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from dex.downstream.finetune import FinetuneConfig, train_task_model
     from dex.downstream.model_folder import ModelFolder
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the epochs' progress lines
     folder = ModelFolder(args.out, resume=args.resume, overwrite=args.overwrite)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the epochs' lines on the terminal
+    folder.partial.mkdir(parents=True, exist_ok=True)
+    progress = logging.FileHandler(folder.partial / "progress.log")  # and in OUT, as printed
+    progress.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("dex")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(progress)
     encoder_pairs = [p.removeprefix("encoder.") for p in args.set if p.startswith("encoder.")]
     config = load_config(FinetuneConfig, None, [p for p in args.set if not p.startswith("encoder.")])
     spec = load_config(EncoderSpec, None, [f"name={Path(args.encoder).name or 'encoder'}", f"source={args.encoder}",
@@ -59,7 +66,11 @@ def _finetune(args: argparse.Namespace) -> int:
     task = load_task(args.task)
     if folder.resuming:
         print(f"resuming from {folder.checkpoints}")
-    record, model = train_task_model(spec, task, args.seed, config, folder.checkpoints, bootstrap=1000)
+    try:
+        record, model = train_task_model(spec, task, args.seed, config, folder.checkpoints, bootstrap=1000)
+    finally:
+        logger.removeHandler(progress)
+        progress.close()
     out = folder.write(model, record)
     score = record["score_name"]
     print(f"{task.name}: test {score} {record['test'][score]:.4f} (best validation epoch {record['best_epoch']})")

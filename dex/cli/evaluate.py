@@ -23,6 +23,7 @@ def _benchmark_parser(commands) -> None:
     benchmark.add_argument("--protocols", help="comma-separated protocols replacing the suite's: finetune, linear, "
                                                "knn, fewshot (classification tasks), lora, frozen-unetr "
                                                "(segmentation tasks)")
+    benchmark.add_argument("--tasks", help="comma-separated subset of the suite's tasks (their folder names)")
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 
@@ -36,16 +37,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None,
                        check_encoders=not args.report_only,
-                       protocols=args.protocols.split(",") if args.protocols else None)
+                       protocols=args.protocols.split(",") if args.protocols else None,
+                       tasks=args.tasks.split(",") if args.tasks else None)
     if args.report_only:
-        report(suite.out_dir, suite.baseline, suite.ablations)
+        report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
     else:
         run_suite(suite)
     report_dir = suite.out_dir / "report"
     for table in ("table1_modalities.md", "table_protocols.md"):
         if (report_dir / table).is_file():
             print((report_dir / table).read_text())
-    print(f"tables and figures: {report_dir}")
+    if suite.reading:
+        print(suite.reading.strip() + "\n")
+    print(f"tables and figures: {report_dir} (how to read them: {report_dir / 'README.md'})")
     return 0
 
 

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from dex.checkpoint import CheckpointManager, check_same_settings, rng_state, set_rng_state
 from dex.config import STRICT
@@ -57,8 +59,9 @@ from dex.downstream.windows import MIRROR_AXES, SlidingWindow, window_count
 from dex.models.backbones import input_size, set_drop_path
 from dex.models.peers import UNet2D, peer_task_type
 from dex.models.unetr import UNETR2D
-from dex.schedules import warmup_cosine
+from dex.schedules import warmup_cosine, warmup_warning
 from dex.seeding import seed_everything
+from dex.threads import shared_cores
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +275,18 @@ def scores_with_intervals(collected: tuple[torch.Tensor, torch.Tensor] | DiceAcc
 def per_image_outputs(collected: tuple[torch.Tensor, torch.Tensor] | DiceAccumulator,
                       ids: list[str]) -> dict[str, Any]:
     """What a paired comparison of two encoders on the same test images needs, per image in order: the labels and
-    the class probabilities (classification), or the Dice of each foreground class (segmentation)."""
+    the class probabilities (classification), or the Dice of each foreground class and whether the class is in
+    the image's truth (segmentation; per case too, for a task of slices of cases: what scoring a trivial predictor
+    on the same images needs, :func:`dex.downstream.metrics.trivial_score`)."""
     if isinstance(collected, tuple):
         logits, targets = collected
         return {"ids": list(ids), "labels": targets.tolist(),
                 "probabilities": np.round(logits.float().softmax(1).numpy(), 6).tolist()}
-    return {"ids": list(ids), "dice": np.round(torch.stack(collected.scores).numpy(), 6).tolist()}
+    outputs = {"ids": list(ids), "dice": np.round(torch.stack(collected.scores).numpy(), 6).tolist(),
+               "present": torch.stack(collected.present).tolist()}
+    if collected.cases:
+        outputs["case_present"] = {case: (counts[2] > 0).tolist() for case, counts in collected.cases.items()}
+    return outputs
 
 
 def finetune(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig) -> dict[str, Any]:
@@ -301,6 +310,12 @@ def train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: F
     ``FinetuneConfig.resume_free`` may differ). ``bootstrap``: resamples of the test metrics' 95% intervals
     (``test_intervals`` of the record; none with 0, the benchmark's default: a thousand resamples of the
     classification metrics take seconds)."""
+    with shared_cores(config.num_workers):
+        return _train_task_model(encoder_spec, task, seed, config, checkpoints, bootstrap)
+
+
+def _train_task_model(encoder_spec: EncoderSpec, task: Task, seed: int, config: FinetuneConfig,
+                      checkpoints: str | Path | None, bootstrap: int) -> tuple[dict[str, Any], TaskModel]:
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
@@ -384,9 +399,9 @@ def _settings(config: FinetuneConfig, task: Task, net: _Network, spec: EncoderSp
 def _check_schedule(config: FinetuneConfig) -> None:
     if config.epochs is None or config.epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {config.epochs}")
-    if config.warmup_epochs is not None and config.warmup_epochs >= config.epochs:
-        log.warning("warmup_epochs %d >= epochs %d: the whole run trains at warm-up learning rates",
-                    config.warmup_epochs, config.epochs)
+    warning = warmup_warning(config.epochs, config.warmup_epochs)
+    if warning:
+        log.warning(warning)
 
 
 def _training_data(task: Task, ids: list[str], preprocessing: Preprocessing, config: FinetuneConfig,
@@ -489,7 +504,7 @@ def _fit(net: _Network, train: Dataset, val: TaskImages, optimizer, config: Fine
     """Train every epoch left (from the checkpoint ``saved``, if any), validate after each (segmentation: sliding
     windows without mirroring; with ``ema_decay``, the weights' EMA) and keep the best one's weights by
     ``selection_metric``: returns the best epoch (``score``, ``epoch``, ``state``, ``val``) and one history row per
-    epoch, each also logged as a progress line."""
+    epoch, each also logged as a progress line (and, on a terminal, a bar over the epoch's steps)."""
     from timm.utils import ModelEmaV3
 
     loss_of = TrainingLoss(val.task, config)
@@ -511,7 +526,9 @@ def _fit(net: _Network, train: Dataset, val: TaskImages, optimizer, config: Fine
             net.encoder.eval()
         train.epoch = epoch
         losses = []
-        for batch in loader:
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
+                   disable=not sys.stderr.isatty())  # a bar on a terminal; the epoch's line below in any log
+        for batch in bar:
             set_learning_rate(optimizer, warmup_cosine(config.lr, config.min_lr, step, warmup, total))
             losses.append(_step(model, batch, loss_of, optimizer, device))
             step += 1
@@ -583,6 +600,10 @@ def _fit_to_budget(net: _Network, train: Dataset, val: TaskImages, test: TaskIma
                                         for i in range(len(data)))
 
     validation_seconds, test_seconds = seconds(val, "none"), seconds(test, window.mirror if window else "none")
+    needed = time.perf_counter() - started + validation_seconds + test_seconds
+    if needed > config.budget_minutes * 60:
+        log.warning("budget_minutes=%s is less than what the set-up, one validation and the test take on this machine "
+                    "(about %.0f s): the run will take longer", config.budget_minutes, needed)
     epochs, steps, warmup = fit_budget(config.budget_minutes, time.perf_counter() - started, step_seconds,
                                        validation_seconds, test_seconds, config.steps_per_epoch or 1)
     if epochs == 1 and steps < (config.steps_per_epoch or 1):

@@ -23,12 +23,14 @@ the DICOM Modality, or the model's) and cut along ``slice_axis`` (an anatomical 
 a model was trained on, and as curation cut the pretraining images.
 
 Every case is named for its outputs by its path below the input folder (a file given by name: its name), without the
-suffix; a DICOM series by its folder.
+suffix; a DICOM series by its folder; cases that would share a name are told apart by their kind (``case_0000_nii``,
+``case_0000_dicom``).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,14 +164,28 @@ def _dicom_entries(files: list[Path], base: Path | None, errors: list[Problem]) 
 
 
 def _unique_names(entries: list[_Entry]) -> list[_Entry]:
-    """Two cases of one name (two series in one folder, ``a.png`` and ``a.nii.gz``) get ``_2``, ``_3``, ..."""
+    """Cases of one name (``case_0000.nii.gz`` and a DICOM series folder ``case_0000``; ``a.png`` and ``a.nii.gz``)
+    are told apart by what they are: ``case_0000_nii`` and ``case_0000_dicom``, ``a_png`` and ``a_nii``; cases alike
+    in that too (two series in one folder) get ``_2``, ``_3``, ... after it."""
+    names = Counter(entry.name for entry in entries)
+    tagged = [entry if names[entry.name] == 1 else _Entry(entry.kind, entry.paths, entry.name.with_name(
+        f"{entry.name.name}_{_kind_tag(entry)}"), entry.source) for entry in entries]
     seen: dict[Path, int] = {}
     out = []
-    for entry in entries:
+    for entry in tagged:
         count = seen[entry.name] = seen.get(entry.name, 0) + 1
         out.append(entry if count == 1 else _Entry(entry.kind, entry.paths, entry.name.with_name(
             f"{entry.name.name}_{count}"), entry.source))
     return out
+
+
+def _kind_tag(entry: _Entry) -> str:
+    """``nii``, ``dicom`` (a series or object), or an image's suffix (``png``, ``jpg``, ``npy``, ...)."""
+    if entry.kind == "nifti":
+        return "nii"
+    if entry.kind in ("series", "dicom"):
+        return "dicom"
+    return entry.paths[0].suffix.lower().lstrip(".")
 
 
 def _check_modality(path: str | Path, code: str, preprocessing: Preprocessing) -> str:

@@ -180,7 +180,7 @@ class DiceAccumulator:
     over a case's slices are those of the stacked volume, so its 3D Dice needs no volume in memory."""
 
     def __init__(self, num_classes: int) -> None:
-        self.num_classes, self.scores = num_classes, []
+        self.num_classes, self.scores, self.present = num_classes, [], []  # present: [C - 1] truth non-empty
         self.cases: dict[str, Tensor] = {}  # case -> [3, C - 1] counts summed over its slices
 
     def add(self, logits: Tensor, target: Tensor, case: str | None = None, roi: Tensor | None = None) -> None:
@@ -194,6 +194,7 @@ class DiceAccumulator:
             pred, truth = pred & inside, truth & inside
         counts = torch.stack([(pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))]).double()
         self.scores.append(dice_from_counts(counts))
+        self.present.append(counts[2] > 0)
         if case is not None:
             self.cases[case] = self.cases.get(case, 0) + counts
 
@@ -204,3 +205,41 @@ class DiceAccumulator:
     def value_3d(self) -> float:
         """Per-case 3D Dice: the mean over cases for each class, then over classes."""
         return float(dice_from_counts(torch.stack(list(self.cases.values()), 1)).mean(0).mean())
+
+
+def trivial_outputs(outputs: dict) -> dict | None:
+    """The test outputs a trivial predictor gives on the same test images as a record's ``test_outputs``: background
+    everywhere for segmentation (by the Decathlon rule, Dice 1 for a class absent from an image, 0 where present),
+    the majority class of the test labels for classification (the best constant answer). None for outputs that lack
+    what it needs (records older than the trivial rows)."""
+    if "probabilities" in outputs:
+        labels = np.asarray(outputs["labels"])
+        classes = len(outputs["probabilities"][0])
+        constant = np.eye(classes)[np.bincount(labels, minlength=classes).argmax()]
+        return {"ids": outputs["ids"], "labels": outputs["labels"], "probabilities": [constant.tolist()] * len(labels)}
+    if "present" not in outputs:
+        return None
+    return {"ids": outputs["ids"], "dice": (1.0 - np.asarray(outputs["present"], dtype=np.float64)).tolist(),
+            "present": outputs["present"]}
+
+
+def trivial_score(outputs: dict, score_name: str) -> float | None:
+    """The ``score_name`` of :func:`trivial_outputs` on a record's test images, by the rules of the record's own
+    score: ``dice`` per image, ``dice_3d`` per case (from ``case_present``), classification metrics as
+    :func:`classification_metric_draws` computes them. None where the outputs lack what it needs."""
+    if score_name == "dice_3d":
+        if "case_present" not in outputs:
+            return None
+        return float((1.0 - np.asarray(list(outputs["case_present"].values()), dtype=np.float64)).mean(0).mean())
+    trivial = trivial_outputs(outputs)
+    return None if trivial is None else float(score_draws(trivial, score_name, np.arange(len(trivial["ids"]))[None])[0])
+
+
+def chance_f1_macro(labels: Sequence[int], classes: int) -> float:
+    """The macro F1 a uniform random guess among ``classes`` is expected to score on test images of ``labels``, in
+    the limit of many images: for a class of share p, precision p and recall 1 / classes, so F1 = 2p / (1 +
+    classes p); averaged over every class (torchmetrics' macro average counts the classes among the true or
+    predicted labels, and a random guess predicts every class; an absent class scores 0)."""
+    counts = np.bincount(np.asarray(labels), minlength=classes)
+    share = counts / counts.sum()
+    return float(np.sum(2 * share / (1 + classes * share)) / classes)

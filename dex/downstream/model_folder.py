@@ -99,7 +99,8 @@ def model_card(model: TaskModel, record: dict[str, Any]) -> str:
                      f"{record['test'].get(name, float('nan')):.4f} | "
                      + ("{:.4f} - {:.4f}".format(*intervals[name]) if name in intervals else "")
                      + " |" for name in metrics)
-    settings = ", ".join(f"{k} {v}" for k, v in config.items() if k not in ("device", "num_workers"))
+    settings = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in config.items()
+                         if k not in ("device", "num_workers"))
     plans = record.get("plans") or {}
     sources = plans.get("sources", {})
     by_source: dict[str, list[str]] = {}

@@ -309,7 +309,8 @@ class _Writer:
             labels, truth = labels * inside, truth * inside
         dice, hd95 = segmentation_case_metrics(labels, truth, len(self.model.classes), spacing)
         for name, d, h in zip(self.model.classes[1:], dice, hd95):
-            self.metric_rows.append([case.source, name, f"{d:.6f}", "" if math.isnan(h) else f"{h:.4f}"])
+            self.metric_rows.append([case.source, name, f"{d:.6f}", "" if math.isnan(h) else f"{h:.4f}",
+                                     "mm" if case.volume is not None else "px"])
 
     def close(self) -> None:
         classes = self.model.classes
@@ -322,7 +323,7 @@ class _Writer:
         if not self.truth.given:
             return
         if self.segmentation:
-            write_csv(self.out / "metrics.csv", ["input", "class", "dice", "hd95"], self.metric_rows)
+            write_csv(self.out / "metrics.csv", ["input", "class", "dice", "hd95", "hd95_unit"], self.metric_rows)
             summary = {"cases": len({row[0] for row in self.metric_rows}), "dice": {}, "hd95": {}}
             for name in classes[1:]:
                 rows = [row for row in self.metric_rows if row[1] == name]

@@ -89,6 +89,7 @@ class SuiteFile:
     keep_models: bool = False  # write each run's model folder (as dex finetune does) under OUT/models/
     protocols: list[Literal[PROTOCOLS]] = dataclasses.field(default_factory=lambda: ["finetune"])
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    reading: str | None = None  # what this suite's numbers can and cannot show: printed under its tables
 
 
 @dataclasses.dataclass
@@ -104,21 +105,33 @@ class Suite:
     keep_models: bool = False
     protocols: list[str] = dataclasses.field(default_factory=lambda: ["finetune"])
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    reading: str | None = None
 
     @classmethod
     def load(cls, path: str | Path, only: list[str] | None = None, check_encoders: bool = True,
-             protocols: list[str] | None = None) -> Suite:
+             protocols: list[str] | None = None, tasks: list[str] | None = None) -> Suite:
         """Read and check a suite: every key and value, the names the ablations refer to and, with
         ``check_encoders`` (not needed to report on stored runs), the architecture and files of every encoder
-        that will run (those of ``only``, when given); ``protocols`` replaces the suite's. Errors name the file and
-        the key."""
+        that will run (those of ``only``, when given); ``protocols`` replaces the suite's; ``tasks`` keeps the
+        suite's tasks of those folder names. Errors name the file and the key."""
         path = Path(path)
         data = validate(SuiteFile, read_yaml(path, "suite"), str(path))
         encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders and (not only or name in only))
                     for name, value in data.encoders.items()}
         if data.baseline is not None and data.baseline not in encoders:
             raise ConfigError(f"{path}: baseline {data.baseline!r} is not one of the encoders {sorted(encoders)}")
-        tasks = [_task_entry(entry, f"{path}: tasks[{n}]") for n, entry in enumerate(data.tasks)]
+        entries = [_task_entry(entry, f"{path}: tasks[{n}]") for n, entry in enumerate(data.tasks)]
+        if tasks is not None:
+            names = [Path(entry["path"]).name for entry in entries]
+            unknown = sorted(set(tasks) - set(names))
+            if unknown or not tasks:
+                raise ConfigError(f"{path}: --tasks names tasks the suite does not have: {unknown}; its tasks are "
+                                  f"{', '.join(names)}")
+            entries = [entry for entry, name in zip(entries, names) if name in tasks]
+            ablations = {kind: ablation if "tasks" not in ablation else
+                         {**ablation, "tasks": [t for t in ablation["tasks"] if t in tasks]}
+                         for kind, ablation in data.ablations.items()}
+            data.ablations = {kind: a for kind, a in ablations.items() if a.get("tasks") != []}  # all theirs left out
         for kind, ablation in data.ablations.items():
             named = ablation.get("encoders") or ([ablation["encoder"]] if "encoder" in ablation else [])
             if not named or set(named) - set(encoders):
@@ -134,8 +147,8 @@ class Suite:
         if protocols is not None and (not protocols or set(protocols) - set(PROTOCOLS)):
             raise ConfigError(f"--protocols: expected some of {', '.join(PROTOCOLS)}, got {','.join(protocols)!r}")
         return cls(path, Path(data.out_dir or path.with_suffix("")), data.seeds, data.baseline, data.finetune,
-                   encoders, tasks, dict(data.ablations), data.keep_models, list(protocols or data.protocols),
-                   data.probe)
+                   encoders, entries, dict(data.ablations), data.keep_models, list(protocols or data.protocols),
+                   data.probe, data.reading)
 
 
 def _task_entry(entry: Any, where: str) -> dict[str, Any]:
@@ -276,5 +289,5 @@ def run_suite(suite: Suite) -> Path:
             store_record(suite.out_dir, encoder, task, name, seed, record)
             log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", done, len(todo), encoder, task, name,
                      seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
-    report(suite.out_dir, suite.baseline, suite.ablations)
+    report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
     return suite.out_dir

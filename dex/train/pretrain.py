@@ -35,8 +35,9 @@ from dex.config import read_yaml, save_config
 from dex.data.stream import sample_seed
 from dex.models import save_pretrained
 from dex.safeload import load_torch_file
-from dex.schedules import warmup_cosine
+from dex.schedules import warmup_cosine, warmup_warning
 from dex.seeding import seed_everything
+from dex.threads import shared_cores
 from dex.train.batches import RunData, bad_shards, require_pairs, run_data
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor
@@ -140,7 +141,8 @@ def pretrain(config: RunConfig, resume: str | None = None) -> PretrainResult:
     """
     ctx = init_distributed(config.device)
     try:
-        return _pretrain(config, resume, ctx)
+        with shared_cores(config.num_workers):
+            return _pretrain(config, resume, ctx)
     finally:
         shutdown(ctx)
 
@@ -173,6 +175,9 @@ def _setup(config: RunConfig, resume: str | None, ctx: DistContext) -> _Run:
     data = run_data(config, ctx, model.transform(), micro_batch)
     if data.steps_per_epoch < 1:
         raise ValueError(f"{config.data}: too little data for one step of {config.batch_size} images")
+    warning = warmup_warning(config.epochs, config.warmup_epochs)
+    if warning and ctx.is_main:
+        log.warning(warning)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -397,22 +402,28 @@ def _log(monitor: RunMonitor, model: Objective, state: TrainState, values, losse
 
 
 def summary(run_dir: Path) -> str:
-    """A few lines on a finished run: first and last logged losses, the last loss terms, the final routing balance
-    and the models the run kept."""
+    """A few lines on a finished run: its steps and images per second (over every logged step: the harmonic mean of
+    the logged rates, each over the same number of steps), first and last logged losses, the last loss terms, the
+    final routing balance and the models the run kept. A backbone without experts shows no expert terms."""
+    from dex.train.dex_backbone import DEX_TERMS
+
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     objective = objective_class(read_yaml(run_dir / "config.yaml").get("objective", RunConfig.objective))
+    experts = bool(last.get("usage_entropy"))
+    rate = len(rows) / sum(1 / max(row["images_per_s"], 1e-9) for row in rows)
     lines = [
         f"run: {run_dir}",
-        f"steps: {last['step']} ({last['skipped']} skipped), {last['images_per_s']:.1f} images/s",
+        f"steps: {last['step']} ({last['skipped']} skipped), {rate:.1f} images/s",
         f"loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
-        "  " + ", ".join(f"{name} {last[name]:.4f}" for name in objective.loss_terms),
+        "  " + ", ".join(f"{name} {last[name]:.4f}" for name in objective.loss_terms
+                         if experts or name not in DEX_TERMS),
     ]
-    if last.get("usage_entropy"):
+    if experts:
         lines.append("expert usage entropy per layer (1 = balanced): "
                      + ", ".join(f"{e:.2f}" for e in last["usage_entropy"]))
-    lines += [f"{folder.name}: {folder}  (dex.load_pretrained; dex export for a timm ViT of the director)"
-              for folder in sorted(run_dir.iterdir())
+    note = "dex.load_pretrained; dex export for a timm ViT of the director" if experts else "dex.load_pretrained"
+    lines += [f"{folder.name}: {folder}  ({note})" for folder in sorted(run_dir.iterdir())
               if (folder / "config.json").is_file() and folder.name not in objective.extra_folders]
     if objective.extras_note:
         lines.append(objective.extras_note.format(run=run_dir))

@@ -204,7 +204,7 @@ def test_the_benchmark_puts_peers_next_to_the_encoders(tasks, tmp_path):
     assert main(["benchmark", str(_suite(tmp_path, tasks))]) == 0
     report = tmp_path / "bench" / "report"
     header = (report / "table5_tasks.csv").read_text().splitlines()[0]
-    assert header == "task,scratch,resnet,unet"
+    assert header == "task,trivial,chance,scratch,resnet,unet"
     gains = (report / "table_gains.csv").read_text()
     assert "squares,finetune,unet,0," in gains and "brightness,finetune,resnet,0," in gains
     record = json.loads((tmp_path / "bench" / "runs" / "unet" / "squares" / "default" / "seed0.json").read_text())

@@ -169,6 +169,14 @@ def test_a_model_trained_on_patches_keeps_its_plans_and_predicts_whole_images_in
     np.testing.assert_array_equal(written, in_memory)
 
 
+def test_a_budget_below_one_validation_and_the_test_is_warned_of(tmp_path, caplog):
+    task = vessel_task(tmp_path / "task")
+    with caplog.at_level("WARNING", logger="dex.downstream.finetune"):
+        record, _ = train_task_model(SCRATCH, task, 0, FinetuneConfig(budget_minutes=0.001, device="cpu"))
+    assert "budget_minutes=0.001 is less than what the set-up, one validation and the test take" in caplog.text
+    assert record["config"]["epochs"] == 1
+
+
 def test_a_budget_fits_the_schedule_to_the_minutes_and_is_recorded(tmp_path):
     task = vessel_task(tmp_path / "task")
     record, _ = train_task_model(SCRATCH, task, 0, FinetuneConfig(budget_minutes=0.25, device="cpu"))

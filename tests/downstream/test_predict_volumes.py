@@ -232,7 +232,7 @@ def test_volume_metrics_against_label_volumes_match_direct_formulas(tmp_path, mo
     for value, name in enumerate(CLASSES[1:], start=1):
         p, t = predicted == value, truth == value
         dice = 2 * (p & t).sum() / (p.sum() + t.sum())
-        assert float(rows[name]["dice"]) == pytest.approx(dice, abs=1e-5)
+        assert float(rows[name]["dice"]) == pytest.approx(dice, abs=1e-5) and rows[name]["hd95_unit"] == "mm"
         if p.any() and t.any():
             assert float(rows[name]["hd95"]) == pytest.approx(_hd95(p, t, spacing), abs=1e-3)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["cases"] == 1

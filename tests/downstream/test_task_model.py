@@ -114,7 +114,10 @@ def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phan
             "warmup_epochs=0", "batch_size=4", "steps_per_epoch=3", "encoder.mode=director"]
     assert main(args) == 0
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors", "metrics.json",
-                                                                 "log.jsonl", "README.md", "curves.png"}
+                                                                 "log.jsonl", "README.md", "curves.png",
+                                                                 "progress.log"}
+    lines = (tmp_path / "model" / "progress.log").read_text().splitlines()
+    assert [line.split(" INFO ")[1].split(":")[0] for line in lines if "epoch" in line] == ["epoch 1/1"]
     assert load_model(tmp_path / "model").network.mode == "director"
     assert "dex.load_model" in capsys.readouterr().out
     assert main(args) == 2 and "exists" in capsys.readouterr().err

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import dex
@@ -78,9 +80,13 @@ def test_suite_runs_resumes_and_reports_from_stored_runs(suite, monkeypatch, cap
 def test_tables_hold_the_means_of_the_stored_runs(suite):
     out = suite.parent / "bench"
     scores = [100 * json.loads(p.read_text())["test"]["dice"] for p in out.glob("runs/scratch/xray-lungs/default/*.json")]
-    row = next(line for line in (out / "report" / "table5_tasks.md").read_text().splitlines() if "xray-lungs" in line)
+    lines = (out / "report" / "table5_tasks.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[2].split("|")]
+    assert header[1:5] == ["task", "trivial", "chance", "scratch"]
+    row = next(line for line in lines if "xray-lungs" in line).split("|")
     mean, std = np.mean(scores), np.std(scores, ddof=1)
-    assert f"{mean:.1f} ± {std:.1f}" in row.split("|")[2]
+    assert f"{mean:.1f} ± {std:.1f}" in row[header.index("scratch")]
+    assert row[header.index("chance")].strip() == "-" and float(row[header.index("trivial")]) == 0  # lungs in every image
 
 
 def test_suite_errors(suite, tmp_path, capsys):
@@ -103,6 +109,13 @@ def test_suite_errors(suite, tmp_path, capsys):
                        not in text else "") + text + "\n")
         with pytest.raises(ValueError, match=f"bad.yaml: .*{message}"):
             Suite.load(bad)
+    # --tasks keeps those tasks, and the ablations' runs on them only
+    subset = Suite.load(suite, tasks=["photo-lesion-type"])
+    assert [Path(entry["path"]).name for entry in subset.tasks] == ["photo-lesion-type"]
+    assert set(subset.ablations) == {"experts_vs_director"}  # the others: xray-lungs only
+    with pytest.raises(ValueError, match=r"suite.yaml: --tasks names tasks the suite does not have: \['xray'\]; "
+                                         r"its tasks are xray-lungs, photo-lesion-type, oct-layers"):
+        Suite.load(suite, tasks=["xray"])
     # --encoders runs a subset: the others' files are not needed (an encoder not made yet), only theirs
     bad.write_text(f"tasks: []\nencoders: {{a: scratch, b: {tmp_path / 'not-yet'}}}\n")
     assert list(Suite.load(bad, only=["a"]).encoders) == ["a"]
@@ -125,9 +138,9 @@ def test_per_case_dice_gets_its_own_table_when_stored_runs_have_it(tmp_path):
     write_report(tmp_path, "scratch")
     report = tmp_path / "report"
     assert "DSC per slice, Decathlon rule: an empty prediction on an empty truth scores 1" in \
-        (report / "table5_tasks.md").read_text()
+        (report / "README.md").read_text()
     table = (report / "table5_tasks_dice3d.md").read_text()
-    assert table.startswith("# Per-task test DSC per case (x100; a case's slices scored as one 3D volume per class")
+    assert table.startswith("# Test DSC per case (3D), fine-tuning (x100, mean ± std over seeds 0, 1;")
     assert "| CT: kipa | 60.0 ± 14.1 | 40.0 ± 14.1 (-20.0) |" in table and "polyp" not in table
     assert (report / "table5_tasks_dice3d.csv").read_text().splitlines()[1] == \
         "CT: kipa,60.0 ± 14.1,40.0 ± 14.1 (-20.0)"
@@ -155,3 +168,67 @@ def test_keep_models_writes_a_model_folder_per_run(phantom_collection, tmp_path)
     assert json.dumps(metrics["test"], sort_keys=True) == json.dumps(record["test"], sort_keys=True)
     task = load_task(phantom_collection / "raw" / "tasks" / "photo-lesion-type")
     assert dex.load_model(folder).classes == list(task.spec.classes)
+
+
+def test_trivial_rows_score_what_a_trivial_predictor_scores_on_the_same_images(tmp_path):
+    """The trivial column is the all-background prediction's Dice (per slice and per case) and the majority class's
+    macro F1 on the same test images, exactly; chance is the expected macro F1 of a uniform guess."""
+    from dex.downstream.finetune import per_image_outputs
+    from dex.downstream.metrics import DiceAccumulator, chance_f1_macro, classification_metrics
+
+    rng = np.random.default_rng(0)
+    masks = [torch.from_numpy(rng.integers(0, 3, (8, 8)) * (rng.random() < 0.5)) for _ in range(10)]
+
+    def segmentation(logits_of):
+        dice = DiceAccumulator(3)
+        for n, mask in enumerate(masks):
+            dice.add(logits_of(mask), mask, case=f"case{n // 4}")
+        return dice
+
+    background = segmentation(lambda mask: torch.tensor([1.0, 0, 0])[:, None, None].expand(3, 8, 8))
+    perfect = segmentation(lambda mask: torch.nn.functional.one_hot(mask, 3).permute(2, 0, 1).float())
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 2, 0])
+    majority = torch.zeros(len(labels), 3).index_fill_(1, torch.tensor([2]), 5.0)
+    guess = torch.from_numpy(rng.normal(size=(len(labels), 3))).float()
+    ids = [f"i{n}" for n in range(len(masks))]
+
+    def store(encoder, task, kind, collected, test):
+        path = tmp_path / "runs" / encoder / task / "default" / "seed0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = ids if kind == "segmentation" else [f"c{n}" for n in range(len(labels))]
+        score = "dice" if kind == "segmentation" else "f1_macro"
+        path.write_text(json.dumps({
+            "task": task, "modality": "CT", "type": kind, "variant": "default", "seed": 0, "score_name": score,
+            "test": test, "test_outputs": per_image_outputs(collected, names), "encoder": encoder}))
+        return 100 * test[score]
+
+    expected = {
+        "seg": store("background", "seg", "segmentation", background,
+                     {"dice": background.value(), "dice_3d": background.value_3d()}),
+        "cls": store("background", "cls", "classification", (majority, labels),
+                     classification_metrics(majority, labels))}
+    store("model", "seg", "segmentation", perfect, {"dice": perfect.value(), "dice_3d": perfect.value_3d()})
+    store("model", "cls", "classification", (guess, labels), classification_metrics(guess, labels))
+    write_report(tmp_path, "model")
+    report = tmp_path / "report"
+    table = (report / "table5_tasks.csv").read_text().splitlines()
+    assert table[0] == "task,trivial,chance,model,background"
+    rows = {line.split(",")[0]: line.split(",") for line in table[1:]}
+    assert rows["CT: seg"][1] == rows["CT: seg"][4].split(" ")[0] == f"{expected['seg']:.1f}" != "0.0"
+    assert rows["CT: seg"][2] == "-"
+    assert rows["CT: cls"][1] == rows["CT: cls"][4].split(" ")[0] == f"{expected['cls']:.1f}"
+    assert rows["CT: cls"][2] == f"{100 * chance_f1_macro(labels.tolist(), 3):.1f}"
+    dice_3d = (report / "table5_tasks_dice3d.csv").read_text().splitlines()
+    assert dice_3d[0] == "task,trivial,model,background"
+    assert dice_3d[1].split(",")[1] == f"{100 * background.value_3d():.1f}"
+    assert "scores 1" in (report / "README.md").read_text()
+
+
+def test_chance_macro_f1_is_the_mean_f1_of_uniform_guesses():
+    from dex.downstream.metrics import chance_f1_macro, classification_metrics
+
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    draws = [classification_metrics(torch.nn.functional.one_hot(torch.randint(0, 4, (1000,), generator=g), 4).float(),
+                                    labels)["f1_macro"] for g in [torch.Generator().manual_seed(s) for s in range(20)]]
+    assert chance_f1_macro(labels.tolist(), 4) == pytest.approx(np.mean(draws), abs=0.01)
+    assert chance_f1_macro([0, 1, 2, 3], 4) == pytest.approx(0.25)

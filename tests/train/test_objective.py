@@ -280,3 +280,18 @@ def test_a_backbone_without_dex_blocks_gets_none_of_the_dex_terms():
     out = objective({"image": torch.rand(4, 3, 32, 32)}, objective.schedule(0, 10), {})
     assert float(out.terms["alignment"]) == float(out.terms["balance"]) == 0.0 and torch.equal(out.loss,
                                                                                               out.terms["centre"])
+
+
+def test_summary_gives_the_runs_rate_and_only_the_terms_that_apply(tmp_path):
+    """images/s over the whole run (two windows of equal steps at 10 and 30 images/s: 15, not the last 30); a
+    backbone without experts shows no alignment, balance or director."""
+    (tmp_path / "config.yaml").write_text("objective: mae_dex\n")
+    rows = [{"step": s, "epoch": 0, "skipped": 0, "loss": 1.0 / s, "reconstruction": 1.0 / s, "alignment": 0.0,
+             "balance": 0.0, "images_per_s": rate} for s, rate in ((10, 10.0), (20, 30.0))]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = summary(tmp_path)
+    assert "steps: 20 (0 skipped), 15.0 images/s" in text and "reconstruction 0.0500" in text
+    assert "alignment" not in text and "balance" not in text and "director" not in text
+    rows[-1]["usage_entropy"] = [0.9, 0.8]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "alignment 0.0000, balance 0.0000" in summary(tmp_path)

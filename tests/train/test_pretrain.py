@@ -179,3 +179,10 @@ def test_bad_shards_are_skipped_named_in_the_log_and_stop_the_run_above_the_thre
     assert main(["data", "verify", str(data)]) == 3
     report = capsys.readouterr().out
     assert f"{cut.name}: " in report and f"{corrupt.name}: its SHA-256 differs" in report
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, tiny, caplog):
+    config = load_config(MAEDEXConfig, None, [*tiny, f"out_dir={tmp_path}", "epochs=1", "warmup_epochs=1"])
+    with caplog.at_level("WARNING", logger="dex.train"):
+        pretrain(config)
+    assert "warmup_epochs 1 >= epochs 1: the whole run trains at warm-up learning rates" in caplog.text
