@@ -9,6 +9,7 @@ before anything runs or is written.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -60,6 +61,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {pair!r}: not a YAML value ({' '.join(str(err).split())})") from err
     return out
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """``"I/N"`` (a job's share of work split N ways, as a cluster array gives it) -> (I, N), 0 <= I < N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", part)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"--part must be I/N with 0 <= I < N, got {part!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,7 @@ LAYERS = (
     ("dex.downstream", "dex"),
     ("dex.eval",),
     ("dex.analysis",),
+    ("dex.cluster",),
     ("dex.cli", "dex.__main__"),
 )
 

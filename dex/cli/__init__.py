@@ -5,6 +5,7 @@
 - :mod:`dex.cli.evaluate`: ``benchmark``, ``vl-eval``
 - :mod:`dex.cli.analysis`: ``analyze``, ``report``
 - :mod:`dex.cli.data`: ``curate``, ``data make-phantoms | import-task | stats | verify``
+- :mod:`dex.cli.submit`: ``submit benchmark`` (submitit: Slurm, or this machine's processes)
 
 Handlers import what they run when they run it, so that ``dex --help`` is quick.
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dex.cli import analysis, data, downstream, evaluate, pretrain
+from dex.cli import analysis, data, downstream, evaluate, pretrain, submit
 
-GROUPS = (pretrain, downstream, evaluate, analysis, data)
+GROUPS = (pretrain, downstream, evaluate, analysis, data, submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input (a wrong value, key or file) is one line on stderr and exit status 2; any other
     failure one line and status 1; ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    command = " ".join(c for c in (args.command, getattr(args, "data_command", None)) if c)
+    command = " ".join(c for c in (args.command, getattr(args, "data_command", None),
+                                   getattr(args, "submit_command", None)) if c)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -24,6 +24,9 @@ def _benchmark_parser(commands) -> None:
                                                "knn, fewshot (classification tasks), lora, frozen-unetr "
                                                "(segmentation tasks)")
     benchmark.add_argument("--tasks", help="comma-separated subset of the suite's tasks (their folder names)")
+    benchmark.add_argument("--part", default="0/1", metavar="I/N",
+                           help="run only part I of N of the runs (a cluster array's task): no reports; then "
+                                "--report-only once every part is done")
     benchmark.add_argument("--report-only", action="store_true", help="only recompute the reports from stored runs")
     benchmark.set_defaults(func=_benchmark)
 
@@ -42,7 +45,10 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.report_only:
         report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
     else:
-        run_suite(suite)
+        run_suite(suite, args.part)
+    if args.part != "0/1" and not args.report_only:
+        print(f"part {args.part} done; once every part is: dex benchmark {args.suite} --report-only")
+        return 0
     report_dir = suite.out_dir / "report"
     for table in ("table1_modalities.md", "table_protocols.md"):
         if (report_dir / table).is_file():

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from typing_extensions import TypedDict
 
-from dex.config import STRICT, ConfigError, read_yaml, validate
+from dex.config import STRICT, ConfigError, parse_part, read_yaml, validate
 from dex.data.tasks import Task, TaskSpec, load_task
 from dex.downstream.encoders import PEER, EncoderSpec
 from dex.downstream.finetune import FinetuneConfig, train_task_model
@@ -251,14 +251,16 @@ def _protocol_runs(suite: Suite, task: Task, name: str, seed: int, spec: Encoder
             for variant, variant_config in variants]
 
 
-def run_suite(suite: Suite) -> Path:
-    """Run what is not stored yet, then write the reports; returns the output folder."""
+def run_suite(suite: Suite, part: str = "0/1") -> Path:
+    """Run what is not stored yet, then write the reports; returns the output folder. ``part`` ``"I/N"``: only this
+    job's share of the runs (:func:`part_of_runs`), and no reports (``--report-only`` once every part is done)."""
+    index, parts = parse_part(part)
     tasks = {}
     for entry in suite.tasks:
         overrides = {k: v for k, v in entry.items() if k != "path"}
         task = load_task(entry["path"], overrides)
         tasks[task.name] = task
-    runs = plan(suite, tasks)
+    runs = part_of_runs(plan(suite, tasks), index, parts)
     todo = [r for r in runs if not record_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists()
             or (suite.keep_models and isinstance(r[5], FinetuneConfig)
                 and not model_path(suite.out_dir, r[0], r[1], r[2], r[3]).exists())]
@@ -289,5 +291,15 @@ def run_suite(suite: Suite) -> Path:
             store_record(suite.out_dir, encoder, task, name, seed, record)
             log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", done, len(todo), encoder, task, name,
                      seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
-    report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
+    if parts == 1:
+        report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
     return suite.out_dir
+
+
+def part_of_runs(runs: list[tuple], index: int, parts: int) -> list[tuple]:
+    """Part ``index`` of ``parts`` of a suite's planned runs: its (encoder, task) pairs, sorted, dealt round-robin,
+    each pair with all its runs (so that one feature pass still serves every frozen run of a pair): the same split
+    in every job of an array, and parts of near-equal size."""
+    pairs = sorted({run[:2] for run in runs})
+    mine = set(pairs[index::parts])
+    return [run for run in runs if run[:2] in mine]

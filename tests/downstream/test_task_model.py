@@ -108,11 +108,14 @@ def test_a_folder_with_a_missing_or_altered_file_is_refused_naming_it(tmp_path, 
 
 
 def test_dex_finetune_writes_the_folder_and_keeps_an_existing_one(tmp_path, phantom_collection, encoder_folder,
-                                                                  capsys):
+                                                                  capsys, caplog):
     task = phantom_collection / "raw" / "tasks" / "photo-lesion-type"
     args = ["finetune", str(encoder_folder), str(task), "--out", str(tmp_path / "model"), "--set", "epochs=1",
             "warmup_epochs=0", "batch_size=4", "steps_per_epoch=3", "encoder.mode=director"]
-    assert main(args) == 0
+    with caplog.at_level("INFO", logger="dex"):
+        assert main(args) == 0
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("epoch ")] == [
+        "epoch 1/1"]  # the line the terminal shows, once an epoch
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "model.safetensors", "metrics.json",
                                                                  "log.jsonl", "README.md", "curves.png",
                                                                  "progress.log"}

@@ -232,3 +232,38 @@ def test_chance_macro_f1_is_the_mean_f1_of_uniform_guesses():
                                     labels)["f1_macro"] for g in [torch.Generator().manual_seed(s) for s in range(20)]]
     assert chance_f1_macro(labels.tolist(), 4) == pytest.approx(np.mean(draws), abs=0.01)
     assert chance_f1_macro([0, 1, 2, 3], 4) == pytest.approx(0.25)
+
+
+def test_a_suite_split_into_parts_gives_the_records_and_tables_of_one_process(phantom_collection, tmp_path, capsys):
+    tasks = phantom_collection / "raw" / "tasks"
+
+    def suite(out):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({
+            "out_dir": str(tmp_path / out), "seeds": [0], "baseline": "scratch", "protocols": ["finetune", "linear"],
+            "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "steps_per_epoch": 2, "mirror": "none"},
+            "encoders": {"scratch": {"source": "scratch", "img_size": 32, "model_args": SMALL},
+                         "dex-scratch": {"source": "scratch", "img_size": 32, "scratch_experts": True,
+                                         "model_args": SMALL}},
+            "tasks": [str(tasks / "xray-lungs"), str(tasks / "photo-lesion-type")]}))
+        return str(path)
+
+    def records(out):
+        found = {}
+        for path in sorted((tmp_path / out / "runs").rglob("seed*.json")):
+            record = json.loads(path.read_text())
+            found[str(path.relative_to(tmp_path / out))] = {k: v for k, v in record.items()
+                                                           if not k.endswith("seconds")}  # timings differ
+        return found
+
+    assert main(["benchmark", suite("whole")]) == 0
+    for part in ("0/2", "1/2"):
+        assert main(["benchmark", suite("parts"), "--part", part]) == 0
+        assert "--report-only" in capsys.readouterr().out and not (tmp_path / "parts" / "report").exists()
+        if part == "0/2":
+            assert 0 < len(records("parts")) < len(records("whole"))  # half the (encoder, task) pairs
+    assert main(["benchmark", suite("parts"), "--report-only"]) == 0
+    assert records("parts") == records("whole")
+    assert files(tmp_path / "parts" / "report") == files(tmp_path / "whole" / "report")
+    assert main(["benchmark", suite("parts"), "--part", "2/2"]) == 2
+    assert "--part must be I/N with 0 <= I < N, got '2/2'" in capsys.readouterr().err

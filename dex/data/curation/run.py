@@ -10,7 +10,6 @@ are skipped, committed samples are not written again, uncommitted shards are dis
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dex.config import parse_part
 from dex.data.curation.collection import finalize
 from dex.data.curation.privacy import PRIVATE, public_sources, read_salt, unit_id
 from dex.data.curation.units import (
@@ -51,7 +51,7 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     options = options or CurateOptions()
     recipe = Recipe.load(recipe_path)
     out = Path(out)
-    index, parts = _parse_part(part)
+    index, parts = parse_part(part)
     tag = f"{index}-of-{parts}"
     journal = out / f"journal-{tag}.jsonl"
     if journal.exists() and not resume:
@@ -75,13 +75,6 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
     if parts == 1:
         finalize(out)
     return _summary(journal, skipped)
-
-
-def _parse_part(part: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)/(\d+)", part)
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"--part must be i/N with 0 <= i < N, got {part!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass
