@@ -373,7 +373,7 @@ def test_partitions_merge_into_one_collection(tmp_path, phantom_collection):
 
 
 def test_bad_part_and_recipe_errors(tmp_path, phantom_collection):
-    with pytest.raises(ValueError, match="i/N"):
+    with pytest.raises(ValueError, match="--part must be I/N with 0 <= I < N, got .3/3."):
         curate(phantom_collection / "raw" / "recipe.yaml", tmp_path, part="3/3")
     with pytest.raises(ValueError, match="no curation journal"):
         finalize(tmp_path)
