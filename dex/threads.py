@@ -3,10 +3,10 @@
 PyTorch's CPU kernels run on an OpenMP thread pool (GNU libgomp in the PyPI wheels) whose threads, between two
 parallel regions, spin for ``GOMP_SPINCOUNT`` iterations (300,000 by default) before they sleep. On a machine shared
 with one other CPU-bound process, a spinning thread takes the core its preempted sibling needs to finish the region,
-and a small model's many short regions each wait a scheduler time slice: 40 steps of the demo pretraining took 10.7 s
-alone and 118.8 s beside one busy loop on 2 cores (11.1 x, where a fair share of the cores would cost 2 x;
-``benchmarks/cpu_contention.py``, docs/benchmarks.md). A spin count of SPIN_COUNT keeps the run's speed alone and
-its slowdown beside the busy loop within the fair share (the figures in docs/benchmarks.md).
+and a small model's many short regions each wait a scheduler time slice: 60 steps of the demo pretraining took 16.5 s
+alone and 254.8 s beside one busy loop on 2 cores (15.4 x, where a fair share of the cores would cost 2 x). With a
+spin count of 5,000 they took 17.7 s and 38.0 s (2.15 x); passive waiting or one thread cost 45-50% alone
+(``benchmarks/cpu_contention.py``, docs/benchmarks.md).
 
 libgomp reads its settings once, when PyTorch loads it: this module sets the default before ``import torch`` when
 ``dex`` is imported first (every ``dex`` command), and a value in the user's environment wins. :func:`shared_cores`

@@ -118,6 +118,9 @@ class Suite:
         data = validate(SuiteFile, read_yaml(path, "suite"), str(path))
         encoders = {name: EncoderSpec.parse(name, value, str(path), check_encoders and (not only or name in only))
                     for name, value in data.encoders.items()}
+        reserved = sorted(set(encoders) & {"trivial", "chance"})
+        if reserved:
+            raise ConfigError(f"{path}: encoders: {reserved} name the tables' baseline rows; give another name")
         if data.baseline is not None and data.baseline not in encoders:
             raise ConfigError(f"{path}: baseline {data.baseline!r} is not one of the encoders {sorted(encoders)}")
         entries = [_task_entry(entry, f"{path}: tasks[{n}]") for n, entry in enumerate(data.tasks)]

@@ -39,6 +39,7 @@ from dex.schedules import warmup_cosine, warmup_warning
 from dex.seeding import seed_everything
 from dex.threads import shared_cores
 from dex.train.batches import RunData, bad_shards, require_pairs, run_data
+from dex.train.dex_backbone import DEX_TERMS
 from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
 from dex.train.monitor import RunMonitor
 from dex.train.objective import Objective, RunConfig, StepHook
@@ -405,8 +406,6 @@ def summary(run_dir: Path) -> str:
     """A few lines on a finished run: its steps and images per second (over every logged step: the harmonic mean of
     the logged rates, each over the same number of steps), first and last logged losses, the last loss terms, the
     final routing balance and the models the run kept. A backbone without experts shows no expert terms."""
-    from dex.train.dex_backbone import DEX_TERMS
-
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     objective = objective_class(read_yaml(run_dir / "config.yaml").get("objective", RunConfig.objective))

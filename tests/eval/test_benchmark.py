@@ -103,6 +103,7 @@ def test_suite_errors(suite, tmp_path, capsys):
         "encoders: {a: scratch}\nablations: {top_k: {encoder: b, values: [1]}}": r"ablations\.top_k: needs encoder",
         "encoders: {a: scratch}\nablations: {topk: {encoder: a}}": r"ablations\.topk: input should be 'top_k'",
         "encoders: {a: scratch}\ntasks: [{path: x, modalty: CT}]": r"tasks\[0\]: modalty: unknown key",
+        "encoders: {trivial: scratch}": r"encoders: \['trivial'\] name the tables' baseline rows",
     }
     for text, message in cases.items():
         bad.write_text(("tasks: []\n" if "tasks:" not in text else "") + ("encoders: {a: scratch}\n" if "encoders:"
