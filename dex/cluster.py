@@ -61,37 +61,35 @@ def make_executor(folder: Path, resources: Resources, name: str):
 
 
 def benchmark_part(suite_path: str, part: str, selection: dict[str, list[str] | None]) -> str:
-    """One array task: part ``part`` ("I/N") of the suite's runs, stored as ``dex benchmark --part`` stores them."""
+    """One array task: part ``part`` ("I/N") of the suite's runs (``selection``: :meth:`Suite.load`'s ``only``,
+    ``tasks`` and ``protocols``), stored as ``dex benchmark --part`` stores them."""
     from dex.eval.suite import Suite, run_suite
 
-    run_suite(Suite.load(suite_path, selection["encoders"], protocols=selection["protocols"],
-                         tasks=selection["tasks"]), part)
+    run_suite(Suite.load(suite_path, **selection), part)
     return part
 
 
 def benchmark_report(suite_path: str) -> Path:
     """The tables of a suite from its stored runs (``dex benchmark --report-only``); returns the report folder."""
-    from dex.eval.suite import Suite
-    from dex.eval.tables import report
+    from dex.eval.suite import Suite, report_suite
 
-    suite = Suite.load(suite_path, check_encoders=False)
-    report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
-    return suite.out_dir / "report"
+    return report_suite(Suite.load(suite_path, check_encoders=False))
 
 
-def submit_benchmark(suite_path: str | Path, jobs: int, resources: Resources, encoders: list[str] | None = None,
-                     tasks: list[str] | None = None, protocols: list[str] | None = None) -> dict[str, Any]:
-    """Submit the suite at ``suite_path`` as ``jobs`` array tasks and its report (see the module's docstring); the
+def submit_benchmark(suite_path: str | Path, jobs: int, resources: Resources,
+                     selection: dict[str, list[str] | None] | None = None) -> dict[str, Any]:
+    """Submit the suite at ``suite_path`` as ``jobs`` array tasks and its report (see the module's docstring);
+    ``selection``: the subsets :meth:`dex.eval.suite.Suite.load` takes (``only``, ``tasks``, ``protocols``). The
     suite is read and checked first, so that a bad suite is refused before anything is queued. Returns what
     ``OUT/submitit/jobs.json`` records: the jobs' ids, and for the local executor the report folder (it waits)."""
     from dex.eval.suite import Suite
 
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    suite = Suite.load(suite_path, encoders, protocols=protocols, tasks=tasks)
+    selection = selection or {}
+    suite = Suite.load(suite_path, **selection)
     folder = suite.out_dir / "submitit"
     executor = make_executor(folder, resources, f"dex-benchmark-{suite.out_dir.name}")
-    selection = {"encoders": encoders, "tasks": tasks, "protocols": protocols}
     parts = [f"{index}/{jobs}" for index in range(jobs)]
     array = executor.map_array(benchmark_part, [str(suite_path)] * jobs, parts, [selection] * jobs)
     submitted: dict[str, Any] = {"suite": str(suite_path), "executor": resources.executor, "logs": str(folder),

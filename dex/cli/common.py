@@ -40,6 +40,25 @@ def option_flags(parser: argparse.ArgumentParser, options: type) -> None:
         parser.add_argument(flag, dest=option.name, **settings)
 
 
+def suite_selection_flags(parser: argparse.ArgumentParser) -> None:
+    """SUITE and the subsets of it that dex benchmark and dex submit benchmark take: --encoders, --tasks,
+    --protocols (each a comma-separated list; :func:`suite_selection` reads them)."""
+    parser.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
+    parser.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
+    parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks (their folder names)")
+    parser.add_argument("--protocols", help="comma-separated protocols replacing the suite's: finetune, linear, knn, "
+                                            "fewshot (classification tasks), lora, frozen-unetr (segmentation tasks)")
+
+
+def suite_selection(args: argparse.Namespace) -> dict[str, list[str] | None]:
+    """The subsets of :func:`suite_selection_flags` as lists (None where not given), by their names in
+    :meth:`dex.eval.suite.Suite.load`: ``only`` (encoders), ``tasks``, ``protocols``."""
+    def listed(value: str | None) -> list[str] | None:
+        return value.split(",") if value else None
+
+    return {"only": listed(args.encoders), "tasks": listed(args.tasks), "protocols": listed(args.protocols)}
+
+
 def inference_flags(parser: argparse.ArgumentParser, batch_size: int, inputs: str = "+") -> None:
     """INPUT... (``inputs`` of them), --out, --batch-size, --device and the volume reading, as dex predict and dex
     embed take them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dex.cli.common import command
+from dex.cli.common import command, suite_selection, suite_selection_flags
 
 
 def add_commands(commands) -> None:
@@ -18,12 +18,7 @@ def _benchmark_parser(commands) -> None:
         description="Run every (encoder, task, seed) of SUITE (resuming: stored runs are skipped), then write the "
                     "per-task and per-modality tables with the gain over the baseline, a radar chart, and the "
                     "ablation tables and figures (docs/benchmark.md).")
-    benchmark.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
-    benchmark.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
-    benchmark.add_argument("--protocols", help="comma-separated protocols replacing the suite's: finetune, linear, "
-                                               "knn, fewshot (classification tasks), lora, frozen-unetr "
-                                               "(segmentation tasks)")
-    benchmark.add_argument("--tasks", help="comma-separated subset of the suite's tasks (their folder names)")
+    suite_selection_flags(benchmark)
     benchmark.add_argument("--part", default="0/1", metavar="I/N",
                            help="run only part I of N of the runs (a cluster array's task): no reports; then "
                                 "--report-only once every part is done")
@@ -34,16 +29,12 @@ def _benchmark_parser(commands) -> None:
 def _benchmark(args: argparse.Namespace) -> int:
     import logging
 
-    from dex.eval.suite import Suite, run_suite
-    from dex.eval.tables import report
+    from dex.eval.suite import Suite, report_suite, run_suite
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    suite = Suite.load(args.suite, args.encoders.split(",") if args.encoders else None,
-                       check_encoders=not args.report_only,
-                       protocols=args.protocols.split(",") if args.protocols else None,
-                       tasks=args.tasks.split(",") if args.tasks else None)
+    suite = Suite.load(args.suite, check_encoders=not args.report_only, **suite_selection(args))
     if args.report_only:
-        report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
+        report_suite(suite)
     else:
         run_suite(suite, args.part)
     if args.part != "0/1" and not args.report_only:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dex.cli.common import command
+from dex.cli.common import command, suite_selection, suite_selection_flags
 
 
 def add_commands(commands) -> None:
@@ -18,11 +18,8 @@ def add_commands(commands) -> None:
                                     "task each (dex benchmark --part I/N), then write the tables: on Slurm a job "
                                     "depending on the array, locally after the parts. Stored runs are skipped, so "
                                     "a rerun submits only what is missing.")
-    benchmark.add_argument("suite", help="suite YAML (see configs/benchmark_*.yaml)")
+    suite_selection_flags(benchmark)
     benchmark.add_argument("--jobs", type=int, required=True, help="array tasks")
-    benchmark.add_argument("--encoders", help="comma-separated subset of the suite's encoders")
-    benchmark.add_argument("--tasks", help="comma-separated subset of the suite's tasks (their folder names)")
-    benchmark.add_argument("--protocols", help="comma-separated protocols replacing the suite's")
     _resource_flags(benchmark)
     benchmark.set_defaults(func=_benchmark)
 
@@ -43,12 +40,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     resources = Resources(args.executor, args.partition, args.account, args.time, args.cpus_per_task,
                           args.gpus_per_node, args.mem_gb)
-
-    def listed(value: str | None) -> list[str] | None:
-        return value.split(",") if value else None
-
-    submitted = submit_benchmark(args.suite, args.jobs, resources, listed(args.encoders), listed(args.tasks),
-                                 listed(args.protocols))
+    submitted = submit_benchmark(args.suite, args.jobs, resources, suite_selection(args))
     parts = ", ".join(f"{part}: {job}" for part, job in submitted["parts"].items())
     print(f"{len(submitted['parts'])} jobs ({parts}); logs: {submitted['logs']}")
     if args.executor == "slurm":

@@ -219,8 +219,7 @@ def trivial_outputs(outputs: dict) -> dict | None:
         return {"ids": outputs["ids"], "labels": outputs["labels"], "probabilities": [constant.tolist()] * len(labels)}
     if "present" not in outputs:
         return None
-    return {"ids": outputs["ids"], "dice": (1.0 - np.asarray(outputs["present"], dtype=np.float64)).tolist(),
-            "present": outputs["present"]}
+    return {"ids": outputs["ids"], "dice": (1.0 - np.asarray(outputs["present"], dtype=np.float64)).tolist()}
 
 
 def trivial_score(outputs: dict, score_name: str) -> float | None:

@@ -295,8 +295,14 @@ def run_suite(suite: Suite, part: str = "0/1") -> Path:
             log.info("[%d/%d] %s on %s (%s, seed %d): test %s %.4f (%.0f s)", done, len(todo), encoder, task, name,
                      seed, record["score_name"], record["test"][record["score_name"]], record["seconds"])
     if parts == 1:
-        report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
+        report_suite(suite)
     return suite.out_dir
+
+
+def report_suite(suite: Suite) -> Path:
+    """The suite's tables and figures from its stored runs (:func:`dex.eval.tables.report`); returns their folder."""
+    report(suite.out_dir, suite.baseline, suite.ablations, suite.reading)
+    return suite.out_dir / "report"
 
 
 def part_of_runs(runs: list[tuple], index: int, parts: int) -> list[tuple]:
