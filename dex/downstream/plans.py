@@ -50,9 +50,12 @@ RULES: dict[str, str] = {
                    "scratch, whose early layers hold nothing to keep",
     "drop_path": "0.1 (MAE and DeiT fine-tuning of ViT-B and ViT-Ti)",
     "augmentation": "segmentation: nnU-Net's spatial (rotation, scaling, mirroring) and intensity (noise, blur, "
-                    "brightness, contrast, gamma) transforms from MONAI; classification: timm's random resized crop, "
-                    "flips and RandAugment rand-m9-mstd0.5-inc1 (MAE and RETFound fine-tuning)",
-    "random_erasing": "classification: 0.25 (MAE, RETFound), constant-filled on grey images",
+                    "brightness, contrast, gamma) transforms from MONAI; classification with at least 1,000 training "
+                    "images: timm's random resized crop, flips and RandAugment rand-m9-mstd0.5-inc1 (MAE and RETFound "
+                    "fine-tuning), below that horizontal flips (ours: on brain MR, 320 training images, a scratch "
+                    "ViT-Ti fine-tuned for 3 minutes scored macro F1 47.3 with the strong transforms, 74.4 with flips)",
+    "random_erasing": "classification with at least 1,000 training images: 0.25 (MAE, RETFound), constant-filled on "
+                      "grey images; none below (ours, as the augmentation)",
     "mixup": "classification with at least 1,000 training images: mixup 0.8 and cutmix 1.0 (MAE, DeiT); none below "
              "(ours: mixing few images blurs what little there is to learn)",
     "cutmix": "as mixup",
@@ -69,7 +72,7 @@ PAPER: dict[str, Any] = {"epochs": 100, "warmup_epochs": 10, "lr": 1e-4, "batch_
                          "drop_path": 0.0, "fit": "resize", "augmentation": "flip", "random_erasing": 0.0, "mixup": 0.0,
                          "cutmix": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0, "foreground_oversample": 0.0,
                          "mirror": "none"}
-MIXUP_IMAGES = 1000  # training images from which the derived recipe mixes
+STRONG_IMAGES = 1000  # training images from which the derived recipe uses RandAugment, random erasing and mixing
 THIN_STRUCTURE = 4.0  # px: structures resized thinner than this are segmented at the images' own resolution
 MAX_FINGERPRINT_IMAGES = 200  # masks read for the fingerprint (a seeded sample beyond that)
 
@@ -143,6 +146,7 @@ def derive(given: dict[str, Any], recipe: str, task_type: str, fingerprint_: dic
         widths = [w for w in (fingerprint_.get("structure_width") or {}).values() if w is not None]
         native = segmentation and shrink > 1.25 and (not widths or min(widths) / shrink < THIN_STRUCTURE)
         fit = "native" if native else "resize"
+        strong = not segmentation and train_images >= STRONG_IMAGES
         batch = given.get("batch_size") or _batch_size(task_type, window, train_images)
         epochs = None if given.get("budget_minutes") else 50
         rules = {
@@ -150,10 +154,10 @@ def derive(given: dict[str, Any], recipe: str, task_type: str, fingerprint_: dic
             "steps_per_epoch": max(25, math.ceil(train_images / batch)),
             "epochs": epochs, "warmup_epochs": None, "lr": 5e-4,
             "layer_decay": 0.75 if pretrained else 1.0, "drop_path": 0.1,
-            "augmentation": "nnunet" if segmentation else "randaugment",
-            "random_erasing": 0.0 if segmentation else 0.25,
-            "mixup": 0.8 if not segmentation and train_images >= MIXUP_IMAGES else 0.0,
-            "cutmix": 1.0 if not segmentation and train_images >= MIXUP_IMAGES else 0.0,
+            "augmentation": "nnunet" if segmentation else "randaugment" if strong else "flip",
+            "random_erasing": 0.25 if strong else 0.0,
+            "mixup": 0.8 if strong else 0.0,
+            "cutmix": 1.0 if strong else 0.0,
             "label_smoothing": 0.0 if segmentation else 0.1,
             "ema_decay": 0.0 if segmentation else 0.9998,
             "selection_metric": selection,

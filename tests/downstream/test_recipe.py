@@ -151,10 +151,11 @@ def test_the_derived_recipe_for_classification():
     two = {"images": {"train": 300}, "median_size": [224, 224], "class_counts": {"a": 150, "b": 150}}
     many = {"images": {"train": 1200}, "median_size": [224, 224], "class_counts": {"a": 400, "b": 400, "c": 400}}
     values, _ = derive({}, "derived", "classification", two, (224, 224), pretrained=True)
-    assert values["selection_metric"] == "auroc" and values["augmentation"] == "randaugment"
+    assert values["selection_metric"] == "auroc" and (values["augmentation"], values["random_erasing"]) == ("flip", 0)
     assert values["mixup"] == 0.0 and values["label_smoothing"] == 0.1 and values["ema_decay"] > 0
     values, _ = derive({}, "derived", "classification", many, (224, 224), pretrained=True)
     assert values["selection_metric"] == "f1_macro" and (values["mixup"], values["cutmix"]) == (0.8, 1.0)
+    assert (values["augmentation"], values["random_erasing"]) == ("randaugment", 0.25)
     paper, _ = derive({}, "paper", "classification", two, (224, 224), pretrained=True)
     assert (paper["selection_metric"], paper["augmentation"], paper["ema_decay"], paper["mixup"]) == \
         ("f1_macro", "flip", 0.0, 0.0)
