@@ -33,27 +33,38 @@ def _curate_parser(commands) -> None:
     curate.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     curate.add_argument("--part", default="0/1", metavar="I/N",
                         help="curate only part I of N (for a cluster array job); merge with dex data stats OUT")
-    curate.add_argument("--min-size", type=int, default=32, help="drop images with a side under this (32)")
-    curate.add_argument("--dedup-distance", type=int, default=2,
-                        help="pHash bits within which images of one source are near-duplicates (2)")
-    curate.add_argument("--shard-samples", type=int, default=1000, help="images per shard (1000)")
+    curate_option_flags(curate)
     curate.set_defaults(func=_curate)
+
+
+def curate_option_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~dex.data.curation.CurateOptions` (dex curate, dex submit curate)."""
+    parser.add_argument("--min-size", type=int, default=32, help="drop images with a side under this (32)")
+    parser.add_argument("--dedup-distance", type=int, default=2,
+                        help="pHash bits within which images of one source are near-duplicates (2)")
+    parser.add_argument("--shard-samples", type=int, default=1000, help="images per shard (1000)")
+
+
+def curate_options(args: argparse.Namespace):
+    """The :class:`~dex.data.curation.CurateOptions` of :func:`curate_option_flags`."""
+    from dex.data.curation import CurateOptions
+
+    return CurateOptions(min_size=args.min_size, dedup_distance=args.dedup_distance, shard_samples=args.shard_samples)
 
 
 def _curate(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from dex.data.curation import PRIVATE, CurateOptions, curate, private_log
+    from dex.data.curation import PRIVATE, curate, private_log
     from dex.data.recipe import Recipe
 
     Recipe.load(args.recipe)  # a bad recipe is refused before anything is written
     out = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    options = CurateOptions(min_size=args.min_size, dedup_distance=args.dedup_distance,
-                            shard_samples=args.shard_samples)
     with private_log(out):
-        summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part, options=options)
+        summary = curate(args.recipe, out, workers=args.workers, resume=args.resume, part=args.part,
+                         options=curate_options(args))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(summary.dropped.items())) or "none"
     print(f"written {summary.written} images; dropped: {dropped}; quarantined files: {summary.quarantined}"
           + (f"; sources without a root: {', '.join(summary.skipped_sources)}" if summary.skipped_sources else ""))

@@ -75,6 +75,11 @@ def all_ranks_true(flag: bool, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
+def any_rank_true(flag: bool, ctx: DistContext) -> bool:
+    """True when ``flag`` holds on at least one rank."""
+    return not all_ranks_true(not flag, ctx)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

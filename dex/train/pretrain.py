@@ -40,10 +40,19 @@ from dex.seeding import seed_everything
 from dex.threads import shared_cores
 from dex.train.batches import RunData, bad_shards, require_pairs, run_data
 from dex.train.dex_backbone import DEX_TERMS
-from dex.train.distributed import DistContext, all_ranks_true, barrier, init_distributed, shard_model, shutdown
+from dex.train.distributed import (
+    DistContext,
+    all_ranks_true,
+    any_rank_true,
+    barrier,
+    init_distributed,
+    shard_model,
+    shutdown,
+)
 from dex.train.monitor import RunMonitor
 from dex.train.objective import Objective, RunConfig, StepHook
 from dex.train.objectives import build_objective, objective_class
+from dex.train.preemption import Stopped, StopSignal
 
 log = logging.getLogger("dex.train")
 
@@ -105,6 +114,7 @@ class _Run:
     total: int  # optimiser steps of the whole run
     warmup: int
     peak_lr: float
+    stop: StopSignal | None = None  # signals that end the run at the next step boundary, with a checkpoint
     forward: nn.Module = field(init=False)
     trainable: list[nn.Parameter] = field(init=False)  # what the gradient is clipped over
     hooks: list[StepHook] = field(init=False)
@@ -130,26 +140,29 @@ class _Run:
         return _sharded(self.config, self.ctx)
 
 
-def pretrain(config: RunConfig, resume: str | None = None) -> PretrainResult:
+def pretrain(config: RunConfig, resume: str | None = None, stop: StopSignal | None = None) -> PretrainResult:
     """Run the pretraining described by ``config`` (under torchrun: on every rank); returns the run folder and
     the model.
 
     ``resume``: None for a fresh run, ``"auto"`` for the newest checkpoint in the run folder that verifies and loads
     (a fresh run when there is none, but an error when there are checkpoints and none loads, or when the log records
     steps and there is no checkpoint), or a checkpoint path; a checkpoint written with other settings is refused
-    (:func:`dex.checkpoint.check_same_settings`). The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
+    (:func:`dex.checkpoint.check_same_settings`). ``stop``: an open :class:`~dex.train.preemption.StopSignal`; once
+    any rank has recorded its signal, the run checkpoints the step it has just made and raises
+    :class:`~dex.train.preemption.Stopped` (:mod:`dex.train.preemption`). The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
     ``checkpoints/`` and, at the end, what the objective keeps (``encoder/``, see :func:`dex.load_pretrained`).
     """
     ctx = init_distributed(config.device)
     try:
         with shared_cores(config.num_workers):
-            return _pretrain(config, resume, ctx)
+            return _pretrain(config, resume, ctx, stop)
     finally:
         shutdown(ctx)
 
 
-def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext) -> PretrainResult:
+def _pretrain(config: RunConfig, resume: str | None, ctx: DistContext, stop: StopSignal | None) -> PretrainResult:
     run = _setup(config, resume, ctx)
+    run.stop = stop
     try:
         while run.state.epoch < config.epochs:
             _epoch(run)
@@ -233,6 +246,9 @@ def _epoch(run: _Run) -> None:
                                 skipped=state.skipped)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
             _checkpoint(run)
+        if run.stop is not None and any_rank_true(run.stop.requested, run.ctx):
+            _checkpoint(run)
+            raise Stopped(state.step)
     bad_shards(run.data, unreadable, run.ctx)
     state.epoch, state.batches_done = state.epoch + 1, 0
     _checkpoint(run, milestone=bool(config.milestone_every) and state.epoch % config.milestone_every == 0)

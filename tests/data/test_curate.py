@@ -356,12 +356,21 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, phantom_collect
         assert (killed / "private" / report).read_text() == (clean / "private" / report).read_text()
 
 
-def test_partitions_merge_into_one_collection(tmp_path, phantom_collection):
+def test_partitions_merge_into_one_collection(tmp_path, phantom_collection, capsys):
     recipe = phantom_collection / "raw" / "recipe.yaml"
     whole = phantom_collection / "curated"
     _share_salt(whole, tmp_path / "parts")
-    for part in ("0/3", "1/3", "2/3"):
+    for part in ("0/3", "2/3"):
         curate(recipe, tmp_path / "parts", part=part, options=OPTIONS, progress=False)
+    assert main(["data", "stats", str(tmp_path / "parts")]) == 2  # a merge over a missing part is refused
+    assert "not merging: part 1/3 is missing (no journal-1-of-3.jsonl)" in capsys.readouterr().err
+    journal = tmp_path / "parts" / "journal-2-of-3.jsonl"
+    finished = journal.read_text()
+    journal.write_text("".join(finished.splitlines(keepends=True)[:-1]))  # as if stopped before its last record
+    curate(recipe, tmp_path / "parts", part="1/3", options=OPTIONS, progress=False)
+    with pytest.raises(ValueError, match=r"part 2/3 is unfinished \(journal-2-of-3.jsonl has no end record\)"):
+        finalize(tmp_path / "parts")
+    journal.write_text(finished)
     assert not (tmp_path / "parts/index.json").exists()  # parts do not finalise
     assert main(["data", "stats", str(tmp_path / "parts")]) == 0
     merged = {r["key"] for r in manifest(tmp_path / "parts")}

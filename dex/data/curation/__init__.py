@@ -13,10 +13,18 @@ every image written, dropped or quarantined), and the reports ``finalize`` makes
 ``dropped.csv``, ``quarantine.csv``) and ``curate.log``.
 """
 
-from dex.data.curation.collection import DROP_LABELS, DROP_REASONS, finalize, stats_markdown, verify
+from dex.data.curation.collection import (
+    DROP_LABELS,
+    DROP_REASONS,
+    finalize,
+    stats_markdown,
+    unfinished_parts,
+    verify,
+)
 from dex.data.curation.privacy import PRIVATE, private_folder, private_log
 from dex.data.curation.run import CurateSummary, curate
 from dex.data.curation.units import CurateOptions, Unit, discover_units
 
 __all__ = ["DROP_LABELS", "DROP_REASONS", "PRIVATE", "CurateOptions", "CurateSummary", "Unit", "curate",
-           "discover_units", "finalize", "private_folder", "private_log", "stats_markdown", "verify"]
+           "discover_units", "finalize", "private_folder", "private_log", "stats_markdown", "unfinished_parts",
+           "verify"]

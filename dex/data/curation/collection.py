@@ -41,6 +41,7 @@ def _read_journals(journals: list[Path]) -> tuple[dict[str, dict[str, Any]], lis
             if record["type"] == "header":
                 sources.update({s["name"]: s for s in record["sources"]})
                 distance = record["dedup_distance"]
+            if record["type"] != "commit":
                 continue
             rows += record["rows"]
             outcomes += record["units"]
@@ -56,12 +57,16 @@ def finalize(out: str | Path) -> dict[str, Any]:
     (paths.csv, dropped.csv, quarantine.csv).
 
     Near-duplicates across parts (each part deduplicates only its own units) are excluded here, keeping the first
-    in part order.
+    in part order. A part that is missing or unfinished is refused, by name (:func:`unfinished_parts`).
     """
     out = Path(out)
     journals = sorted(out.glob("journal-*-of-*.jsonl"))
     if not journals:
         raise ValueError(f"{out}: no curation journal found (run dex curate first)")
+    unfinished = unfinished_parts(out)
+    if unfinished:
+        raise ValueError(f"{out}: not merging: {'; '.join(unfinished)} (dex curate RECIPE --out {out} --part I/N "
+                         "--resume finishes a part)")
     sources, rows, outcomes, shards, distance = _read_journals(journals)
     private = private_records(out, journals, {o["unit"] for o in outcomes})
     excluded = _cross_part_duplicates(rows, len(journals), distance)
@@ -82,6 +87,26 @@ def finalize(out: str | Path) -> dict[str, Any]:
     (out / "stats.md").write_text(stats_markdown(stats))
     write_private_reports(private_folder(out), private, excluded)
     return stats
+
+
+def unfinished_parts(out: str | Path) -> list[str]:
+    """What stops the parts in ``out`` from being merged: each part I/N with no journal, or whose journal has no
+    ``end`` record (stopped before its last unit), one line each; empty when every part is there and finished."""
+    out = Path(out)
+    found: dict[int, dict[int, Path]] = defaultdict(dict)
+    for path in out.glob("journal-*-of-*.jsonl"):
+        index, _, parts = path.stem.removeprefix("journal-").partition("-of-")
+        found[int(parts)][int(index)] = path
+    if len(found) > 1:
+        return [f"journals of different splits ({', '.join(f'N = {n}' for n in sorted(found))})"]
+    problems = []
+    for parts, journals in found.items():
+        for index in range(parts):
+            if index not in journals:
+                problems.append(f"part {index}/{parts} is missing (no journal-{index}-of-{parts}.jsonl)")
+            elif not any(r["type"] == "end" for r in read_journal(journals[index])):
+                problems.append(f"part {index}/{parts} is unfinished ({journals[index].name} has no end record)")
+    return problems
 
 
 def verify(out: str | Path) -> tuple[int, list[Problem]]:

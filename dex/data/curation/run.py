@@ -4,7 +4,9 @@ committed by the part's journals, and how a killed run resumes from them.
 A shard is committed by appending one line to the part's journal (``journal-<i>-of-<n>.jsonl``: the shard's manifest
 rows, size and SHA-256, and the outcome of every unit whose samples are all committed), after the private journal's
 lines for those units, then renaming ``.tar.tmp`` to ``.tar``. A killed run resumes from the journal: committed units
-are skipped, committed samples are not written again, uncommitted shards are discarded.
+are skipped, committed samples are not written again, uncommitted shards are discarded. A part that has written every
+unit ends its journal with an ``end`` record, without which :func:`~dex.data.curation.collection.finalize` refuses
+to merge the parts.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def curate(recipe_path: str | Path, out: str | Path, workers: int = 1, resume: b
             bar.update()
             bar.set_postfix(written=totals["written"], quarantined=totals["quarantined"])
     writer.finish()
+    if not any(r["type"] == "end" for r in done.records):
+        append_record(journal, {"type": "end", "rows": [], "units": [], "shard": None})
     if parts == 1:
         finalize(out)
     return _summary(journal, skipped)
