@@ -125,7 +125,8 @@ def test_a_suite_over_two_local_jobs_equals_one_process(phantom_collection, tmp_
     assert _records(tmp_path / "jobs" / "runs") == _records(tmp_path / "whole" / "runs")
     assert files(tmp_path / "jobs" / "report") == files(tmp_path / "whole" / "report")
     submitted = json.loads((tmp_path / "jobs" / "submitit" / "jobs.json").read_text())
-    assert set(submitted["jobs"]) == {"part 0/2", "part 1/2"} and submitted["report"] == str(tmp_path / "jobs" / "report")
+    assert set(submitted["jobs"]) == {"part 0/2", "part 1/2"}
+    assert submitted["report"] == str(tmp_path / "jobs" / "report")
     for job_id in submitted["jobs"].values():  # each job's log where the user looks: the run folder
         assert (tmp_path / "jobs" / "submitit" / f"{job_id}_0_log.out").is_file()
     assert main(["submit", "status", str(tmp_path / "jobs")]) == 0

@@ -149,7 +149,7 @@ def pretrain(config: RunConfig, resume: str | None = None, stop: StopSignal | No
     steps and there is no checkpoint), or a checkpoint path; a checkpoint written with other settings is refused
     (:func:`dex.checkpoint.check_same_settings`). ``stop``: an open :class:`~dex.train.preemption.StopSignal`; once
     any rank has recorded its signal, the run checkpoints the step it has just made and raises
-    :class:`~dex.train.preemption.Stopped` (:mod:`dex.train.preemption`). The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
+    :class:`~dex.train.preemption.Stopped`. The folder holds ``config.yaml``, ``log.jsonl``, ``tensorboard/``,
     ``checkpoints/`` and, at the end, what the objective keeps (``encoder/``, see :func:`dex.load_pretrained`).
     """
     ctx = init_distributed(config.device)
