@@ -62,8 +62,10 @@ class Resources:
     signal_delay: int | None = None  # seconds before the time limit that Slurm signals (submitit's default: 90)
 
 
-def job_parameters(resources: Resources, name: str) -> dict[str, Any]:
-    """submitit's ``update_parameters`` of a job: its name, time limit, tasks and, on Slurm, what it asks for."""
+def job_parameters(resources: Resources, name: str, after: str | None = None) -> dict[str, Any]:
+    """submitit's ``update_parameters`` of a job: its name, time limit, tasks and, on Slurm, what it asks for,
+    ``--requeue`` (Slurm requeues a job whose node failed, and the job resumes from what it stored) and the
+    dependency ``after`` (e.g. ``afterok:123``)."""
     parameters: dict[str, Any] = {"name": name, "timeout_min": resources.time}
     if resources.tasks_per_node != 1:
         parameters["tasks_per_node"] = resources.tasks_per_node
@@ -74,6 +76,7 @@ def job_parameters(resources: Resources, name: str) -> dict[str, Any]:
             ("mem_gb", resources.mem_gb), ("nodes", resources.nodes if resources.nodes != 1 else None),
             ("slurm_signal_delay_s", resources.signal_delay))
             if value is not None}
+        parameters["slurm_additional_parameters"] = {"requeue": True, **({"dependency": after} if after else {})}
     return parameters
 
 
@@ -238,10 +241,9 @@ def submit_curate(recipe: str | Path, out: str | Path, parts: int, resources: Re
     calls = {f"part {p}": Resumable(curate_part, str(recipe), str(out), p, options, workers) for p in todo}
     jobs = _submit_array(executor, calls)
     if resources.executor == "slurm":
-        after = sorted({job.job_id.split("_")[0] for job in jobs.values()})
-        if after:
-            executor.update_parameters(slurm_additional_parameters={"dependency": "afterany:" + ":".join(after)})
-        executor.update_parameters(name=f"dex-merge-{out.name}")
+        arrays = sorted({job.job_id.split("_")[0] for job in jobs.values()})
+        executor.update_parameters(**job_parameters(resources, f"dex-merge-{out.name}",
+                                                    "afterany:" + ":".join(arrays) if arrays else None))
         merge = executor.submit(curate_merge, str(out))
         return _record(folder, "curate", resources, {**_ids(jobs), "merge": merge.job_id}, collection=str(out))
     _record(folder, "curate", resources, _ids(jobs), collection=str(out))
@@ -291,8 +293,8 @@ def submit_benchmark(suite_path: str | Path, jobs: int, resources: Resources,
     array = _submit_array(executor, calls)
     if resources.executor == "slurm":  # the report waits on the whole array (its id: the tasks' before "_")
         array_id = next(iter(array.values())).job_id.split("_")[0]
-        executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{array_id}"},
-                                   name=f"dex-report-{suite.out_dir.name}")
+        executor.update_parameters(**job_parameters(resources, f"dex-report-{suite.out_dir.name}",
+                                                    f"afterok:{array_id}"))
         report = executor.submit(benchmark_report, str(suite_path))
         return _record(folder, "benchmark", resources, {**_ids(array), "report": report.job_id}, suite=str(suite_path))
     _record(folder, "benchmark", resources, _ids(array), suite=str(suite_path))

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import submitit
 import yaml
 
 from dex.cli import main
-from dex.cluster import Resources, job_parameters, submit_pretrain
+from dex.cluster import Resources, job_parameters, make_executor, submit_pretrain
 from tests.eval.test_benchmark import SMALL, files
 from tests.train.test_pretrain import TINY_ARGS
 
@@ -141,15 +140,25 @@ def test_a_bad_suite_is_refused_before_anything_is_queued(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_what_a_slurm_job_asks_for(tmp_path):
-    parameters = job_parameters(Resources("slurm", partition="gpu", account="lab", time=90, cpus_per_task=8,
-                                          gpus_per_node=2, nodes=4, tasks_per_node=2, signal_delay=300),
-                                "dex-benchmark-x")
-    assert parameters == {"name": "dex-benchmark-x", "timeout_min": 90, "slurm_partition": "gpu",
-                          "slurm_account": "lab", "cpus_per_task": 8, "gpus_per_node": 2, "nodes": 4,
-                          "tasks_per_node": 2, "slurm_signal_delay_s": 300}
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="debug")  # submitit checks the names it is given
-    executor.update_parameters(**{k: v for k, v in parameters.items() if not k.startswith("slurm_")})
+def test_what_a_slurm_job_asks_for(tmp_path, monkeypatch):
+    resources = Resources("slurm", partition="gpu", account="lab", time=90, cpus_per_task=8, gpus_per_node=2,
+                          nodes=4, tasks_per_node=2, signal_delay=300)
+    assert job_parameters(resources, "dex-pretrain-x") == {
+        "name": "dex-pretrain-x", "timeout_min": 90, "slurm_partition": "gpu", "slurm_account": "lab",
+        "cpus_per_task": 8, "gpus_per_node": 2, "nodes": 4, "tasks_per_node": 2, "slurm_signal_delay_s": 300,
+        "slurm_additional_parameters": {"requeue": True}}
+    fake = tmp_path / "bin"  # submitit looks for srun before it makes a Slurm executor
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    executor = make_executor(tmp_path / "jobs", resources, "dex-pretrain-x")
+    script = executor._executor._make_submission_file_text("python -m x", "u")  # the sbatch file submitit writes
+    for line in ("--job-name=dex-pretrain-x", "--partition=gpu", "--account=lab", "--time=90", "--nodes=4",
+                 "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=8", "--signal=USR2@300", "--requeue"):
+        assert f"#SBATCH {line}\n" in script, line
+    executor.update_parameters(**job_parameters(resources, "dex-merge-x", "afterany:12:13"))
+    assert "#SBATCH --dependency=afterany:12:13\n" in executor._executor._make_submission_file_text("x", "u")
     assert job_parameters(Resources("local", partition="gpu"), "x") == {"name": "x", "timeout_min": 60}
     with pytest.raises(ValueError, match="--nodes 2: the local executor runs on this machine, one node"):
         submit_pretrain(None, [f"out_dir={tmp_path / 'run'}"], Resources("local", nodes=2))
