@@ -221,14 +221,14 @@ def submit_curate(recipe: str | Path, out: str | Path, parts: int, resources: Re
     """Submit the curation of ``recipe`` into ``out`` as ``parts`` array jobs and the merge (see the module's
     docstring); parts already finished in ``out`` are not submitted again. The recipe is read first. Returns what
     ``OUT/private/submitit/jobs.json`` records; the local executor waits and merges."""
-    from dex.data.curation import PRIVATE, unfinished_parts
+    from dex.data.curation import PRIVATE, part_journals, unfinished_parts
     from dex.data.recipe import Recipe
 
     if parts < 1:
         raise ValueError(f"--parts must be at least 1, got {parts}")
     Recipe.load(recipe)  # a bad recipe is refused before anything is queued
     out = Path(out)
-    existing = {int(p.stem.rsplit("-of-", 1)[1]) for p in out.glob("journal-*-of-*.jsonl")}
+    existing = set(part_journals(out))
     if existing - {parts}:
         raise ValueError(f"{out} holds a curation in {min(existing)} parts; submit it with --parts "
                          f"{min(existing)}, or choose an empty folder")

@@ -17,12 +17,17 @@ def _pretrain_parser(commands) -> None:
     pretrain = command(commands, "pretrain", help="pretraining (MAE-DEX by default) from a YAML config",
                        description="Pretraining from a YAML config (see configs/); its objective key picks the "
                                    "method (mae_dex, the default).")
-    pretrain.add_argument("config", help="YAML config file")
-    pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                          help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
+    pretrain_config_flags(pretrain)
     pretrain.add_argument("--resume", metavar="auto|CHECKPOINT",
                           help="continue from the newest complete checkpoint of the run (auto) or from a file")
     pretrain.set_defaults(func=_pretrain)
+
+
+def pretrain_config_flags(parser: argparse.ArgumentParser) -> None:
+    """CONFIG and --set, as dex pretrain and dex submit pretrain take them."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set epochs=2 model_args.num_experts=4")
 
 
 def _pretrain(args: argparse.Namespace) -> int:

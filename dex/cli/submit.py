@@ -7,6 +7,7 @@ import argparse
 
 from dex.cli.common import command, suite_selection, suite_selection_flags
 from dex.cli.data import curate_option_flags, curate_options
+from dex.cli.pretrain import pretrain_config_flags
 
 
 def add_commands(commands) -> None:
@@ -21,8 +22,7 @@ def add_commands(commands) -> None:
                                    "GPU), DDP or FSDP as the config says, rank and rendezvous from Slurm. On "
                                    "submitit's signal (before the time limit, or on pre-emption) the run "
                                    "checkpoints the step it is at and the job requeues itself and resumes there.")
-    pretrain.add_argument("config", help="YAML config file")
-    pretrain.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
+    pretrain_config_flags(pretrain)
     pretrain.add_argument("--nodes", type=int, default=1, help="nodes (1)")
     pretrain.add_argument("--tasks-per-node", type=int,
                           help="processes a node (default: --gpus-per-node, or 1 without GPUs)")

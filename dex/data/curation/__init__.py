@@ -17,6 +17,7 @@ from dex.data.curation.collection import (
     DROP_LABELS,
     DROP_REASONS,
     finalize,
+    part_journals,
     stats_markdown,
     unfinished_parts,
     verify,
@@ -26,5 +27,5 @@ from dex.data.curation.run import CurateSummary, curate
 from dex.data.curation.units import CurateOptions, Unit, discover_units
 
 __all__ = ["DROP_LABELS", "DROP_REASONS", "PRIVATE", "CurateOptions", "CurateSummary", "Unit", "curate",
-           "discover_units", "finalize", "private_folder", "private_log", "stats_markdown", "unfinished_parts",
+           "discover_units", "finalize", "part_journals", "private_folder", "private_log", "stats_markdown", "unfinished_parts",
            "verify"]

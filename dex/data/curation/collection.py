@@ -89,14 +89,19 @@ def finalize(out: str | Path) -> dict[str, Any]:
     return stats
 
 
+def part_journals(out: str | Path) -> dict[int, dict[int, Path]]:
+    """The part journals in ``out``: {N: {I: journal-I-of-N.jsonl}} (one N unless splits were mixed)."""
+    found: dict[int, dict[int, Path]] = defaultdict(dict)
+    for path in Path(out).glob("journal-*-of-*.jsonl"):
+        index, _, parts = path.stem.removeprefix("journal-").partition("-of-")
+        found[int(parts)][int(index)] = path
+    return found
+
+
 def unfinished_parts(out: str | Path) -> list[str]:
     """What stops the parts in ``out`` from being merged: each part I/N with no journal, or whose journal has no
     ``end`` record (stopped before its last unit), one line each; empty when every part is there and finished."""
-    out = Path(out)
-    found: dict[int, dict[int, Path]] = defaultdict(dict)
-    for path in out.glob("journal-*-of-*.jsonl"):
-        index, _, parts = path.stem.removeprefix("journal-").partition("-of-")
-        found[int(parts)][int(index)] = path
+    found = part_journals(out)
     if len(found) > 1:
         return [f"journals of different splits ({', '.join(f'N = {n}' for n in sorted(found))})"]
     problems = []
